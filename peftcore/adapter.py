@@ -1,0 +1,105 @@
+"""Bottleneck adapters (Houlsby et al., 2019): a small MLP after the attention and after
+the MLP sublayer of every block, added to the sublayer's output before the residual.
+
+    h = sublayer(x);  h + up(gelu(down(h)))
+
+`up` starts at zero, so at step 0 the model is exactly the base.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import PeftConfig, check_range
+
+
+@dataclass
+class AdapterConfig(PeftConfig):
+    peft_type = "BOTTLENECK_ADAPTER"
+    bottleneck_size: int = 8
+
+    def validate(self):
+        check_range("bottleneck_size", self.bottleneck_size, 1, 512)
+
+    def num_params(self, base_config):
+        """Closed form: 2*d*b + b + d per adapter, two adapters per block."""
+        d, b = base_config.d_model, self.bottleneck_size
+        return (2 * d * b + b + d) * 2 * base_config.n_layer
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, d, b, device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Linear(d, b, device=device, dtype=dtype)
+        self.up = nn.Linear(b, d, device=device, dtype=dtype)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h):
+        return self.up(F.gelu(self.down(h)))
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one sublayer (a block's attention or MLP) and adds the active bottleneck."""
+
+    def __init__(self, sublayer, d_model, route):
+        super().__init__()
+        self.sublayer = sublayer
+        self.d_model = d_model
+        self.route = route
+        self.adapters = nn.ModuleDict()
+
+    def add(self, name, cfg: AdapterConfig, like: torch.Tensor):
+        self.adapters[name] = Bottleneck(self.d_model, cfg.bottleneck_size, like.device, like.dtype)
+
+    def remove(self, name):
+        if name not in self.adapters:
+            return
+        del self.adapters[name]
+
+    def forward(self, x, *args):
+        h = self.sublayer(x, *args)
+        if self.route.rows is not None:
+            return h + self._mixed(h)
+        name = self.route.active
+        return h + self.adapters[name](h) if name in self.adapters else h
+
+    # --- mixed batches: gather each row's stacked weights, then bmm
+    def _stacks(self):
+        names = list(self.adapters)
+        key = tuple((n, *(p._version for p in self.adapters[n].parameters())) for n in names)
+        if getattr(self, "_stack_key", None) != key:
+            like = next(self.sublayer.parameters())
+            b_max = max((self.adapters[n].down.out_features for n in names), default=1)
+            n, d = len(names) + 1, self.d_model
+            Wd, bd = like.new_zeros(n, b_max, d), like.new_zeros(n, b_max)
+            Wu, bu = like.new_zeros(n, d, b_max), like.new_zeros(n, d)
+            for i, name in enumerate(names, start=1):
+                a = self.adapters[name]
+                b = a.down.out_features
+                Wd[i, :b], bd[i, :b] = a.down.weight.detach(), a.down.bias.detach()
+                Wu[i, :, :b], bu[i] = a.up.weight.detach(), a.up.bias.detach()
+            self._stack_key = key
+            self._stack = (Wd, bd, Wu, bu, {m: i for i, m in enumerate(names, 1)})
+        return self._stack
+
+    def _mixed(self, h):
+        Wd, bd, Wu, bu, slot_of = self._stacks()
+        slots = torch.tensor([slot_of.get(n, 0) for n in self.route.rows], device=h.device)
+        # padded bottleneck units have zero weights and bias: gelu(0) = 0, so they add nothing
+        z = F.gelu(torch.bmm(h, Wd[slots].transpose(1, 2)) + bd[slots, None])
+        return torch.bmm(z, Wu[slots].transpose(1, 2)) + bu[slots, None]
+
+
+def add_adapter_layers(view, name, cfg: AdapterConfig, route):
+    """Wrap each block's attn and mlp (once) and give them bottleneck `name`."""
+    d = view.config.d_model
+    like = view.head.weight
+    for block in view.blocks:
+        for sub in ("attn", "mlp"):
+            layer = getattr(block, sub)
+            if not isinstance(layer, AdapterLayer):
+                layer = AdapterLayer(layer, d, route)
+                setattr(block, sub, layer)
+            layer.add(name, cfg, like)

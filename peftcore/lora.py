@@ -1,0 +1,130 @@
+"""LoRA: a low-rank update beside a frozen Linear.  y = W x + (B A x) * lora_alpha / r
+
+A starts kaiming-uniform and B at zero, so at step 0 the model is exactly the base.
+One LoraLinear holds every adapter for its projection (keyed by name, as in HF peft);
+a shared `route` says which one a forward uses, or, for a mixed batch, which per row.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import PeftConfig, check_range
+
+TARGETABLE = ("q", "k", "v", "o", "up", "down")
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    peft_type = "LORA"
+    r: int = 4
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple = ("q", "v")
+
+    def validate(self):
+        check_range("r", self.r, 1, 256)
+        check_range("lora_alpha", self.lora_alpha, 1, 4096, (int, float))
+        check_range("lora_dropout", self.lora_dropout, 0.0, 0.9, (int, float))
+        bad = [m for m in self.target_modules if m not in TARGETABLE]
+        if not self.target_modules or bad:
+            raise ValueError(f"target_modules must be a non-empty subset of {TARGETABLE}, got {list(self.target_modules)}")
+
+    def num_params(self, base_config):
+        """Closed form: r * (d_in + d_out) per targeted projection."""
+        d, m = base_config.d_model, base_config.d_mlp
+        shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, m), "down": (m, d)}
+        per_layer = sum(self.r * sum(shapes[t]) for t in self.target_modules)
+        return per_layer * base_config.n_layer
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, route):
+        super().__init__()
+        self.base_layer = base_layer
+        self.route = route
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling = {}
+        self.merged_weight = None  # W + delta of the active adapter, never written into W
+
+    def add(self, name, cfg: LoraConfig):
+        d_in, d_out = self.base_layer.in_features, self.base_layer.out_features
+        w = self.base_layer.weight
+        self.lora_A[name] = nn.Linear(d_in, cfg.r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B[name] = nn.Linear(cfg.r, d_out, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout else nn.Identity()
+        self.scaling[name] = cfg.lora_alpha / cfg.r
+
+    def remove(self, name):
+        if name not in self.lora_A:
+            return
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        del self.scaling[name]
+
+    def delta_weight(self, name):
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def merge(self, name):
+        self.merged_weight = self.base_layer.weight + self.delta_weight(name).detach()
+
+    def unmerge(self):
+        self.merged_weight = None
+
+    def forward(self, x):
+        if self.merged_weight is not None:
+            return F.linear(x, self.merged_weight)
+        out = self.base_layer(x)
+        if self.route.rows is not None:
+            return out + self._mixed(x)
+        name = self.route.active
+        if name in self.lora_A:
+            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            out = out + B(A(drop(x))) * self.scaling[name]
+        return out
+
+    # --- mixed batches: each row its own adapter, as batched gathers + bmm (Punica's idea)
+    def _stacks(self):
+        """A (N+1, r_max, d_in), B (N+1, d_out, r_max) with scaling folded into B; slot 0 is
+        all zeros (rows without a LoRA here). Cached until an adapter changes."""
+        names = list(self.lora_A)
+        key = tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version,
+                     self.lora_A[n].weight.data_ptr()) for n in names)
+        if getattr(self, "_stack_key", None) != key:
+            w = self.base_layer.weight
+            r_max = max((self.lora_A[n].weight.shape[0] for n in names), default=1)
+            A = w.new_zeros(len(names) + 1, r_max, w.shape[1])
+            B = w.new_zeros(len(names) + 1, w.shape[0], r_max)
+            for i, n in enumerate(names, start=1):
+                r = self.lora_A[n].weight.shape[0]
+                A[i, :r] = self.lora_A[n].weight.detach()
+                B[i, :, :r] = self.lora_B[n].weight.detach() * self.scaling[n]
+            self._stack_key, self._stack = key, (A, B, {n: i for i, n in enumerate(names, 1)})
+        return self._stack
+
+    def _mixed(self, x):
+        A, B, slot_of = self._stacks()
+        slots = torch.tensor([slot_of.get(n, 0) for n in self.route.rows], device=x.device)
+        h = torch.bmm(x, A[slots].transpose(1, 2))  # (batch, T, r_max)
+        return torch.bmm(h, B[slots].transpose(1, 2))  # (batch, T, d_out)
+
+
+def add_lora(view, name, cfg: LoraConfig, route):
+    """Wrap every targeted Linear of `view` (once) and give it adapter `name`."""
+    for parent in list(view.modules()):
+        if isinstance(parent, nn.ModuleDict):  # adapters' own Linears are never targets
+            continue
+        for child_name, child in list(parent.named_children()):
+            if child_name not in cfg.target_modules:
+                continue
+            if isinstance(child, nn.Linear):
+                child = LoraLinear(child, route)
+                setattr(parent, child_name, child)
+            if isinstance(child, LoraLinear):
+                child.add(name, cfg)

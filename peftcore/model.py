@@ -1,0 +1,106 @@
+"""The toy base: a small decoder-only transformer with named projections.
+
+Every Linear that a PEFT method may target has a short, stable name (q, k, v, o in
+attention; up, down in the MLP), so `target_modules=["q", "v"]` means what it means
+in HF peft. The model knows nothing about PEFT: methods wrap it from the outside.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class BaseConfig:
+    vocab_size: int = 23  # 10 digits, SEP, 12 task tokens (see tasks.py)
+    block_size: int = 18  # longest sequence of real tokens
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_mlp: int = 512
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_head = cfg.n_head
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, attn_mask=None):
+        B, T, C = x.shape
+        heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln1(x), attn_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class Embeddings(nn.Module):
+    """Token plus learned absolute position embeddings."""
+
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.block_size, cfg.d_model)
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.tok(idx) + self.pos(pos)
+
+
+class ToyTransformer(nn.Module):
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx=None, inputs_embeds=None, attn_mask=None):
+        """Logits for every position. Soft prompts pass `inputs_embeds` (already
+        embedded, virtual tokens in front) and, for rows of unequal prompt length, a
+        boolean `attn_mask` (B, 1, T, T) where True means "may attend"."""
+        x = self.embed(idx) if inputs_embeds is None else inputs_embeds
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.head(self.ln_f(x))

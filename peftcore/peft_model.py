@@ -1,0 +1,282 @@
+"""PeftModel: the frozen base plus any number of named phi, HF peft style.
+
+`get_peft_model(base, config)` never modifies `base`: it builds a *view*, a copy of the
+module tree whose Parameters alias the base's storage (no weights copied), and plugs
+phi into the view. One base object can serve every browser session at once.
+"""
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .adapter import AdapterConfig, AdapterLayer, add_adapter_layers
+from .base import fingerprint
+from .config import PeftConfig
+from .lora import LoraConfig, LoraLinear, add_lora
+from .prompt import PromptEncoder, PromptTuningConfig
+
+BASE_ROW = "__base__"  # the name of "no phi" in a mixed batch
+PHI_CONTAINERS = ("lora_A", "lora_B", "adapters", "prompts")  # where each method keeps its phi by name
+NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+@dataclass
+class FullFineTuneConfig(PeftConfig):
+    """The baseline: a trainable copy of every weight, no phi."""
+    peft_type = "FULL"
+
+    def num_params(self, base_config):
+        return None  # every parameter of the copy
+
+
+CONFIGS = {c.peft_type: c for c in (LoraConfig, AdapterConfig, PromptTuningConfig, FullFineTuneConfig)}
+
+
+@dataclass
+class Route:
+    """Which phi a forward uses: one name (`active`, None = the bare base) or, for a
+    mixed batch, one name per row (`rows`). Every phi layer of a model shares it."""
+    active: Optional[str] = None
+    rows: Optional[list] = None
+
+
+def shared_view(module: nn.Module) -> nn.Module:
+    """A structural copy of `module` whose Parameters alias the original's tensors.
+
+    New Module and Parameter objects, same storage: wrapping, `.to()` or requires_grad
+    changes on the view never reach the original."""
+    clone = module.__new__(type(module))
+    clone.__dict__ = module.__dict__.copy()
+    clone._parameters = {k: None if p is None else nn.Parameter(p.data, requires_grad=False)
+                         for k, p in module._parameters.items()}
+    clone._buffers = dict(module._buffers)
+    clone._modules = {k: None if m is None else shared_view(m) for k, m in module._modules.items()}
+    return clone
+
+
+class PeftModel(nn.Module):
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.route = Route()
+        self.base_model = shared_view(base)
+        self._base = [base]  # in a list so it is not registered as a submodule
+        self.prompt_encoder = PromptEncoder(self.route)
+        self.peft_config = {}  # adapter name -> config
+        self.adapter_task = {}  # adapter name -> the task it was trained on, when known
+        self.base_fingerprint = fingerprint(base)
+        self.full = False
+
+    # ---------------------------------------------------------------- adapters
+    def add_adapter(self, adapter_name, config: PeftConfig):
+        if not NAME_RE.match(str(adapter_name)) or adapter_name == BASE_ROW:
+            raise ValueError(f"adapter name must be 1-64 letters, digits, '_' or '-', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        if self.full or (isinstance(config, FullFineTuneConfig) and self.peft_config):
+            raise ValueError("full fine-tuning is a whole trainable copy; it cannot share a model with phi")
+        config.validate()
+        view = self.base_model
+        if isinstance(config, LoraConfig):
+            add_lora(view, adapter_name, config, self.route)
+        elif isinstance(config, AdapterConfig):
+            add_adapter_layers(view, adapter_name, config, self.route)
+        elif isinstance(config, PromptTuningConfig):
+            self.prompt_encoder.add(adapter_name, config, view.embed.tok)
+        elif isinstance(config, FullFineTuneConfig):
+            self.full = True
+            for p in view.parameters():  # a real copy: full fine-tuning writes every weight
+                p.data = p.data.clone()
+        else:
+            raise TypeError(f"unknown config type {type(config).__name__}")
+        self.peft_config[adapter_name] = config
+        self.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name):
+        self._check(adapter_name)
+        if self.full:  # back to a view of the shared base
+            self.base_model, self.full = shared_view(self._base[0]), False
+        for layer in self._phi_layers():
+            layer.remove(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.route.active == adapter_name:
+            self.route.active = None
+
+    def set_adapter(self, adapter_name):
+        """O(1): points the route at another phi; no tensor moves. Only it trains."""
+        self._check(adapter_name)
+        self.route.active = adapter_name
+        for name, p in self.named_adapter_parameters():
+            p.requires_grad_(name == adapter_name)
+        if self.full:
+            for p in self.base_model.parameters():
+                p.requires_grad_(True)
+
+    @property
+    def active_adapter(self):
+        return self.route.active
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the bare base inside the block."""
+        saved = self.route.active
+        self.route.active = None
+        try:
+            yield
+        finally:
+            self.route.active = saved
+
+    def _check(self, adapter_name):
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
+
+    def _phi_layers(self):
+        return [m for m in self.modules() if isinstance(m, (LoraLinear, AdapterLayer, PromptEncoder))]
+
+    def named_adapter_parameters(self, adapter_name=None):
+        """(adapter name, parameter) for every phi parameter, or those of one adapter."""
+        for layer in self._phi_layers():
+            for attr in PHI_CONTAINERS:
+                for name, mod in getattr(layer, attr, {}).items():
+                    if adapter_name in (None, name):
+                        for p in mod.parameters():
+                            yield name, p
+
+    def adapter_state_dict(self, adapter_name=None):
+        """phi's tensors under names without the adapter name (HF peft's saved layout)."""
+        adapter_name = adapter_name or self.route.active
+        self._check(adapter_name)
+        out = {}
+        for key, t in self.state_dict().items():
+            parts = key.split(".")
+            mine = any(parts[i] == adapter_name and parts[i - 1] in PHI_CONTAINERS for i in range(1, len(parts)))
+            if mine or (self.full and parts[0] == "base_model"):
+                out[_hf_key(parts, adapter_name)] = t
+        return out
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, idx, adapter_names=None):
+        """Logits at the real tokens. `adapter_names`: one phi name per row (BASE_ROW for
+        none) to run a mixed batch in one pass; inference only."""
+        if adapter_names is not None:
+            return self._mixed_forward(idx, adapter_names)
+        view = self.base_model
+        if self.route.active in self.prompt_encoder.prompts:
+            x, mask, n = self.prompt_encoder(view.embed(idx))
+            return view(inputs_embeds=x, attn_mask=mask)[:, n:]
+        return view(idx)
+
+    def _mixed_forward(self, idx, adapter_names):
+        names = list(adapter_names)
+        if len(names) != idx.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {idx.shape[0]} rows")
+        unknown = sorted(set(names) - set(self.peft_config) - {BASE_ROW})
+        if unknown:
+            raise KeyError(f"unknown adapter name(s) {unknown}; have {sorted(self.peft_config)} and {BASE_ROW!r}")
+        self.route.rows = names
+        try:
+            with torch.no_grad():
+                view = self.base_model
+                if self.prompt_encoder.prompts and any(n in self.prompt_encoder.prompts for n in names):
+                    x, mask, n = self.prompt_encoder(view.embed(idx))
+                    return view(inputs_embeds=x, attn_mask=mask)[:, n:]
+                return view(idx)
+        finally:
+            self.route.rows = None
+
+    # ---------------------------------------------------------------- counting
+    def get_nb_trainable_parameters(self):
+        """(trainable, all): HF peft's figures. All = base + every resident phi."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self):
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------- files
+    def save_pretrained(self, save_directory, adapter_name=None):
+        """Write adapter_model.safetensors and adapter_config.json (HF peft's layout)."""
+        from .serialization import save_pretrained
+        return save_pretrained(self, save_directory, adapter_name)
+
+    @classmethod
+    def from_pretrained(cls, base, model_id, adapter_name="default"):
+        """A new PeftModel over a view of `base` with the phi saved in directory `model_id`."""
+        from .serialization import from_pretrained
+        return from_pretrained(base, model_id, adapter_name)
+
+    def load_adapter(self, model_id, adapter_name):
+        """Add the phi saved in directory `model_id` under `adapter_name`."""
+        from .serialization import load_adapter_dir
+        return load_adapter_dir(self, model_id, adapter_name)
+
+    # ---------------------------------------------------------------- merging (LoRA)
+    def _lora_layers(self):
+        return [m for m in self.modules() if isinstance(m, LoraLinear)]
+
+    def merge_adapter(self):
+        """Fold the active LoRA into merged copies of its weights; the shared base is untouched."""
+        name = self.route.active
+        if not isinstance(self.peft_config.get(name), LoraConfig):
+            raise ValueError(f"merging needs an active LoRA adapter, active is {name!r}")
+        for layer in self._lora_layers():
+            if name in layer.lora_A:
+                layer.merge(name)
+
+    def unmerge_adapter(self):
+        for layer in self._lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self):
+        """A plain base-architecture model with the active LoRA folded in. Weights that
+        LoRA did not touch still alias the base; merged ones are new tensors."""
+        name = self.route.active
+        if not isinstance(self.peft_config.get(name), LoraConfig):
+            raise ValueError(f"merge_and_unload needs an active LoRA adapter, active is {name!r}")
+        plain = shared_view(self.base_model)
+        _unwrap(plain, name)
+        return plain.eval()
+
+
+def _hf_key(parts, adapter_name):
+    """base_model.blocks.0.attn.q.lora_A.default.weight -> base_model.model.blocks.0.attn.q.lora_A.weight:
+    HF peft's saved layout (no adapter name, the model under base_model.model)."""
+    out = []
+    for i, part in enumerate(parts):
+        if part == "sublayer" or (i and parts[i - 1] in PHI_CONTAINERS and part == adapter_name):
+            continue  # wrappers and adapter names are not part of the saved name
+        out.append(part)
+    if out[0] == "base_model":
+        out.insert(1, "model")
+    return ".".join(out)
+
+
+def _unwrap(module, lora_name):
+    """Replace phi wrappers by plain modules, merging LoRA `lora_name` into its Linears."""
+    for child_name, child in list(module.named_children()):
+        if isinstance(child, LoraLinear):
+            w = child.base_layer.weight
+            if lora_name in child.lora_A:
+                w = w + child.delta_weight(lora_name).detach()
+            plain = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            plain.weight = nn.Parameter(w.detach(), requires_grad=False)
+            setattr(module, child_name, plain)
+        elif isinstance(child, AdapterLayer):
+            setattr(module, child_name, child.sublayer)
+            _unwrap(child.sublayer, lora_name)
+        else:
+            _unwrap(child, lora_name)
+
+
+def get_peft_model(base: nn.Module, config: PeftConfig, adapter_name="default") -> PeftModel:
+    """A PeftModel over a view of `base` with one phi; `base` itself is never modified."""
+    model = PeftModel(base)
+    model.add_adapter(adapter_name, config)
+    return model

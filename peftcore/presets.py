@@ -1,0 +1,24 @@
+"""Default presets: a config plus a training budget per method, sized for a live demo
+(each finishes in at most 15 s on 2 CPU cores; see BENCHMARKS.md)."""
+from dataclasses import dataclass, field
+
+from .adapter import AdapterConfig
+from .config import PeftConfig
+from .lora import LoraConfig
+from .peft_model import FullFineTuneConfig
+from .prompt import PromptTuningConfig
+
+
+@dataclass
+class Preset:
+    config: PeftConfig
+    train: dict = field(default_factory=dict)  # keyword arguments of peftcore.train
+
+
+PRESETS = {
+    # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6)
+    "LoRA": Preset(LoraConfig(r=1, lora_alpha=4, target_modules=("q", "k", "v", "o", "up")), dict(steps=300, lr=1e-2)),
+    "Adapter": Preset(AdapterConfig(bottleneck_size=8), dict(steps=300, lr=1e-2)),
+    "Prompt tuning": Preset(PromptTuningConfig(num_virtual_tokens=8), dict(steps=300, lr=3e-2)),
+    "Full fine-tuning": Preset(FullFineTuneConfig(), dict(steps=200, lr=1e-3)),
+}

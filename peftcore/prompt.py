@@ -1,0 +1,90 @@
+"""Prompt tuning (Lester et al., 2021): n trainable embeddings in front of the input.
+
+The virtual tokens are prepended after the real tokens' position embeddings are added,
+so the real tokens keep the positions the base was pretrained on. Predictions are read
+at the real tokens' positions only.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .config import PeftConfig, check_range
+
+
+@dataclass
+class PromptTuningConfig(PeftConfig):
+    peft_type = "PROMPT_TUNING"
+    num_virtual_tokens: int = 8
+    init_seed: int = 0  # which vocabulary embeddings the prompt starts from
+
+    def validate(self):
+        check_range("num_virtual_tokens", self.num_virtual_tokens, 1, 64)
+
+    def num_params(self, base_config):
+        """Closed form: n * d."""
+        return self.num_virtual_tokens * base_config.d_model
+
+
+class PromptEmbedding(nn.Module):
+    def __init__(self, cfg: PromptTuningConfig, token_embedding: nn.Embedding):
+        super().__init__()
+        # start from real vocabulary embeddings (sampled), a better start than noise
+        g = torch.Generator().manual_seed(cfg.init_seed)
+        ids = torch.randint(0, token_embedding.num_embeddings, (cfg.num_virtual_tokens,), generator=g)
+        self.embedding = nn.Parameter(token_embedding.weight.detach()[ids.to(token_embedding.weight.device)].clone())
+
+
+class PromptEncoder(nn.Module):
+    """Every prompt of a model, keyed by adapter name; puts the routed one(s) in front."""
+
+    def __init__(self, route):
+        super().__init__()
+        self.route = route
+        self.prompts = nn.ModuleDict()
+
+    def add(self, name, cfg: PromptTuningConfig, token_embedding):
+        self.prompts[name] = PromptEmbedding(cfg, token_embedding)
+
+    def remove(self, name):
+        if name not in self.prompts:
+            return
+        del self.prompts[name]
+
+    def forward(self, embeds):
+        """embeds (B, T, d) -> (x, attn_mask, n): x has n positions in front of the real
+        tokens; attn_mask is None unless rows carry prompts of unequal length."""
+        if self.route.rows is not None:
+            return self._mixed(embeds)
+        p = self.prompts[self.route.active]
+        B, T, d = embeds.shape
+        n = p.embedding.shape[0]
+        return torch.cat([p.embedding.expand(B, n, d), embeds], dim=1), None, n
+
+    def _stack(self):
+        """(N+1, n_max, d) right-aligned prompts, slot 0 empty, and their lengths."""
+        names = list(self.prompts)
+        key = tuple((m, self.prompts[m].embedding._version) for m in names)
+        if getattr(self, "_stack_key", None) != key:
+            embs = [self.prompts[m].embedding.detach() for m in names]
+            n_max = max(e.shape[0] for e in embs)
+            stack = embs[0].new_zeros(len(names) + 1, n_max, embs[0].shape[1])
+            for i, e in enumerate(embs, start=1):
+                stack[i, n_max - e.shape[0]:] = e
+            lengths = torch.tensor([0] + [e.shape[0] for e in embs], device=stack.device)
+            self._stack_key, self._stack_val = key, (stack, lengths, {m: i for i, m in enumerate(names, 1)})
+        return self._stack_val
+
+    def _mixed(self, embeds):
+        B, T, d = embeds.shape
+        stack, lengths, slot_of = self._stack()
+        slots = torch.tensor([slot_of.get(r, 0) for r in self.route.rows], device=embeds.device)
+        n = stack.shape[1]
+        L = n + T
+        # a row sees its own virtual tokens (right-aligned) and, causally, its real tokens
+        used = torch.arange(n, device=embeds.device)[None] >= n - lengths[slots][:, None]
+        keys = torch.cat([used, used.new_ones(B, T)], dim=1)
+        causal = torch.ones(L, L, dtype=torch.bool, device=embeds.device).tril()
+        mask = causal[None] & keys[:, None, :]
+        mask |= torch.eye(L, dtype=torch.bool, device=embeds.device)  # no row attends to nothing
+        return torch.cat([stack[slots], embeds], dim=1), mask[:, None], n

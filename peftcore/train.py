@@ -1,0 +1,115 @@
+"""One training loop for the app, the tests and the benchmarks: a generator of events.
+
+    for event in train(model, "add_5", steps=300):
+        print(event.step, event.loss, event.eval_exact)
+
+Only phi's parameters are given to the optimizer; the frozen base never gets a gradient.
+"""
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .tasks import answer_metrics, get_task
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainEvent:
+    step: int
+    steps: int             # the step budget
+    loss: float
+    train_exact: float     # on the current batch
+    eval_exact: Optional[float]   # on the held-out set, when evaluated at this step
+    eval_token: Optional[float]
+    elapsed: float         # seconds since the start
+    examples_per_s: float
+    done: bool = False
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def resolve_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def evaluate(model, task, device=None, batch_size=512):
+    """(exact match, token accuracy) on the task's fixed held-out set."""
+    task = get_task(task)
+    device = device or next(model.parameters()).device
+    x, y = task.eval_set(device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return answer_metrics(logits, y)
+
+
+def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed=0,
+          weight_decay=0.0, eval_every=25, device="auto", clip=1.0):
+    """Train `model`'s trainable parameters on `task`; yield a TrainEvent per step.
+
+    Budget: `steps`, and optionally `max_seconds` of wall time, whichever ends first.
+    The model must already be on `device` (the shared base is loaded per device).
+    A non-finite loss raises NonFiniteLossError before the optimizer step, so phi keeps
+    its last finite value.
+    """
+    task = get_task(task)
+    device = resolve_device(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if params[0].device.type != torch.device(device).type:
+        raise ValueError(f"model is on {params[0].device}, training asked for {device}")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        x, y = task.batch(batch_size, g, device)
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} at step {step}; "
+                                     "phi keeps its last finite value (try a lower learning rate)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"gradient became {grad_norm.item()} at step {step}; "
+                                     "phi keeps its last finite value (try a lower learning rate)")
+        opt.step()
+        sched.step()
+        elapsed = time.perf_counter() - t0
+        last = step == steps or (max_seconds is not None and elapsed >= max_seconds)
+        ev_exact = ev_token = None
+        if last or step % eval_every == 0:
+            ev_exact, ev_token = evaluate(model, task, device)
+            model.train()
+        yield TrainEvent(step, steps, loss.item(), answer_metrics(logits.detach(), y)[0],
+                         ev_exact, ev_token, elapsed, step * batch_size / max(elapsed, 1e-9), last)
+        if last:
+            break
+    model.eval()
+
+
+def run(model, task, **kwargs):
+    """Train to the end and return the last event."""
+    event = None
+    for event in train(model, task, **kwargs):
+        pass
+    return event

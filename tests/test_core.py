@@ -1,0 +1,217 @@
+"""The properties every method must keep (after HF peft's test_custom_models.py)."""
+import json
+import threading
+
+import pytest
+import torch
+
+import peftcore
+from peftcore import (AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig,
+                      fingerprint, get_peft_model)
+from peftcore.base import BASE_META_PATH, BASE_PATH
+from peftcore.pretrain import pretrain
+from peftcore.train import NonFiniteLossError
+
+PEFT_CONFIGS = [LoraConfig(), LoraConfig(r=2, lora_alpha=4, target_modules=("q", "k", "v", "o", "up", "down")),
+                AdapterConfig(), AdapterConfig(bottleneck_size=3), PromptTuningConfig(), PromptTuningConfig(num_virtual_tokens=3)]
+
+
+def phi_snapshot(model):
+    return [p.detach().clone() for p in model.trainable_parameters()]
+
+
+# ------------------------------------------------------------------ the base
+def test_shipped_base_matches_its_fingerprint(base):
+    meta = json.loads(BASE_META_PATH.read_text())
+    assert fingerprint(base) == meta["fingerprint"]
+    assert 500_000 <= sum(p.numel() for p in base.parameters()) <= 1_000_000
+    assert BASE_PATH.stat().st_size < 5 * 2**20
+
+
+def test_shipped_base_solves_its_pretraining_tasks(base):
+    for task in peftcore.PRETRAIN_TASKS.values():
+        assert peftcore.evaluate(base, task)[0] > 0.95, task.name
+
+
+def test_pretraining_script_runs(tmp_path):
+    model = pretrain(steps=3, log_every=0)
+    from peftcore.base import load_base, save_base
+    save_base(model, tmp_path / "b.safetensors", tmp_path / "b.json")
+    again = load_base(tmp_path / "b.safetensors", tmp_path / "b.json")
+    assert fingerprint(again) == json.loads((tmp_path / "b.json").read_text())["fingerprint"]
+
+
+def test_fingerprint_sees_every_byte(base):
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    fp = fingerprint(state)
+    assert fp == fingerprint(base)
+    state["ln_f.bias"][0] += 1e-6
+    assert fingerprint(state) != fp
+
+
+# ------------------------------------------------------------------ methods
+@pytest.mark.parametrize("config", PEFT_CONFIGS[:4], ids=repr)
+def test_no_op_at_init(base, batch, config):
+    model = get_peft_model(base, config)
+    assert torch.equal(model(batch[0]), base(batch[0]))
+
+
+@pytest.mark.parametrize("config", PEFT_CONFIGS[4:], ids=repr)
+def test_prompt_reads_real_positions(base, batch, config):
+    model = get_peft_model(base, config)
+    out = model(batch[0])
+    assert out.shape == base(batch[0]).shape
+    with model.disable_adapter():
+        assert torch.equal(model(batch[0]), base(batch[0]))
+
+
+@pytest.mark.parametrize("config", PEFT_CONFIGS, ids=repr)
+def test_param_count_is_the_closed_form(base, config):
+    model = get_peft_model(base, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    n_base = sum(p.numel() for p in base.parameters())
+    assert trainable == config.num_params(base.config)
+    assert total == n_base + trainable
+
+
+def test_closed_forms_by_hand(base):
+    c = base.config  # d=128, mlp 512, 4 layers
+    assert LoraConfig(r=4, target_modules=("q", "v")).num_params(c) == 4 * (128 + 128) * 2 * 4
+    assert LoraConfig(r=2, target_modules=("up",)).num_params(c) == 2 * (128 + 512) * 4
+    assert AdapterConfig(bottleneck_size=8).num_params(c) == (2 * 128 * 8 + 8 + 128) * 8
+    assert PromptTuningConfig(num_virtual_tokens=5).num_params(c) == 5 * 128
+
+
+def test_print_trainable_parameters(base, capsys):
+    model = get_peft_model(base, LoraConfig())
+    model.print_trainable_parameters()
+    t, a = model.get_nb_trainable_parameters()
+    assert capsys.readouterr().out.strip() == f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / a:.4f}"
+
+
+def test_full_fine_tune_is_a_trainable_copy(base, base_fp):
+    model = get_peft_model(base, FullFineTuneConfig())
+    t, a = model.get_nb_trainable_parameters()
+    assert t == a == sum(p.numel() for p in base.parameters())
+    peftcore.run(model, "add_5", steps=3, device="cpu")
+    assert fingerprint(base) == base_fp
+
+
+def test_get_peft_model_does_not_touch_the_base_object(base, base_fp):
+    modules_before = [id(m) for m in base.modules()]
+    params_before = [id(p) for p in base.parameters()]
+    model = get_peft_model(base, LoraConfig(target_modules=("q", "k", "v", "o", "up", "down")))
+    model.add_adapter("ad", AdapterConfig())
+    assert [id(m) for m in base.modules()] == modules_before
+    assert [id(p) for p in base.parameters()] == params_before
+    assert not any(p.requires_grad for p in base.parameters())
+    # the view shares storage with the base: nothing frozen was copied
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    view_ptrs = {p.data_ptr() for p in model.base_model.parameters() if not p.requires_grad}
+    assert base_ptrs <= view_ptrs
+    assert fingerprint(base) == base_fp
+
+
+@pytest.mark.parametrize("config", [LoraConfig(), AdapterConfig(), PromptTuningConfig()], ids=repr)
+def test_training_changes_only_phi(base, base_fp, config):
+    model = get_peft_model(base, config)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    before = phi_snapshot(model)
+    peftcore.run(model, "add_5", steps=5, device="cpu", lr=1e-2)
+    after = phi_snapshot(model)
+    assert all(p.grad is None for p in frozen)
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))
+    assert fingerprint(base) == base_fp
+
+
+def _train_alone(base, seed, steps=8):
+    model = get_peft_model(base, LoraConfig())
+    peftcore.run(model, "add_5", steps=steps, seed=seed, device="cpu")
+    return model
+
+
+def test_two_models_one_base_in_sequence_and_in_threads(base, base_fp, batch):
+    a, b = _train_alone(base, 1), _train_alone(base, 2)
+    assert not torch.allclose(a(batch[0]), b(batch[0]))
+    a2, b2 = get_peft_model(base, LoraConfig()), get_peft_model(base, LoraConfig())
+    errors = []
+
+    def work(m, seed):
+        try:
+            peftcore.run(m, "add_5", steps=8, seed=seed, device="cpu")
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(m, s)) for m, s in ((a2, 1), (b2, 2))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    torch.testing.assert_close(a2(batch[0]), a(batch[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b2(batch[0]), b(batch[0]), atol=1e-5, rtol=0)
+    assert fingerprint(base) == base_fp
+
+
+# ------------------------------------------------------------------ training loop
+def test_same_seed_same_curve(base):
+    curves = []
+    for _ in range(2):
+        model = get_peft_model(base, LoraConfig())
+        curves.append([e.loss for e in peftcore.train(model, "swap_pairs", steps=6, seed=3, device="cpu")])
+    assert curves[0] == curves[1]
+
+
+def test_events_carry_progress(base):
+    model = get_peft_model(base, AdapterConfig())
+    events = list(peftcore.train(model, "add_5", steps=4, eval_every=2, device="cpu"))
+    assert [e.step for e in events] == [1, 2, 3, 4]
+    assert events[-1].done and events[1].eval_exact is not None and events[0].eval_exact is None
+    assert all(e.examples_per_s > 0 and e.elapsed > 0 for e in events)
+
+
+def test_seconds_budget_ends_the_run(base):
+    model = get_peft_model(base, LoraConfig())
+    events = list(peftcore.train(model, "add_5", steps=10_000, max_seconds=0.5, device="cpu"))
+    assert events[-1].done and events[-1].step < 10_000
+
+
+class NanAfter(torch.nn.Module):
+    """Wraps a model and returns NaN logits from call `n` on."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.n, self.calls = model, n, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.model(x)
+        return out * float("nan") if self.calls >= self.n else out
+
+
+def test_non_finite_loss_stops_and_keeps_last_finite_phi(base):
+    model = get_peft_model(base, LoraConfig())
+    wrapped = NanAfter(model, 4)
+    snapshots = []
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        for _ in peftcore.train(wrapped, "add_5", steps=10, eval_every=100, device="cpu"):
+            snapshots.append(phi_snapshot(model))
+    assert len(snapshots) == 3
+    for a, b in zip(snapshots[-1], phi_snapshot(model)):
+        assert torch.equal(a, b) and torch.isfinite(b).all()
+
+
+def test_bad_configs_name_the_field(base):
+    for config, field in [(LoraConfig(r=0), "r"), (LoraConfig(target_modules=("wq",)), "target_modules"),
+                          (AdapterConfig(bottleneck_size=-1), "bottleneck_size"),
+                          (PromptTuningConfig(num_virtual_tokens=1000), "num_virtual_tokens")]:
+        with pytest.raises(ValueError, match=field):
+            get_peft_model(base, config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_path(base_fp):
+    base = peftcore.load_base(device="cuda")
+    for config in (LoraConfig(), AdapterConfig(), PromptTuningConfig()):
+        model = get_peft_model(base, config)
+        event = peftcore.run(model, "add_5", steps=20, device="auto")
+        assert event.done and next(model.trainable_parameters().__iter__()).is_cuda
+    assert fingerprint(base) == base_fp

@@ -1,0 +1,57 @@
+"""peftcore's LoRA against HF peft's on the same base (peft is a test-only dependency)."""
+import copy
+
+import pytest
+import torch
+
+import peftcore
+from peftcore import LoraConfig, get_peft_model
+
+peft = pytest.importorskip("peft")
+
+
+def hf_lora(base, config):
+    hf_config = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                target_modules=list(config.target_modules))
+    return peft.get_peft_model(copy.deepcopy(base), hf_config)
+
+
+def randomize(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.named_adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("config", [LoraConfig(), LoraConfig(r=8, lora_alpha=8, target_modules=("q", "k", "v", "o", "up", "down"))], ids=repr)
+def test_same_A_B_same_outputs_and_counts(base, batch, config):
+    ours = get_peft_model(base, config)
+    randomize(ours)
+    theirs = hf_lora(base, config)
+    hf_state = theirs.state_dict()
+    with torch.no_grad():
+        for key, t in ours.adapter_state_dict().items():  # our saved keys are HF's saved keys
+            hf_key = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            hf_state[hf_key].copy_(t)
+    theirs.eval()
+    torch.testing.assert_close(ours(batch[0]), theirs(batch[0]), atol=1e-5, rtol=0)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_hf_peft_loads_our_lora_file(base, batch, tmp_path):
+    ours = get_peft_model(base, LoraConfig(r=4, target_modules=("q", "v", "up")))
+    randomize(ours)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(ours(batch[0]), theirs(batch[0]), atol=1e-5, rtol=0)
+
+
+def test_we_load_hf_peft_lora_file(base, batch, tmp_path):
+    theirs = hf_lora(base, LoraConfig(r=2, lora_alpha=4, target_modules=("k", "o")))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = peftcore.PeftModel.from_pretrained(base, tmp_path)
+    torch.testing.assert_close(ours(batch[0]), theirs.eval()(batch[0]), atol=1e-5, rtol=0)
