@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, check_range
+from .config import PeftConfig, cache_key, check_range
 
 
 @dataclass
@@ -68,7 +68,7 @@ class AdapterLayer(nn.Module):
     # --- mixed batches: gather each row's stacked weights, then bmm
     def _stacks(self):
         names = list(self.adapters)
-        key = tuple((n, *(p._version for p in self.adapters[n].parameters())) for n in names)
+        key = cache_key((n, p) for n in names for p in self.adapters[n].parameters())
         if getattr(self, "_stack_key", None) != key:
             like = next(self.sublayer.parameters())
             b_max = max((self.adapters[n].down.out_features for n in names), default=1)

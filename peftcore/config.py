@@ -27,3 +27,9 @@ class PeftConfig:
 def check_range(name, value, lo, hi, kind=(int,)):
     if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi:
         raise ValueError(f"{name} must be a number from {lo} to {hi}, got {value!r}")
+
+
+def cache_key(named_tensors):
+    """Changes whenever one of the tensors is written in place, moved or replaced:
+    the key for caches of stacked phi weights (mixed batches)."""
+    return tuple((name, t.data_ptr(), t._version, t.dtype) for name, t in named_tensors)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, check_range
+from .config import PeftConfig, cache_key, check_range
 
 TARGETABLE = ("q", "k", "v", "o", "up", "down")
 
@@ -94,8 +94,7 @@ class LoraLinear(nn.Module):
         """A (N+1, r_max, d_in), B (N+1, d_out, r_max) with scaling folded into B; slot 0 is
         all zeros (rows without a LoRA here). Cached until an adapter changes."""
         names = list(self.lora_A)
-        key = tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version,
-                     self.lora_A[n].weight.data_ptr()) for n in names)
+        key = cache_key((n, t) for n in names for t in (self.lora_A[n].weight, self.lora_B[n].weight))
         if getattr(self, "_stack_key", None) != key:
             w = self.base_layer.weight
             r_max = max((self.lora_A[n].weight.shape[0] for n in names), default=1)
@@ -117,9 +116,7 @@ class LoraLinear(nn.Module):
 
 def add_lora(view, name, cfg: LoraConfig, route):
     """Wrap every targeted Linear of `view` (once) and give it adapter `name`."""
-    for parent in list(view.modules()):
-        if isinstance(parent, nn.ModuleDict):  # adapters' own Linears are never targets
-            continue
+    for parent in list(_base_modules(view)):
         for child_name, child in list(parent.named_children()):
             if child_name not in cfg.target_modules:
                 continue
@@ -128,3 +125,12 @@ def add_lora(view, name, cfg: LoraConfig, route):
                 setattr(parent, child_name, child)
             if isinstance(child, LoraLinear):
                 child.add(name, cfg)
+
+
+def _base_modules(module):
+    """The modules of the base architecture: never descend into phi (held in ModuleDicts),
+    so that an adapter's own `up` and `down` are not mistaken for the MLP's."""
+    yield module
+    for child in module.children():
+        if not isinstance(child, nn.ModuleDict):
+            yield from _base_modules(child)

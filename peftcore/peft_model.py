@@ -197,6 +197,16 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
+    def adapter_num_params(self, adapter_name):
+        return sum(p.numel() for _, p in self.named_adapter_parameters(adapter_name))
+
+    def memory_bytes(self):
+        """{"base": bytes of the frozen base (held once), "phi": {name: bytes}} in memory."""
+        phi = {name: sum(p.numel() * p.element_size() for _, p in self.named_adapter_parameters(name))
+               for name in self.peft_config}
+        base = sum(p.numel() * p.element_size() for p in self._base[0].parameters())
+        return {"base": base, "phi": phi}
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 

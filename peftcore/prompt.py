@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .config import PeftConfig, check_range
+from .config import PeftConfig, cache_key, check_range
 
 
 @dataclass
@@ -64,7 +64,7 @@ class PromptEncoder(nn.Module):
     def _stack(self):
         """(N+1, n_max, d) right-aligned prompts, slot 0 empty, and their lengths."""
         names = list(self.prompts)
-        key = tuple((m, self.prompts[m].embedding._version) for m in names)
+        key = cache_key((m, self.prompts[m].embedding) for m in names)
         if getattr(self, "_stack_key", None) != key:
             embs = [self.prompts[m].embedding.detach() for m in names]
             n_max = max(e.shape[0] for e in embs)

@@ -73,6 +73,8 @@ def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed
         raise ValueError(f"model is on {params[0].device}, training asked for {device}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
+    if hasattr(model, "adapter_task") and getattr(model, "active_adapter", None):
+        model.adapter_task[model.active_adapter] = task.name  # recorded in saved files
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay

@@ -1,0 +1,45 @@
+"""PEFT Playground: freeze the base, train a sliver.  Run with `streamlit run app.py`.
+
+The entrypoint sets up the page, the navigation over pages/ and the sidebar every page
+shares (device, seed, reset). The pages hold the widgets; peftcore does the torch work.
+"""
+import streamlit as st
+
+import ui
+
+st.set_page_config(page_title="PEFT Playground", page_icon="🧩", layout="wide")
+
+PAGES = [
+    st.Page("pages/storage.py", title="One base, many tasks", icon="📦", default=True),
+    st.Page("pages/train.py", title="Train a sliver", icon="🏋️"),
+    st.Page("pages/serve.py", title="Many tasks at once", icon="🚦"),
+    st.Page("pages/inside.py", title="Inside: why it works", icon="🔬"),
+]
+
+
+def reset_session():
+    """Forget this session: stop its runs, empty its bank and its settings."""
+    ui.stop_session_runs()
+    st.session_state.clear()
+    st.query_params.clear()
+
+
+def sidebar():
+    with st.sidebar:
+        st.markdown("### PEFT Playground")
+        devices = ui.available_devices()
+        st.selectbox("Device", devices, index=devices.index(ui.device()), key="device",
+                     help="Where this session trains and serves. The frozen base is loaded once per device "
+                          "and shared by every visitor.")
+        st.number_input("Seed", min_value=0, max_value=9999, value=0, step=1, key="seed",
+                        help="Same seed, same run (on CPU): the batches drawn, the initial phi, the samples shown.")
+        running = len(ui.get_manager().active())
+        st.caption(f"Base: {ui.base_facts(ui.device())['params']:,} frozen parameters on **{ui.device()}**. "
+                   f"Runs training on this server now: {running}.")
+        st.button("Reset my session", on_click=reset_session, width="stretch",
+                  help="Stops your runs and forgets your saved phi and settings. Other visitors are not affected.")
+
+
+navigation = st.navigation(PAGES)
+sidebar()
+navigation.run()

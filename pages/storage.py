@@ -1,0 +1,172 @@
+"""One base, many tasks: what storing T fine-tuned tasks costs, PEFT against full fine-tuning."""
+import math
+
+import numpy as np
+import streamlit as st
+
+import ui
+from peftcore import LoraConfig
+from peftcore.storage import KNOWN_BASES, break_even, full_storage, human_bytes, peft_storage, phi_that_fit
+
+# phi as a percentage of the base: a 1-1.5-2-3-5-7 ladder per decade, fine at the low end.
+P_OPTIONS = sorted({float(round(m * 10 ** e, 4)) for e in range(-2, 2) for m in (1, 1.5, 2, 3, 5, 7)} | {100.0})
+T_OPTIONS = [10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+GPU_GB = [8, 16, 24, 40, 48, 80, 141, 192]
+TOY = "Toy base (its file on disk)"
+N_POINTS = 200
+
+
+def pct(p):
+    return f"{p:g}%"
+
+
+def task_axis(t_max, log):
+    """The x values: whole numbers of tasks, evenly spread on the chosen axis."""
+    x = np.geomspace(1, t_max, N_POINTS) if log else np.linspace(0, t_max, min(t_max + 1, N_POINTS))
+    return np.unique(np.round(x)).astype(int)
+
+
+def storage_figure(p, t_max, log, scale, unit, measured):
+    """The signature chart: bold PEFT 1 + T p, faint full fine-tuning T, break-even and saving.
+    `scale` converts base models to the chosen unit (1, or bytes per base)."""
+    x = task_axis(t_max, log)
+    peft, full = peft_storage(x, p) * scale, full_storage(x) * scale
+    fmt = "%{y:.4g} base models" if scale == 1 else "%{y:.3s}B"
+    traces = [
+        dict(type="scatter", mode="lines", name=f"PEFT: 1 + T·p  (p = {pct(100 * p)})", x=x.tolist(), y=peft.tolist(),
+             line=dict(width=6, color=ui.COLORS["LoRA"]), hovertemplate=f"PEFT: {fmt}<extra></extra>"),
+        dict(type="scatter", mode="lines", name="full fine-tuning: T", x=x.tolist(), y=full.tolist(),
+             line=dict(width=4, color="#888888"), opacity=0.45,
+             hovertemplate=f"full fine-tuning: {fmt}<extra></extra>"),
+    ]
+    t_star = break_even(p)
+    if t_star <= t_max:
+        traces.append(dict(type="scatter", mode="markers+text", name=f"break-even T = {ui.fmt_num(t_star)}",
+                           x=[t_star], y=[t_star * scale], text=[f"break-even T = {ui.fmt_num(t_star)}"],
+                           textposition="middle right", textfont=dict(size=18),
+                           marker=dict(size=16, color="#d62728", symbol="diamond"),
+                           hovertemplate=f"break-even: T = {ui.fmt_num(t_star)}<extra></extra>"))
+    save = (full_storage(t_max) - peft_storage(t_max, p)) * scale
+    if save > 0:
+        top, bottom = t_max * scale, peft_storage(t_max, p) * scale
+        amount = f"{ui.fmt_num(save)} base models" if scale == 1 else human_bytes(save)
+        label = f"saves {amount} ({100 * save / top:.3g}%)"
+        traces.append(dict(type="scatter", mode="lines+text", name=label, x=[t_max, t_max], y=[bottom, top],
+                           text=["", label], textposition="bottom left", textfont=dict(size=18),
+                           line=dict(width=3, color="#d62728", dash="dot"), hoverinfo="skip"))
+    if measured:
+        k = np.arange(1, len(measured) + 1)
+        y = (1 + np.cumsum(measured)) * scale
+        traces.append(dict(type="scatter", mode="markers", name="measured: this session's phi files",
+                           x=k.tolist(), y=y.tolist(), marker=dict(size=12, color="#ff7f0e", symbol="circle-open",
+                                                                   line=dict(width=3)),
+                           hovertemplate=f"measured, %{{x}} phi files: {fmt}<extra></extra>"))
+    axis_type = "log" if log else "linear"
+    ytitle = "storage (base models)" if scale == 1 else f"storage (bytes, {unit})"
+    return ui.figure(traces, height=560, hovermode="x unified",
+                     xaxis=dict(title="number of tasks T", type=axis_type, hoverformat=",d"),
+                     yaxis=dict(title=ytitle, type=axis_type, tickformat=".3s" if scale != 1 else None,
+                                ticksuffix="B" if scale != 1 else None))
+
+
+def sentence(p, t_max, scale):
+    """One plain sentence that follows the sliders."""
+    peft, full = float(peft_storage(t_max, p)), float(full_storage(t_max))
+    if scale == 1:
+        amounts = f"PEFT stores {ui.fmt_num(peft)} base models; full fine-tuning stores {ui.fmt_num(full)}."
+    else:
+        amounts = f"PEFT stores {human_bytes(peft * scale)}; full fine-tuning stores {human_bytes(full * scale)}."
+    return f"With {t_max:,} tasks at {pct(100 * p)}, {amounts}"
+
+
+def formulas(p, t_max):
+    st.latex(rf"\text{{PEFT}} = 1 + T\,p = 1 + {t_max:,} \times {p:g} = {ui.fmt_num(float(peft_storage(t_max, p)))}")
+    st.latex(rf"\text{{full fine-tuning}} = T = {t_max:,}")
+    t_star = break_even(p)
+    value = r"\infty" if math.isinf(t_star) else ui.fmt_num(t_star)
+    st.latex(rf"T^{{*}} = \frac{{1}}{{1 - p}} = {value}")
+    st.caption("y is in units of one base model. Below T*, PEFT stores slightly more: the shared base "
+               "plus one sliver is more than one fine-tuned copy.")
+
+
+def base_choice(facts):
+    """(name, bytes of one base) for the unit selector."""
+    names = [TOY] + list(KNOWN_BASES)
+    name = st.selectbox("Price it for", names, key="base_size",
+                        help="The toy base is measured (its safetensors file); the others are public parameter "
+                             "counts at 16 bits per parameter.")
+    return name, facts["file_bytes"] if name == TOY else KNOWN_BASES[name].bytes
+
+
+def measured_fractions(facts):
+    """Each bank phi's measured file size over the base file's size, in bank order."""
+    return [row["file_bytes"] / facts["file_bytes"] for row in ui.bank_rows()]
+
+
+def presets_table(facts):
+    """LoRA r=4 on q and v for the toy base and the well-known sizes: bytes per task and p."""
+    toy_lora = LoraConfig(r=4, target_modules=("q", "v")).num_params(facts["config"]) * 4  # float32
+    rows = [dict(base="Toy base (float32, measured file)", base_size=human_bytes(facts["file_bytes"]),
+                 lora=human_bytes(toy_lora), p=f"{100 * toy_lora / facts['file_bytes']:.3g}%")]
+    for b in KNOWN_BASES.values():
+        rows.append(dict(base=f"{b.name} (16-bit)", base_size=human_bytes(b.bytes),
+                         lora=human_bytes(b.lora_qv_bytes(4)), p=f"{100 * b.lora_qv_bytes(4) / b.bytes:.3g}%"))
+    st.dataframe(rows, hide_index=True, column_config={
+        "base": "base model", "base_size": "one base", "lora": "LoRA r=4 on q, v (one task)", "p": "p"})
+
+
+def serving_panel(p, base_name, base_bytes):
+    st.subheader("Serving: many phi beside one base")
+    gb = st.select_slider("GPU memory", GPU_GB, value=80, format_func=lambda g: f"{g} GB", key="gpu_gb",
+                          help="Weights only: activations and caches need room too.")
+    phi_bytes = p * base_bytes
+    fit = phi_that_fit(gb * 1e9, base_bytes, phi_bytes)
+    a, b, c = st.columns(3)
+    if base_bytes > gb * 1e9:
+        st.warning(f"{base_name} ({human_bytes(base_bytes)}) does not fit in {gb} GB on its own.")
+    else:
+        a.metric("phi that fit beside the base", f"{fit:,}", help=f"({gb} GB - base) / phi bytes")
+    b.metric("a PEFT task swap moves", human_bytes(phi_bytes), help="one phi, p times the base")
+    c.metric("a full fine-tuning swap moves", human_bytes(base_bytes),
+             help=f"a whole model: {ui.fmt_num(1 / p)}x more" if p > 0 else None)
+
+
+st.title("One base, many tasks")
+st.markdown(
+    "Fine-tuning a whole model for every task stores a whole model per task. PEFT freezes the base "
+    "and trains a small module **phi** per task, a fraction **p** of the base's size (often 0.1% to 1%). "
+    "Storing **T** tasks then costs one shared base plus **T** slivers. Move the sliders: the link in "
+    "your address bar keeps them, so you can share this exact chart.")
+
+facts = ui.base_facts(ui.device())
+controls, chart = st.columns([1, 2.4], gap="large")
+with controls:
+    p_pct = st.select_slider("phi size p (% of the base)", P_OPTIONS, value=1.0, format_func=pct, key="p",
+                             bind="query-params", help="How big one task's trainable module is, relative to the base.")
+    t_max = st.select_slider("Largest number of tasks T", T_OPTIONS, value=100, key="T", bind="query-params",
+                             help="The right end of the chart.")
+    log = st.toggle("Log axes", key="log", bind="query-params",
+                    help="Shows the small-T region, where the curves cross, and large T at once.")
+    unit = st.radio("y in", ["base models", "bytes"], horizontal=True, key="unit",
+                    help="Bytes multiply by the size of the base chosen below.")
+    base_name, base_bytes = base_choice(facts)
+    formulas(p_pct / 100, t_max)
+
+p = p_pct / 100
+scale = 1 if unit == "base models" else base_bytes
+measured = measured_fractions(facts) if base_name == TOY else []
+with chart:
+    st.markdown(f"#### {sentence(p, t_max, scale)}")
+    ui.plot(storage_figure(p, t_max, log, scale, base_name, measured), key="storage_chart")
+    if measured:
+        st.caption(f"Orange circles: the {len(measured)} phi files in this session's bank, stacked on the base "
+                   f"at their measured sizes ({min(measured) * 100:.3g}% to {max(measured) * 100:.3g}% of the base file).")
+    elif base_name == TOY:
+        st.caption("No phi in this session's bank yet: train one on *Train a sliver* to see it measured here.")
+
+left, right = st.columns(2, gap="large")
+with left:
+    serving_panel(p, base_name, base_bytes)
+with right:
+    st.subheader("What one task costs, in bytes")
+    presets_table(facts)

@@ -1,0 +1,194 @@
+"""Train a sliver: pick a task and a method, train phi live, or race the methods."""
+import streamlit as st
+
+import peftcore
+import ui
+from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig
+from peftcore.analysis import sample_predictions
+from peftcore.lora import TARGETABLE
+from peftcore.presets import PRESETS
+
+LR_OPTIONS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1]
+STEPS = dict(min_value=10, max_value=1000, step=10)
+FULL = "Full fine-tuning"
+GROUP = "train"
+
+
+def lora_widgets(preset: LoraConfig):
+    a, b = st.columns(2)
+    r = a.slider("r (rank)", 1, 64, preset.r, key="lora_r",
+                 help="Rank of the update B A: phi grows linearly with r.")
+    alpha = b.slider("lora_alpha", 1, 128, preset.lora_alpha, key="lora_alpha",
+                     help="The update is scaled by lora_alpha / r.")
+    targets = st.multiselect("target_modules", TARGETABLE, default=list(preset.target_modules), key="lora_targets",
+                             help="Which projections of every block get a LoRA: attention q, k, v, o and MLP up, down.")
+    dropout = st.slider("lora_dropout", 0.0, 0.5, preset.lora_dropout, 0.05, key="lora_dropout",
+                        help="Dropout on the LoRA branch's input while training.")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=tuple(targets))
+
+
+def adapter_widgets(preset: AdapterConfig):
+    b = st.slider("bottleneck_size", 1, 128, preset.bottleneck_size, key="adapter_b",
+                  help="Width of the adapter's bottleneck: d -> b -> d after each sublayer.")
+    return AdapterConfig(bottleneck_size=b)
+
+
+def prompt_widgets(preset: PromptTuningConfig):
+    n = st.slider("num_virtual_tokens", 1, 64, preset.num_virtual_tokens, key="prompt_n",
+                  help="How many trainable embeddings go in front of the input.")
+    return PromptTuningConfig(num_virtual_tokens=n)
+
+
+def full_widgets(preset):
+    st.caption("Every weight trains, on a private copy of the base: the baseline PEFT is measured against.")
+    return FullFineTuneConfig()
+
+
+CONFIG_WIDGETS = {"LoRA": lora_widgets, "Adapter": adapter_widgets, "Prompt tuning": prompt_widgets,
+                  FULL: full_widgets}
+
+
+def phi_params(config, facts):
+    n = config.num_params(facts["config"])
+    return facts["params"] if n is None else n
+
+
+def one_method():
+    """Widgets for one method; returns [(label, config, train kwargs)]."""
+    method = st.selectbox("Method", list(PRESETS), key="method", help="How phi plugs into the frozen base.")
+    preset = PRESETS[method]
+    config = CONFIG_WIDGETS[method](preset.config)
+    a, b = st.columns(2)
+    lr = a.select_slider("Learning rate", LR_OPTIONS, value=preset.train["lr"], key=f"lr-{method}",
+                         format_func=lambda v: f"{v:g}", help="AdamW's peak learning rate (warmup, then cosine).")
+    steps = b.slider("Steps", value=preset.train["steps"], key=f"steps-{method}",
+                     help="Batches of 64 examples. The preset is sized to finish in about 15 s on 2 CPU cores.", **STEPS)
+    return [(method, config, dict(lr=lr, steps=steps))]
+
+
+def race():
+    """Widgets for a race: several methods, each with its preset, the same steps."""
+    methods = st.multiselect("Methods", list(PRESETS), default=list(PRESETS), key="race_methods", max_selections=4,
+                             help="They train side by side on the same task and seed.")
+    steps = st.slider("Steps (each method)", value=PRESETS["LoRA"].train["steps"], key="race_steps",
+                      help="The same number of batches for every method: a fair race.", **STEPS)
+    return [(m, PRESETS[m].config, dict(lr=PRESETS[m].train["lr"], steps=steps)) for m in methods]
+
+
+def check(specs, facts):
+    """Validate every config; show phi's size; return the error messages."""
+    errors = []
+    for label, config, kw in specs:
+        try:
+            config.validate()
+        except ValueError as e:
+            errors.append(f"{label}: {e}")
+            continue
+        n = phi_params(config, facts)
+        st.caption(f"**{label}**: phi = {n:,} trainable parameters, {100 * n / facts['params']:.3g}% of the "
+                   f"base's {facts['params']:,} · lr {kw['lr']:g} · {kw['steps']} steps")
+    for e in errors:
+        st.error(e)
+    if not specs:
+        errors.append("pick at least one method")
+        st.error("Pick at least one method.")
+    return errors
+
+
+def start(specs, task):
+    base = ui.get_base(ui.device())
+    jobs = [(label, peftcore.get_peft_model(base, config), kw) for label, config, kw in specs]
+    error = ui.start_group(GROUP, jobs, task, url=True, seed=ui.seed(), device=ui.device())
+    if error:
+        st.error(error)
+
+
+def result_card(run, facts):
+    s = ui.run_summary(run)
+    model = run.model
+    data = ui.run_cache(run, "file", lambda: peftcore.adapter_to_bytes(model, "default"))
+    after = ui.run_cache(run, "fingerprint", lambda: peftcore.fingerprint(ui.get_base(ui.device())))
+    cols = st.columns(6)
+    cols[0].metric("trainable parameters", f"{s['trainable']:,}")
+    cols[1].metric("phi % of base", f"{s['phi_pct']:.3g}%")
+    cols[2].metric("phi file", peftcore.storage.human_bytes(len(data)), help=f"{len(data):,} bytes as .safetensors")
+    cols[3].metric("held-out exact match", "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%",
+                   help="All 8 answer digits right, on 512 examples never trained on.")
+    cols[4].metric("digit accuracy", "-" if s["token"] is None else f"{100 * s['token']:.1f}%")
+    cols[5].metric("time", f"{s['seconds']:.1f} s", help=f"{s['step']} steps at {s['steps_per_s']:.1f} steps/s")
+    same = after == model.base_fingerprint
+    st.markdown(f"Base fingerprint (sha256) before `{model.base_fingerprint[:16]}…` · after `{after[:16]}…` · "
+                + ("**unchanged**: the base never received a gradient." if same else "**CHANGED**"))
+    rows = ui.run_cache(run, f"samples-{ui.seed()}", lambda: sample_predictions(model, run.task, n=6, seed=ui.seed()))
+    ui.predictions_table(rows)
+    save_and_download(run, data)
+
+
+def save_and_download(run, data):
+    slug = ui.METHOD_SLUG.get(run.label, "phi")
+    a, b, c = st.columns([2, 1, 1], vertical_alignment="bottom")
+    name = a.text_input("Name in your bank", value=ui.unique_name(f"{slug}-{run.task}"), key=f"name-{run.id}",
+                        max_chars=64, help="Letters, digits, '_' and '-'.", disabled=run.label == FULL)
+    if run.label == FULL:
+        a.caption("A full fine-tune is a whole model, not a sliver: it cannot join a bank of phi over the shared base.")
+    elif b.button("Save to my bank", key=f"save-{run.id}", width="stretch"):
+        try:
+            ui.add_to_bank(name, data)
+            st.success(f"Saved **{name}** to your bank: see *Many tasks at once*.")
+        except peftcore.AdapterLoadError as e:
+            st.error(f"Not saved: {e}")
+    c.download_button("Download .safetensors", data, file_name=f"{name or slug}.safetensors", key=f"dl-{run.id}",
+                      mime="application/octet-stream", width="stretch",
+                      help="One self-contained file: tensors plus config in its header. Upload it on *Many tasks at once*.")
+
+
+def results(runs, facts):
+    if len(runs) > 1:
+        rows = [ui.run_summary(r) for r in runs]
+        st.dataframe([dict(method=s["method"], status=s["status"], params=s["trainable"], phi_pct=s["phi_pct"],
+                           exact=100 * (s["exact"] or 0), seconds=s["seconds"]) for s in rows],
+                     hide_index=True, column_config={
+                         "params": st.column_config.NumberColumn("trainable params", format="localized"),
+                         "phi_pct": st.column_config.NumberColumn("phi %", format="%.3g%%"),
+                         "exact": st.column_config.NumberColumn("exact match", format="%.1f%%"),
+                         "seconds": st.column_config.NumberColumn("seconds", format="%.1f")})
+    tabs = st.tabs([r.label for r in runs])
+    for tab, run in zip(tabs, runs):
+        with tab:
+            if run.status == "failed":
+                st.error(f"{run.label} failed: {run.error}")
+            else:
+                result_card(run, facts)
+
+
+st.title("Train a sliver")
+st.markdown(
+    "Pick a task the base never saw and a way to plug **phi** into it, then press **Train**. Only phi gets "
+    "gradients: the base's fingerprint is the same after training. In **race** mode several methods train "
+    "on the same task at once, full fine-tuning included, so you can compare accuracy per parameter.")
+
+facts = ui.base_facts(ui.device())
+runs = ui.group_runs(GROUP)
+busy = any(not r.finished for r in runs)
+setup, live = st.columns([1, 2.2], gap="large")
+with setup:
+    mode = st.radio("Mode", ["One method", "Race"], horizontal=True, key="mode",
+                    help="Race: several methods on one task, curves overlaid.")
+    task = st.selectbox("Task", list(peftcore.TASKS), key="task", help="Downstream tasks the base was not pretrained on.")
+    st.caption(peftcore.TASKS[task].description)
+    specs = one_method() if mode == "One method" else race()
+    errors = check(specs, facts)
+    if st.button("Train", type="primary", disabled=bool(errors) or busy, width="stretch",
+                 help="Starts the run(s) on the server; they keep going if you switch pages."):
+        start(specs, task)
+        st.rerun()
+with live:
+    ui.live_runs(GROUP)
+    if not runs:
+        st.info("No run yet: press **Train**.")
+
+runs = ui.group_runs(GROUP)
+if runs and all(r.finished for r in runs):
+    st.divider()
+    st.subheader(f"Results on {runs[0].task}")
+    results(runs, facts)

@@ -1,0 +1,233 @@
+"""What the app shows beyond training itself: predictions, serving timings and the
+shape of a full fine-tune's update. Torch only; never imports streamlit.
+
+Outputs are greedy decodes (what a user would get), not teacher-forced argmaxes.
+Timings are medians of several repeats, measured side by side in one call.
+"""
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from .lora import LoraConfig, TARGETABLE
+from .serialization import load_adapter
+from .tasks import ANSWER_START, N_DIGITS, SEP, get_task
+
+PROMPT_LEN = ANSWER_START + 1  # task token, 8 digits, SEP
+
+
+# ------------------------------------------------------------------ inputs and outputs
+def parse_digits(text):
+    """'12345678' (spaces and commas allowed) -> [1, ..., 8]; ValueError with a clear message."""
+    digits = [c for c in str(text) if not c.isspace() and c != ","]
+    if len(digits) != N_DIGITS or not all(c in "0123456789" for c in digits):
+        raise ValueError(f"type exactly {N_DIGITS} digits 0-9, got {text!r}")
+    return [int(c) for c in digits]
+
+
+def make_prompts(task, digits=None, n=1, seed=0):
+    """(prompts (n, 10), answers (n, 8)) for `task`: the given digits repeated, or n random rows."""
+    task = get_task(task)
+    if digits is None:
+        d = torch.randint(0, 10, (n, N_DIGITS), generator=torch.Generator().manual_seed(seed))
+    else:
+        d = torch.tensor([digits] * n)
+    prompts = torch.cat([torch.full((n, 1), task.token), d, torch.full((n, 1), SEP)], dim=1)
+    return prompts, task.fn(d)
+
+
+@torch.no_grad()
+def generate(model, prompts, adapter_names=None):
+    """Greedy decoding of the 8 answer digits: (n, 10) prompts -> (n, 8) tokens."""
+    device = next(model.parameters()).device
+    seq = prompts.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(N_DIGITS):
+            logits = model(seq) if adapter_names is None else model(seq, adapter_names=adapter_names)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    finally:
+        model.train(was_training)
+    return seq[:, PROMPT_LEN:].cpu()
+
+
+def as_text(tokens):
+    """A row of digit tokens as a string; other tokens (a wrong guess of SEP or a task token) as '?'."""
+    return "".join(str(t) if 0 <= t < 10 else "?" for t in tokens.tolist())
+
+
+def prediction_rows(task_names, prompts, answers, outputs):
+    """One dict per row: task, input, target, output and which output digits are wrong."""
+    rows = []
+    for task, p, a, o in zip(task_names, prompts, answers, outputs):
+        wrong = (o != a).tolist()
+        rows.append(dict(task=task, input=as_text(p[1:1 + N_DIGITS]), target=as_text(a),
+                         output=as_text(o), wrong=wrong, correct=not any(wrong)))
+    return rows
+
+
+def sample_predictions(model, task, n=8, seed=0):
+    """Greedy outputs of `model` (its active phi) on n random inputs of `task`."""
+    prompts, answers = make_prompts(task, n=n, seed=seed)
+    return prediction_rows([get_task(task).name] * n, prompts, answers, generate(model, prompts))
+
+
+# ------------------------------------------------------------------ serving many phi
+def _sync(model):
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, repeats):
+    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@contextmanager
+def keep_active(model):
+    """Restore the model's active adapter after a block that switches adapters."""
+    saved = model.active_adapter
+    try:
+        yield
+    finally:
+        if saved is not None:
+            model.set_adapter(saved)
+
+
+def serve_mixed(model, names, prompts):
+    """Every row with its own phi in one batch: (n, 8) greedy outputs."""
+    return generate(model, prompts, adapter_names=list(names))
+
+
+def serve_swapping(model, names, prompts):
+    """The naive server: one request at a time, switching phi before each."""
+    outs = []
+    with keep_active(model):
+        for name, row in zip(names, prompts):
+            model.set_adapter(name)
+            outs.append(generate(model, row[None]))
+    return torch.cat(outs)
+
+
+def time_mixed_vs_swap(model, names, prompts, repeats=5):
+    """{'mixed_s', 'swap_s'}: median seconds to answer every row, one mixed batch against
+    a swap-per-request loop, measured side by side."""
+    def mixed():
+        serve_mixed(model, names, prompts)
+        _sync(model)
+
+    def swapping():
+        serve_swapping(model, names, prompts)
+        _sync(model)
+
+    return {"mixed_s": _median_seconds(mixed, repeats), "swap_s": _median_seconds(swapping, repeats)}
+
+
+def swap_timings(model, name, file_bytes, repeats=20):
+    """{'set_adapter_s', 'load_s'}: switching to a resident phi against loading it from its
+    file bytes (parse, check, copy), the two ways a server can change task."""
+    with keep_active(model):
+        set_s = _median_seconds(lambda: model.set_adapter(name), repeats)
+    tmp = "__swap_probe__"
+
+    def load_and_drop():
+        load_adapter(model, tmp, file_bytes)
+        model.delete_adapter(tmp)
+
+    with keep_active(model):
+        load_s = _median_seconds(load_and_drop, max(3, repeats // 4))
+    return {"set_adapter_s": set_s, "load_s": load_s}
+
+
+def merged_vs_unmerged(model, name, prompts, repeats=10):
+    """LoRA `name` served unmerged (W x + B A x) and merged (W' = W + B A, one matmul):
+    {'unmerged_s', 'merged_s', 'max_abs_diff'} with the logits' largest difference."""
+    if not isinstance(model.peft_config.get(name), LoraConfig):
+        raise ValueError(f"{name!r} is not a LoRA adapter; only LoRA merges into W")
+    device = next(model.parameters()).device
+    x = prompts.to(device)
+    with keep_active(model), torch.no_grad():
+        model.set_adapter(name)
+        model.eval()
+        unmerged = model(x)
+        unmerged_s = _median_seconds(lambda: (model(x), _sync(model)), repeats)
+        model.merge_adapter()
+        try:
+            merged = model(x)
+            merged_s = _median_seconds(lambda: (model(x), _sync(model)), repeats)
+        finally:
+            model.unmerge_adapter()  # merged weights would also override mixed batches
+    return {"unmerged_s": unmerged_s, "merged_s": merged_s,
+            "max_abs_diff": (merged - unmerged).abs().max().item()}
+
+
+# ------------------------------------------------------------------ the shape of an update
+def projection_names(n_layer):
+    """'blocks.{i}.attn.q', ..., 'blocks.{i}.mlp.down': every projection LoRA can target."""
+    where = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "up": "mlp", "down": "mlp"}
+    return [f"blocks.{i}.{where[t]}.{t}" for i in range(n_layer) for t in TARGETABLE]
+
+
+def delta_weights(tuned, base):
+    """{projection: Delta W = W_tuned - W_base} for every targetable projection.
+    `tuned` is a full fine-tuned PeftModel (or any model with the base's parameter names)."""
+    model = getattr(tuned, "base_model", tuned)
+    tuned_state = model.state_dict()
+    base_state = base.state_dict()
+    return {name: (tuned_state[f"{name}.weight"] - base_state[f"{name}.weight"]).detach().float().cpu()
+            for name in projection_names(base.config.n_layer)}
+
+
+def singular_values(delta):
+    """Singular values of a matrix, largest first."""
+    return torch.linalg.svdvals(delta.double()).float()
+
+
+def energy_captured(s, k):
+    """Fraction of ||Delta W||_F^2 in the top k singular directions: what rank k can hold."""
+    s2 = s.double() ** 2
+    total = s2.sum().item()
+    return s2[:k].sum().item() / total if total > 0 else 0.0
+
+
+def random_matrix_spectrum(shape, frobenius, seed=0):
+    """Singular values of a Gaussian matrix of the same shape and Frobenius norm: the
+    spectrum of an update with no preferred directions, for comparison."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return singular_values(g * (frobenius / g.norm()))
+
+
+def cumulative_energy(s):
+    """Fraction of ||Delta W||_F^2 in the top k directions, for k = 1..len(s)."""
+    s2 = s.double() ** 2
+    return (s2.cumsum(0) / s2.sum().clamp_min(1e-300)).float()
+
+
+def spectrum(delta, seed=0):
+    """What the Inside page plots for one Delta W: its singular values and cumulative energy,
+    beside those of a random matrix of the same shape and norm. Lists of floats."""
+    s = singular_values(delta)
+    rand = random_matrix_spectrum(tuple(delta.shape), delta.norm().item(), seed)
+    return dict(s=s.tolist(), energy=cumulative_energy(s).tolist(),
+                random_s=rand.tolist(), random_energy=cumulative_energy(rand).tolist())
+
+
+def spectrum_summary(deltas, r):
+    """Per projection: its Frobenius norm and the energy its top r directions hold, beside
+    a random matrix's. A list of dicts, largest update first."""
+    rows = []
+    for name, d in deltas.items():
+        s = singular_values(d)
+        norm = d.norm().item()
+        rand = random_matrix_spectrum(tuple(d.shape), norm)
+        rows.append(dict(projection=name, norm=norm, energy=energy_captured(s, r),
+                         random_energy=energy_captured(rand, r)))
+    return sorted(rows, key=lambda row: -row["norm"])

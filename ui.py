@@ -1,0 +1,287 @@
+"""What the pages share: the cached base and run manager, this session's bank and runs,
+and chart helpers. UI glue only; the torch work lives in peftcore.
+
+One base per device and one RunManager per server process (st.cache_resource), shared by
+every session. A session's bank of phi and the ids of its runs live in st.session_state;
+the runs themselves live in the manager, so a rerun or a page switch never loses one.
+"""
+import streamlit as st
+
+import peftcore
+from peftcore import library
+from peftcore.presets import PRESETS
+from peftcore.runs import RunManager
+from peftcore.tasks import EVAL_SIZE
+
+MAX_SESSION_RUNS = 4   # runs one session may have training at once
+MAX_KEPT_RUNS = 64     # finished runs the server keeps before dropping the oldest
+POLL_S = 0.5           # live curves refresh twice a second
+
+# Method names as the pages show them, from HF peft's peft_type.
+METHOD_OF_TYPE = {type(p.config).peft_type: name for name, p in PRESETS.items()}
+METHOD_SLUG = {"LoRA": "lora", "Adapter": "adapter", "Prompt tuning": "prompt", "Full fine-tuning": "full"}
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+COLORS = {"LoRA": "#1f77b4", "Adapter": "#2ca02c", "Prompt tuning": "#ff7f0e", "Full fine-tuning": "#555555"}
+ss = st.session_state
+
+
+# ------------------------------------------------------------------ process-wide resources
+@st.cache_resource(show_spinner="Loading the frozen base...")
+def get_base(device):
+    """The frozen pretrained base, once per device for the whole server."""
+    return peftcore.load_base(device=device)
+
+
+@st.cache_resource(show_spinner="Building a random frozen base...")
+def get_random_base(device):
+    """The control: a randomly initialised frozen base of the same shape."""
+    return peftcore.random_base(device=device)
+
+
+@st.cache_resource
+def get_manager():
+    """One RunManager per server process: runs outlive the pages that started them."""
+    return RunManager(max_concurrent=4)
+
+
+@st.cache_resource
+def base_facts(device):
+    """Numbers about the base the pages quote: parameters, file bytes, fingerprint."""
+    base = get_base(device)
+    return dict(params=sum(p.numel() for p in base.parameters()), file_bytes=peftcore.base_file_bytes(),
+                fingerprint=peftcore.fingerprint(base), config=base.config)
+
+
+def available_devices():
+    return sorted({"cpu", peftcore.resolve_device("auto")})
+
+
+def device():
+    return ss.get("device") or peftcore.resolve_device("auto")
+
+
+def seed():
+    return int(ss.get("seed", 0))
+
+
+# ------------------------------------------------------------------ this session's bank
+def bank():
+    """This session's PeftModel bank over the shared base, filled with the shipped library.
+    A library file that fails to load is skipped and reported, never fatal."""
+    key = f"bank:{device()}"
+    if key not in ss:
+        model = peftcore.PeftModel(get_base(device()))
+        errors = []
+        for name, directory in library.entries():
+            try:
+                model.load_adapter(directory, name)
+            except (peftcore.AdapterLoadError, OSError) as e:
+                errors.append(f"{name}: {e}")
+        ss[key], ss["library_errors"], ss["file_bytes"] = model, errors, {}
+    return ss[key]
+
+
+def add_to_bank(name, data):
+    """Load phi file bytes into the bank; raises AdapterLoadError with the reason."""
+    peftcore.load_adapter(bank(), name, data)
+    ss["file_bytes"].pop(name, None)
+
+
+def remove_from_bank(name):
+    bank().delete_adapter(name)
+    ss["file_bytes"].pop(name, None)
+
+
+def file_bytes(name):
+    """Measured size of phi `name` as a downloadable .safetensors file (cached)."""
+    model, cache = bank(), ss["file_bytes"]
+    if name not in cache:
+        cache[name] = len(peftcore.adapter_to_bytes(model, name))
+    return cache[name]
+
+
+def bank_rows():
+    """One dict per phi in the bank: method, task, parameters, phi %, file and formula bytes."""
+    model, facts = bank(), base_facts(device())
+    rows = []
+    for name, cfg in model.peft_config.items():
+        n = model.adapter_num_params(name)
+        rows.append(dict(name=name, method=METHOD_OF_TYPE.get(cfg.peft_type, cfg.peft_type),
+                         task=model.adapter_task.get(name) or "?", params=n,
+                         phi_pct=100 * n / facts["params"], formula_params=cfg.num_params(facts["config"]),
+                         memory_bytes=model.memory_bytes()["phi"][name], file_bytes=file_bytes(name)))
+    return rows
+
+
+def unique_name(stem):
+    """`stem`, or `stem-2`, `stem-3`... whichever the bank does not hold yet."""
+    names, i, name = bank().peft_config, 2, stem
+    while name in names:
+        name, i = f"{stem}-{i}", i + 1
+    return name
+
+
+# ------------------------------------------------------------------ runs
+def group_runs(group):
+    """This session's runs in `group` (e.g. "train"), oldest first. Run ids are also kept
+    in the URL, so a refreshed page finds its runs again."""
+    groups = ss.setdefault("groups", {})
+    if group not in groups and st.query_params.get(group):
+        groups[group] = st.query_params[group].split(",")
+    runs = get_manager().runs
+    return [runs[i] for i in groups.get(group, []) if i in runs]
+
+
+def active_session_runs():
+    return [r for g in ss.get("groups", {}) for r in group_runs(g) if not r.finished]
+
+
+def start_group(group, jobs, task, url=False, **train_kwargs):
+    """Start one run per job (label, model, extra train kwargs) as group `group`, replacing
+    the group's previous runs. Returns an error message instead when over the limits."""
+    busy = len(active_session_runs()) + len(jobs)
+    if busy > MAX_SESSION_RUNS:
+        return f"At most {MAX_SESSION_RUNS} runs per session train at once; stop or wait for a run first."
+    _forget_old_runs()
+    manager = get_manager()
+    ids = [manager.start(model, task, label=label, **{**train_kwargs, **extra}).id for label, model, extra in jobs]
+    ss.setdefault("groups", {})[group] = ids
+    if url:
+        st.query_params[group] = ",".join(ids)
+    return None
+
+
+def stop_group(group):
+    for run in group_runs(group):
+        run.stop()
+
+
+def stop_session_runs():
+    for run in active_session_runs():
+        run.stop()
+
+
+def _forget_old_runs():
+    """Bound the server's memory: drop the oldest finished runs beyond MAX_KEPT_RUNS."""
+    manager = get_manager()
+    with manager._lock:
+        finished = sorted((r for r in manager.runs.values() if r.finished), key=lambda r: r.created)
+        for run in finished[:max(0, len(manager.runs) - MAX_KEPT_RUNS)]:
+            del manager.runs[run.id]
+
+
+def run_cache(run, what, compute):
+    """Per-run results computed once after the run ends (file bytes, fingerprints...)."""
+    cache = ss.setdefault("run_cache", {})
+    key = (run.id, what)
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def run_summary(run):
+    """The numbers of a finished (or running) run's result card."""
+    facts = base_facts(device())
+    trainable = run.model.get_nb_trainable_parameters()[0] if not run.finished else \
+        run_cache(run, "trainable", lambda: run.model.get_nb_trainable_parameters()[0])
+    last = run.last
+    return dict(method=run.label, status=run.status, step=last.step if last else 0,
+                steps=run.kwargs.get("steps", 0), trainable=trainable,
+                phi_pct=100 * trainable / facts["params"],
+                exact=last_eval(run, "eval_exact"), token=last_eval(run, "eval_token"),
+                seconds=last.elapsed if last else 0.0,
+                steps_per_s=last.step / last.elapsed if last and last.elapsed > 0 else 0.0)
+
+
+def last_eval(run, field):
+    for event in reversed(run.events):
+        value = getattr(event, field)
+        if value is not None:
+            return value
+    return None
+
+
+def live_runs(group, title=""):
+    """Progress bars, a Stop button and overlaid loss / accuracy curves of a group's runs,
+    polled every POLL_S seconds while any run is active; a full rerun once all end."""
+    runs = group_runs(group)
+    if not runs:
+        return
+    polling = any(not r.finished for r in runs)
+
+    @st.fragment(run_every=POLL_S if polling else None)
+    def panel():
+        runs = group_runs(group)
+        if title:
+            st.subheader(title)
+        for run in runs:
+            progress_line(run)
+        if any(not r.finished for r in runs):
+            st.button("Stop", key=f"stop-{group}", on_click=stop_group, args=(group,), type="primary",
+                      help="Stops every run of this group after its current step; phi keeps what it learned.")
+        left, right = st.columns(2)
+        with left:
+            plot(curve_figure(runs, "loss"), key=f"loss-{group}")
+        with right:
+            plot(curve_figure(runs, "eval_exact"), key=f"exact-{group}")
+        if polling and all(r.finished for r in runs):
+            st.rerun()  # the result cards below the panel appear; polling stops
+
+    panel()
+
+
+def progress_line(run):
+    s = run_summary(run)
+    exact = "-" if s["exact"] is None else f"{100 * s['exact']:.0f}%"
+    text = (f"**{run.label}** · {run.status} · step {s['step']}/{s['steps']} · "
+            f"{s['steps_per_s']:.1f} steps/s · held-out exact match {exact}")
+    st.progress(s["step"] / s["steps"] if s["steps"] else 0.0, text=text)
+    if run.error:
+        st.error(f"{run.label} failed: {run.error}")
+
+
+# ------------------------------------------------------------------ charts
+FONT = dict(size=20)
+LAYOUT = dict(font=FONT, template="plotly_white", margin=dict(l=70, r=30, t=60, b=60),
+              legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, font=FONT),
+              hoverlabel=dict(font=dict(size=18)))
+
+
+def figure(traces, **layout):
+    """A plotly figure as a plain dict (fast to build), styled for a projector."""
+    return {"data": traces, "layout": {**LAYOUT, **layout}}
+
+
+def plot(fig, key=None, height=None):
+    st.plotly_chart(fig, theme=None, width="stretch", height=height or "content", key=key,
+                    config={"displaylogo": False})
+
+
+def curve_figure(runs, field):
+    """One line per run: training loss (log y) or held-out exact match (%) against step."""
+    traces = []
+    for i, run in enumerate(runs):
+        events = [e for e in list(run.events) if getattr(e, field) is not None]
+        y = [getattr(e, field) * (100 if field == "eval_exact" else 1) for e in events]
+        traces.append(dict(type="scatter", mode="lines+markers" if field == "eval_exact" else "lines",
+                           name=run.label, x=[e.step for e in events], y=y,
+                           line=dict(width=4, color=COLORS.get(run.label, PALETTE[i % len(PALETTE)]))))
+    if field == "loss":
+        return figure(traces, title="training loss", xaxis=dict(title="step"),
+                      yaxis=dict(title="cross-entropy", type="log"), height=420)
+    return figure(traces, title="held-out exact match", xaxis=dict(title="step"),
+                  yaxis=dict(title=f"% of {EVAL_SIZE} new examples", range=[-2, 102]), height=420)
+
+
+def fmt_num(x):
+    """Short numbers for sentences: 1.5, 100, 1.005, 12,345."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
+def predictions_table(rows):
+    """Inputs, targets and greedy outputs, wrong output digits highlighted in red."""
+    lines = ["| task | input | target | output | |", "|---|---|---|---|:-:|"]
+    for r in rows:
+        out = "".join(f":red-background[**{c}**]" if wrong else c for c, wrong in zip(r["output"], r["wrong"]))
+        lines.append(f"| {r['task']} | `{r['input']}` | `{r['target']}` | {out} | {'✅' if r['correct'] else '❌'} |")
+    st.markdown("\n".join(lines))
