@@ -7,13 +7,13 @@ import streamlit as st
 
 import ui
 
-st.set_page_config(page_title="PEFT Playground", page_icon="🧩", layout="wide")
+st.set_page_config(page_title="PEFT Playground", page_icon=":material/extension:", layout="wide")
 
 PAGES = [
-    st.Page("pages/storage.py", title="One base, many tasks", icon="📦", default=True),
-    st.Page("pages/train.py", title="Train a sliver", icon="🏋️"),
-    st.Page("pages/serve.py", title="Many tasks at once", icon="🚦"),
-    st.Page("pages/inside.py", title="Inside: why it works", icon="🔬"),
+    st.Page("pages/storage.py", title="One base, many tasks", icon=":material/inventory_2:", default=True),
+    st.Page("pages/train.py", title="Train a sliver", icon=":material/model_training:"),
+    st.Page("pages/serve.py", title="Many tasks at once", icon=":material/dns:"),
+    st.Page("pages/inside.py", title="Inside: why it works", icon=":material/biotech:"),
 ]
 
 

@@ -101,15 +101,22 @@ def file_bytes(name):
 
 
 def bank_rows():
-    """One dict per phi in the bank: method, task, parameters, phi %, file and formula bytes."""
+    """One dict per phi in the bank: method, task, parameters, phi %, file and formula bytes.
+    Cached until the bank's content changes (phi in a bank never train)."""
     model, facts = bank(), base_facts(device())
+    key = tuple((name, id(cfg)) for name, cfg in model.peft_config.items())
+    cached = ss.get("bank_rows")
+    if cached and cached[0] == key:
+        return cached[1]
+    memory = model.memory_bytes()["phi"]
     rows = []
     for name, cfg in model.peft_config.items():
         n = model.adapter_num_params(name)
         rows.append(dict(name=name, method=METHOD_OF_TYPE.get(cfg.peft_type, cfg.peft_type),
                          task=model.adapter_task.get(name) or "?", params=n,
                          phi_pct=100 * n / facts["params"], formula_params=cfg.num_params(facts["config"]),
-                         memory_bytes=model.memory_bytes()["phi"][name], file_bytes=file_bytes(name)))
+                         memory_bytes=memory[name], file_bytes=file_bytes(name)))
+    ss["bank_rows"] = (key, rows)
     return rows
 
 
@@ -144,11 +151,20 @@ def start_group(group, jobs, task, url=False, **train_kwargs):
         return f"At most {MAX_SESSION_RUNS} runs per session train at once; stop or wait for a run first."
     _forget_old_runs()
     manager = get_manager()
-    ids = [manager.start(model, task, label=label, **{**train_kwargs, **extra}).id for label, model, extra in jobs]
+    ids = []
+    for label, model, extra in jobs:
+        kwargs = {**train_kwargs, **extra}
+        kwargs.setdefault("eval_every", eval_every(kwargs.get("steps", 300)))
+        ids.append(manager.start(model, task, label=label, **kwargs).id)
     ss.setdefault("groups", {})[group] = ids
     if url:
         st.query_params[group] = ",".join(ids)
     return None
+
+
+def eval_every(steps):
+    """About ten points on the accuracy curve of a short run, one per 25 steps on long ones."""
+    return max(5, min(25, steps // 10))
 
 
 def stop_group(group):
@@ -219,11 +235,7 @@ def live_runs(group, title=""):
         if any(not r.finished for r in runs):
             st.button("Stop", key=f"stop-{group}", on_click=stop_group, args=(group,), type="primary",
                       help="Stops every run of this group after its current step; phi keeps what it learned.")
-        left, right = st.columns(2)
-        with left:
-            plot(curve_figure(runs, "loss"), key=f"loss-{group}")
-        with right:
-            plot(curve_figure(runs, "eval_exact"), key=f"exact-{group}")
+        plot(runs_figure(runs), key=f"curves-{group}")
         if polling and all(r.finished for r in runs):
             st.rerun()  # the result cards below the panel appear; polling stops
 
@@ -257,20 +269,24 @@ def plot(fig, key=None, height=None):
                     config={"displaylogo": False})
 
 
-def curve_figure(runs, field):
-    """One line per run: training loss (log y) or held-out exact match (%) against step."""
+def runs_figure(runs):
+    """Training loss (top, log scale) and held-out exact match (bottom) against step, one
+    colour per run, in one figure with one legend: readable from the back of a room."""
     traces = []
     for i, run in enumerate(runs):
-        events = [e for e in list(run.events) if getattr(e, field) is not None]
-        y = [getattr(e, field) * (100 if field == "eval_exact" else 1) for e in events]
-        traces.append(dict(type="scatter", mode="lines+markers" if field == "eval_exact" else "lines",
-                           name=run.label, x=[e.step for e in events], y=y,
-                           line=dict(width=4, color=COLORS.get(run.label, PALETTE[i % len(PALETTE)]))))
-    if field == "loss":
-        return figure(traces, title="training loss", xaxis=dict(title="step"),
-                      yaxis=dict(title="cross-entropy", type="log"), height=420)
-    return figure(traces, title="held-out exact match", xaxis=dict(title="step"),
-                  yaxis=dict(title=f"% of {EVAL_SIZE} new examples", range=[-2, 102]), height=420)
+        events = list(run.events)  # a snapshot: the worker keeps appending
+        evals = [e for e in events if e.eval_exact is not None]
+        style = dict(name=run.label, legendgroup=run.label,
+                     line=dict(width=4, color=COLORS.get(run.label, PALETTE[i % len(PALETTE)])))
+        traces.append(dict(type="scatter", mode="lines", x=[e.step for e in events], y=[e.loss for e in events],
+                           hovertemplate="step %{x}: loss %{y:.3g}", **style))
+        traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in evals],
+                           y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2",
+                           hovertemplate="step %{x}: %{y:.1f}% exact", **style))
+    return figure(traces, height=620, hovermode="closest",
+                  xaxis=dict(title="step", anchor="y2"),
+                  yaxis=dict(title="training loss", type="log", domain=[0.56, 1]),
+                  yaxis2=dict(title=f"exact match %<br>({EVAL_SIZE} held-out)", domain=[0, 0.44], range=[-3, 103]))
 
 
 def fmt_num(x):

@@ -11,7 +11,7 @@ PEFT_METHODS = ["LoRA", "Adapter", "Prompt tuning"]
 PHI = 'fillcolor="#ffb74d", color="#e65100", penwidth=2'  # how a phi node looks in the diagrams
 
 # The block's own path: (node, label) in order; every arrow between consecutive nodes.
-BLOCK = [("x", "x"), ("ln1", "LayerNorm"), ("qkv", "q  k  v"), ("attn", "attention"), ("o", "o"),
+BLOCK = [("x", "x"), ("ln1", "LayerNorm"), ("q", "q"), ("attn", "attention"), ("o", "o"),
          ("add1", "+"), ("ln2", "LayerNorm"), ("up", "up"), ("gelu", "GELU"), ("down", "down"),
          ("add2", "+"), ("out", "to the next block")]
 # Where a LoRA on each projection sits: the node before and after it on the block's path.
@@ -36,7 +36,7 @@ MATH = {
 def block_dot(method, config):
     """A Graphviz diagram of one transformer block with `method`'s phi in orange."""
     full = method == "Full fine-tuning"
-    lines = ['digraph { rankdir=LR; bgcolor="transparent";',
+    lines = ['digraph { rankdir=LR; bgcolor="transparent"; nodesep=0.15; ranksep=0.3;',
              'node [shape=box, style="rounded,filled", fillcolor="#e3f2fd", color="#1565c0", fontname="Helvetica", fontsize=18];',
              'edge [penwidth=2];']
     for node, label in BLOCK:
@@ -52,6 +52,8 @@ def block_dot(method, config):
     for a, b in zip(path, path[1:]):
         if (a, b) not in skip:
             lines.append(f"{a} -> {b};")
+    lines.append('k [label="k"' + (", " + PHI if full else "") + '];  v [label="v"' + (", " + PHI if full else "") + '];')
+    lines.append("ln1 -> k -> attn; ln1 -> v -> attn;")  # q, k and v side by side
     lines.append('x -> add1 [style=dashed, label="residual"]; add1 -> add2 [style=dashed];')
     if method == "LoRA":
         for t in config.target_modules:

@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import streamlit as st
-import torch
 
 import peftcore
 import ui
@@ -80,7 +79,7 @@ def serve_panel(rows):
     per = a.slider("Requests per phi", 1, 8, 2, key="serve_rows", help=f"At most {MAX_ROWS} rows in all.")
     digits = b.text_input("Input digits (optional)", key="serve_digits", max_chars=16, placeholder="e.g. 12345678",
                           help="Eight digits for every row; empty draws random inputs (seeded).")
-    if not st.button("Serve as one mixed batch", type="primary", disabled=not names):
+    if not st.button("Serve as one mixed batch", key="serve_go", type="primary", disabled=not names):
         return
     if len(names) * per > MAX_ROWS:
         st.error(f"{len(names) * per} rows is over the limit of {MAX_ROWS}: fewer phi or fewer requests per phi.")
@@ -90,15 +89,7 @@ def serve_panel(rows):
     except ValueError as e:
         st.error(f"Input digits: {e}")
         return
-    batch = [analysis.make_prompts(task_of[n], fixed, n=per, seed=ui.seed() + i) for i, n in enumerate(names)]
-    row_names = [n for n in names for _ in range(per)]
-    prompts, answers = torch.cat([p for p, _ in batch]), torch.cat([a for _, a in batch])
-    model = ui.bank()
-    outputs = analysis.serve_mixed(model, row_names, prompts)
-    same = torch.equal(outputs, analysis.serve_swapping(model, row_names, prompts))
-    ss["served"] = dict(rows=analysis.prediction_rows([f"{n} ({task_of[n]})" for n in row_names], prompts, answers,
-                                                      outputs),
-                        times=analysis.time_mixed_vs_swap(model, row_names, prompts, repeats=3), same=same)
+    ss["served"] = analysis.serve_report(ui.bank(), names, [task_of[n] for n in names], per, fixed, ui.seed())
 
 
 def served_results():

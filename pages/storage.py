@@ -39,21 +39,8 @@ def storage_figure(p, t_max, log, scale, unit, measured):
              line=dict(width=4, color="#888888"), opacity=0.45,
              hovertemplate=f"full fine-tuning: {fmt}<extra></extra>"),
     ]
-    t_star = break_even(p)
-    if t_star <= t_max:
-        traces.append(dict(type="scatter", mode="markers+text", name=f"break-even T = {ui.fmt_num(t_star)}",
-                           x=[t_star], y=[t_star * scale], text=[f"break-even T = {ui.fmt_num(t_star)}"],
-                           textposition="middle right", textfont=dict(size=18),
-                           marker=dict(size=16, color="#d62728", symbol="diamond"),
-                           hovertemplate=f"break-even: T = {ui.fmt_num(t_star)}<extra></extra>"))
-    save = (full_storage(t_max) - peft_storage(t_max, p)) * scale
-    if save > 0:
-        top, bottom = t_max * scale, peft_storage(t_max, p) * scale
-        amount = f"{ui.fmt_num(save)} base models" if scale == 1 else human_bytes(save)
-        label = f"saves {amount} ({100 * save / top:.3g}%)"
-        traces.append(dict(type="scatter", mode="lines+text", name=label, x=[t_max, t_max], y=[bottom, top],
-                           text=["", label], textposition="bottom left", textfont=dict(size=18),
-                           line=dict(width=3, color="#d62728", dash="dot"), hoverinfo="skip"))
+    marks, notes = marks_for(p, t_max, log, scale)
+    traces += marks
     if measured:
         k = np.arange(1, len(measured) + 1)
         y = (1 + np.cumsum(measured)) * scale
@@ -63,10 +50,36 @@ def storage_figure(p, t_max, log, scale, unit, measured):
                            hovertemplate=f"measured, %{{x}} phi files: {fmt}<extra></extra>"))
     axis_type = "log" if log else "linear"
     ytitle = "storage (base models)" if scale == 1 else f"storage (bytes, {unit})"
-    return ui.figure(traces, height=560, hovermode="x unified",
+    return ui.figure(traces, height=560, hovermode="x unified", annotations=notes,
                      xaxis=dict(title="number of tasks T", type=axis_type, hoverformat=",d"),
                      yaxis=dict(title=ytitle, type=axis_type, tickformat=".3s" if scale != 1 else None,
                                 ticksuffix="B" if scale != 1 else None))
+
+
+def marks_for(p, t_max, log, scale):
+    """The break-even point and the saving at the largest T: (traces, arrow annotations).
+    Annotations on a log axis take log10 coordinates (plotly's rule)."""
+    pos = (lambda v: math.log10(v)) if log else (lambda v: v)
+    traces, notes = [], []
+    t_star = break_even(p)
+    if t_star <= t_max:
+        traces.append(dict(type="scatter", mode="markers", x=[t_star], y=[t_star * scale], showlegend=False,
+                           marker=dict(size=16, color="#d62728", symbol="diamond"),
+                           hovertemplate=f"break-even: T = {ui.fmt_num(t_star)}<extra></extra>"))
+        notes.append(dict(x=pos(t_star), y=pos(t_star * scale), ax=70, ay=-70, text=f"break-even T* = {ui.fmt_num(t_star)}",
+                          showarrow=True, arrowwidth=2, arrowcolor="#d62728", font=dict(size=18, color="#d62728"),
+                          xanchor="left", bgcolor="rgba(255,255,255,0.8)"))
+    top, bottom = float(full_storage(t_max)) * scale, float(peft_storage(t_max, p)) * scale
+    if top > bottom:
+        save = top - bottom
+        amount = f"{ui.fmt_num(save / scale)} base models" if scale == 1 else human_bytes(save)
+        traces.append(dict(type="scatter", mode="lines", x=[t_max, t_max], y=[bottom, top], showlegend=False,
+                           line=dict(width=3, color="#d62728", dash="dot"), hoverinfo="skip"))
+        middle = 10 ** ((math.log10(max(bottom, 1e-300)) + math.log10(top)) / 2) if log else (top + bottom) / 2
+        notes.append(dict(x=pos(t_max), y=pos(middle), text=f"saves {amount}<br>({100 * save / top:.3g}%)",
+                          showarrow=False, xanchor="right", xshift=-10, align="right",
+                          font=dict(size=18, color="#d62728"), bgcolor="rgba(255,255,255,0.8)"))
+    return traces, notes
 
 
 def sentence(p, t_max, scale):
@@ -79,9 +92,14 @@ def sentence(p, t_max, scale):
     return f"With {t_max:,} tasks at {pct(100 * p)}, {amounts}"
 
 
+def tex_int(n):
+    return f"{n:,}".replace(",", "{,}")  # a comma in LaTeX math gets a space after it
+
+
 def formulas(p, t_max):
-    st.latex(rf"\text{{PEFT}} = 1 + T\,p = 1 + {t_max:,} \times {p:g} = {ui.fmt_num(float(peft_storage(t_max, p)))}")
-    st.latex(rf"\text{{full fine-tuning}} = T = {t_max:,}")
+    st.latex(rf"\begin{{aligned}} \text{{PEFT}} &= 1 + T\,p \\ &= 1 + {tex_int(t_max)} \times {p:g} = "
+             rf"{ui.fmt_num(float(peft_storage(t_max, p)))} \end{{aligned}}")
+    st.latex(rf"\text{{full fine-tuning}} = T = {tex_int(t_max)}")
     t_star = break_even(p)
     value = r"\infty" if math.isinf(t_star) else ui.fmt_num(t_star)
     st.latex(rf"T^{{*}} = \frac{{1}}{{1 - p}} = {value}")

@@ -178,7 +178,7 @@ with setup:
     st.caption(peftcore.TASKS[task].description)
     specs = one_method() if mode == "One method" else race()
     errors = check(specs, facts)
-    if st.button("Train", type="primary", disabled=bool(errors) or busy, width="stretch",
+    if st.button("Train", key="train_go", type="primary", disabled=bool(errors) or busy, width="stretch",
                  help="Starts the run(s) on the server; they keep going if you switch pages."):
         start(specs, task)
         st.rerun()

@@ -5,6 +5,7 @@ the MLP sublayer of every block, added to the sublayer's output before the resid
 
 `up` starts at zero, so at step 0 the model is exactly the base.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,13 @@ class AdapterConfig(PeftConfig):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, d, b, device=None, dtype=None):
+    def __init__(self, d, b, device=None, dtype=None, generator=None):
         super().__init__()
         self.down = nn.Linear(d, b, device=device, dtype=dtype)
         self.up = nn.Linear(b, d, device=device, dtype=dtype)
+        # nn.Linear's own init, redrawn from `generator` so concurrent runs stay reproducible
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.uniform_(self.down.bias, -d ** -0.5, d ** -0.5, generator=generator)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -50,8 +54,8 @@ class AdapterLayer(nn.Module):
         self.route = route
         self.adapters = nn.ModuleDict()
 
-    def add(self, name, cfg: AdapterConfig, like: torch.Tensor):
-        self.adapters[name] = Bottleneck(self.d_model, cfg.bottleneck_size, like.device, like.dtype)
+    def add(self, name, cfg: AdapterConfig, like: torch.Tensor, generator=None):
+        self.adapters[name] = Bottleneck(self.d_model, cfg.bottleneck_size, like.device, like.dtype, generator)
 
     def remove(self, name):
         if name not in self.adapters:
@@ -92,7 +96,7 @@ class AdapterLayer(nn.Module):
         return torch.bmm(z, Wu[slots].transpose(1, 2)) + bu[slots, None]
 
 
-def add_adapter_layers(view, name, cfg: AdapterConfig, route):
+def add_adapter_layers(view, name, cfg: AdapterConfig, route, generator=None):
     """Wrap each block's attn and mlp (once) and give them bottleneck `name`."""
     d = view.config.d_model
     like = view.head.weight
@@ -102,4 +106,4 @@ def add_adapter_layers(view, name, cfg: AdapterConfig, route):
             if not isinstance(layer, AdapterLayer):
                 layer = AdapterLayer(layer, d, route)
                 setattr(block, sub, layer)
-            layer.add(name, cfg, like)
+            layer.add(name, cfg, like, generator)

@@ -131,6 +131,20 @@ def time_mixed_vs_swap(model, names, prompts, repeats=5):
     return {"mixed_s": _median_seconds(mixed, repeats), "swap_s": _median_seconds(swapping, repeats)}
 
 
+def serve_report(model, names, tasks, per=1, digits=None, seed=0, repeats=3):
+    """What the serving page shows for `per` requests to each phi in `names` (of tasks `tasks`):
+    {'rows': prediction rows of one mixed batch, 'same': whether they equal one-request-at-a-time
+    outputs, 'times': time_mixed_vs_swap}. `digits`: one input for every row, or None for random."""
+    batch = [make_prompts(task, digits, n=per, seed=seed + i) for i, task in enumerate(tasks)]
+    row_names = [n for n in names for _ in range(per)]
+    prompts, answers = torch.cat([p for p, _ in batch]), torch.cat([a for _, a in batch])
+    outputs = serve_mixed(model, row_names, prompts)
+    same = torch.equal(outputs, serve_swapping(model, row_names, prompts))
+    labels = [f"{n} ({t})" for n, t in zip(names, tasks) for _ in range(per)]
+    return dict(rows=prediction_rows(labels, prompts, answers, outputs), same=same,
+                times=time_mixed_vs_swap(model, row_names, prompts, repeats))
+
+
 def swap_timings(model, name, file_bytes, repeats=20):
     """{'set_adapter_s', 'load_s'}: switching to a resident phi against loading it from its
     file bytes (parse, check, copy), the two ways a server can change task."""

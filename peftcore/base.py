@@ -49,8 +49,13 @@ def random_base(seed=0, device="cpu"):
     """A randomly initialised frozen base of the same shape: the control that shows
     why pretraining matters."""
     meta = json.loads(BASE_META_PATH.read_text())
-    torch.manual_seed(seed)
-    return freeze(ToyTransformer(BaseConfig(**meta["config"]))).to(device)
+    model = ToyTransformer(BaseConfig(**meta["config"]))
+    g = torch.Generator().manual_seed(seed)  # private: safe beside training threads
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:  # the same init as ToyTransformer's, from our generator
+                p.normal_(0.0, 0.02, generator=g)
+    return freeze(model).to(device)
 
 
 def base_file_bytes(path=BASE_PATH) -> int:

@@ -51,12 +51,12 @@ class LoraLinear(nn.Module):
         self.scaling = {}
         self.merged_weight = None  # W + delta of the active adapter, never written into W
 
-    def add(self, name, cfg: LoraConfig):
+    def add(self, name, cfg: LoraConfig, generator=None):
         d_in, d_out = self.base_layer.in_features, self.base_layer.out_features
         w = self.base_layer.weight
         self.lora_A[name] = nn.Linear(d_in, cfg.r, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B[name] = nn.Linear(cfg.r, d_out, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout else nn.Identity()
         self.scaling[name] = cfg.lora_alpha / cfg.r
@@ -114,7 +114,7 @@ class LoraLinear(nn.Module):
         return torch.bmm(h, B[slots].transpose(1, 2))  # (batch, T, d_out)
 
 
-def add_lora(view, name, cfg: LoraConfig, route):
+def add_lora(view, name, cfg: LoraConfig, route, generator=None):
     """Wrap every targeted Linear of `view` (once) and give it adapter `name`."""
     for parent in list(_base_modules(view)):
         for child_name, child in list(parent.named_children()):
@@ -124,7 +124,7 @@ def add_lora(view, name, cfg: LoraConfig, route):
                 child = LoraLinear(child, route)
                 setattr(parent, child_name, child)
             if isinstance(child, LoraLinear):
-                child.add(name, cfg)
+                child.add(name, cfg, generator)
 
 
 def _base_modules(module):

@@ -70,7 +70,10 @@ class PeftModel(nn.Module):
         self.full = False
 
     # ---------------------------------------------------------------- adapters
-    def add_adapter(self, adapter_name, config: PeftConfig):
+    def add_adapter(self, adapter_name, config: PeftConfig, seed=None):
+        """Add phi `adapter_name` and make it active. `seed` draws its initial values from a
+        private generator (reproducible even with other runs in other threads); None uses
+        torch's global RNG, as HF peft does."""
         if not NAME_RE.match(str(adapter_name)) or adapter_name == BASE_ROW:
             raise ValueError(f"adapter name must be 1-64 letters, digits, '_' or '-', got {adapter_name!r}")
         if adapter_name in self.peft_config:
@@ -79,12 +82,13 @@ class PeftModel(nn.Module):
             raise ValueError("full fine-tuning is a whole trainable copy; it cannot share a model with phi")
         config.validate()
         view = self.base_model
+        g = None if seed is None else torch.Generator().manual_seed(seed)
         if isinstance(config, LoraConfig):
-            add_lora(view, adapter_name, config, self.route)
+            add_lora(view, adapter_name, config, self.route, g)
         elif isinstance(config, AdapterConfig):
-            add_adapter_layers(view, adapter_name, config, self.route)
+            add_adapter_layers(view, adapter_name, config, self.route, g)
         elif isinstance(config, PromptTuningConfig):
-            self.prompt_encoder.add(adapter_name, config, view.embed.tok)
+            self.prompt_encoder.add(adapter_name, config, view.embed.tok, g)
         elif isinstance(config, FullFineTuneConfig):
             self.full = True
             for p in view.parameters():  # a real copy: full fine-tuning writes every weight
@@ -285,8 +289,8 @@ def _unwrap(module, lora_name):
             _unwrap(child, lora_name)
 
 
-def get_peft_model(base: nn.Module, config: PeftConfig, adapter_name="default") -> PeftModel:
+def get_peft_model(base: nn.Module, config: PeftConfig, adapter_name="default", seed=None) -> PeftModel:
     """A PeftModel over a view of `base` with one phi; `base` itself is never modified."""
     model = PeftModel(base)
-    model.add_adapter(adapter_name, config)
+    model.add_adapter(adapter_name, config, seed)
     return model

@@ -16,7 +16,6 @@ from .config import PeftConfig, cache_key, check_range
 class PromptTuningConfig(PeftConfig):
     peft_type = "PROMPT_TUNING"
     num_virtual_tokens: int = 8
-    init_seed: int = 0  # which vocabulary embeddings the prompt starts from
 
     def validate(self):
         check_range("num_virtual_tokens", self.num_virtual_tokens, 1, 64)
@@ -27,11 +26,10 @@ class PromptTuningConfig(PeftConfig):
 
 
 class PromptEmbedding(nn.Module):
-    def __init__(self, cfg: PromptTuningConfig, token_embedding: nn.Embedding):
+    def __init__(self, cfg: PromptTuningConfig, token_embedding: nn.Embedding, generator=None):
         super().__init__()
         # start from real vocabulary embeddings (sampled), a better start than noise
-        g = torch.Generator().manual_seed(cfg.init_seed)
-        ids = torch.randint(0, token_embedding.num_embeddings, (cfg.num_virtual_tokens,), generator=g)
+        ids = torch.randint(0, token_embedding.num_embeddings, (cfg.num_virtual_tokens,), generator=generator)
         self.embedding = nn.Parameter(token_embedding.weight.detach()[ids.to(token_embedding.weight.device)].clone())
 
 
@@ -43,8 +41,8 @@ class PromptEncoder(nn.Module):
         self.route = route
         self.prompts = nn.ModuleDict()
 
-    def add(self, name, cfg: PromptTuningConfig, token_embedding):
-        self.prompts[name] = PromptEmbedding(cfg, token_embedding)
+    def add(self, name, cfg: PromptTuningConfig, token_embedding, generator=None):
+        self.prompts[name] = PromptEmbedding(cfg, token_embedding, generator)
 
     def remove(self, name):
         if name not in self.prompts:

@@ -59,6 +59,8 @@ def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed
           weight_decay=0.0, eval_every=25, device="auto", clip=1.0):
     """Train `model`'s trainable parameters on `task`; yield a TrainEvent per step.
 
+    `seed` fixes the data stream; phi's initial values are fixed by get_peft_model's seed.
+
     Budget: `steps`, and optionally `max_seconds` of wall time, whichever ends first.
     The model must already be on `device` (the shared base is loaded per device).
     A non-finite loss raises NonFiniteLossError before the optimizer step, so phi keeps
@@ -71,8 +73,7 @@ def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed
         raise ValueError("the model has no trainable parameters")
     if params[0].device.type != torch.device(device).type:
         raise ValueError(f"model is on {params[0].device}, training asked for {device}")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # private: concurrent runs never share an RNG
     if hasattr(model, "adapter_task") and getattr(model, "active_adapter", None):
         model.adapter_task[model.active_adapter] = task.name  # recorded in saved files
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -125,7 +125,7 @@ def test_training_changes_only_phi(base, base_fp, config):
 
 
 def _train_alone(base, seed, steps=8):
-    model = get_peft_model(base, LoraConfig())
+    model = get_peft_model(base, LoraConfig(), seed=seed)
     peftcore.run(model, "add_5", steps=steps, seed=seed, device="cpu")
     return model
 
@@ -133,7 +133,7 @@ def _train_alone(base, seed, steps=8):
 def test_two_models_one_base_in_sequence_and_in_threads(base, base_fp, batch):
     a, b = _train_alone(base, 1), _train_alone(base, 2)
     assert not torch.allclose(a(batch[0]), b(batch[0]))
-    a2, b2 = get_peft_model(base, LoraConfig()), get_peft_model(base, LoraConfig())
+    a2, b2 = get_peft_model(base, LoraConfig(), seed=1), get_peft_model(base, LoraConfig(), seed=2)
     errors = []
 
     def work(m, seed):
@@ -155,8 +155,8 @@ def test_two_models_one_base_in_sequence_and_in_threads(base, base_fp, batch):
 def test_same_seed_same_curve(base):
     curves = []
     for _ in range(2):
-        model = get_peft_model(base, LoraConfig())
-        curves.append([e.loss for e in peftcore.train(model, "swap_pairs", steps=6, seed=3, device="cpu")])
+        model = get_peft_model(base, LoraConfig(), seed=3)
+        curves.append([e.loss for e in peftcore.train(model, "reverse_add_1", steps=6, seed=3, device="cpu")])
     assert curves[0] == curves[1]
 
 

@@ -1,0 +1,87 @@
+"""Screenshots for the README: the storage chart and a finished training race.
+
+    python -m bench.screenshots [--steps 120] [--task add_5] [--out docs] [--all]
+
+Starts `streamlit run app.py`, drives it with headless chromium and writes
+docs/storage.png and docs/race.png (with --all, also serve.png and inside.png).
+"""
+import argparse
+import time
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+from bench.appserver import ROOT, app_server, launch_chromium, wait_ready
+
+VIEWPORT = {"width": 1600, "height": 1000}
+
+
+def set_slider(page, label, clicks):
+    """Move a slider with the keyboard: Home, then `clicks` steps right."""
+    page.get_by_test_id("stSlider").filter(has_text=label).get_by_role("slider").focus()
+    page.keyboard.press("Home")
+    for _ in range(clicks):
+        page.keyboard.press("ArrowRight")
+    wait_ready(page)
+
+
+def choose(page, label, option):
+    """Pick `option` in the selectbox labelled `label`."""
+    page.get_by_test_id("stSelectbox").filter(has_text=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    wait_ready(page)
+
+
+def storage(page, url, out):
+    page.goto(f"{url}/?p=1%25&T=100")
+    wait_ready(page)
+    page.screenshot(path=out / "storage.png")
+
+
+def race(page, url, out, steps, task, timeout_s=900):
+    page.goto(f"{url}/train")
+    wait_ready(page)
+    page.get_by_text("Race", exact=True).click()
+    wait_ready(page)
+    choose(page, "Task", task)
+    set_slider(page, "Steps (each method)", (steps - 10) // 10)
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.wait_for_selector("text=Stop", timeout=60_000)
+    deadline = time.time() + timeout_s
+    while page.get_by_text("Results on").count() == 0:  # the fragment polls; the page reruns when all end
+        if time.time() > deadline:
+            raise TimeoutError("the race did not finish in time")
+        page.wait_for_timeout(1000)
+    wait_ready(page)
+    page.get_by_role("heading", name="Train a sliver").scroll_into_view_if_needed()
+    page.screenshot(path=out / "race.png")
+
+
+def other_pages(page, url, out):
+    for path, name in (("serve", "serve.png"), ("inside", "inside.png")):
+        page.goto(f"{url}/{path}")
+        wait_ready(page)
+        page.screenshot(path=out / name, full_page=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=120, help="steps per method in the race (10-1000)")
+    ap.add_argument("--task", default="add_5")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--all", action="store_true", help="also the serving and inside pages")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with app_server() as url, sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page(viewport=VIEWPORT)
+        storage(page, url, args.out)
+        race(page, url, args.out, args.steps, args.task)
+        if args.all:
+            other_pages(page, url, args.out)
+        browser.close()
+    print(f"wrote {', '.join(str(p) for p in sorted(args.out.glob('*.png')))}")
+
+
+if __name__ == "__main__":
+    main()

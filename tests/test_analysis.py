@@ -1,0 +1,84 @@
+"""peftcore.analysis: what the pages show is right (outputs, serving, merging, spectra)."""
+import pytest
+import torch
+
+import peftcore
+from peftcore import analysis
+
+
+@pytest.fixture(scope="module")
+def bank(base):
+    """Three phi of different methods with non-zero weights, as if trained."""
+    model = peftcore.PeftModel(base)
+    model.add_adapter("lora", peftcore.LoraConfig(r=2, target_modules=("q", "v", "up")))
+    model.add_adapter("adapter", peftcore.AdapterConfig(bottleneck_size=4))
+    model.add_adapter("prompt", peftcore.PromptTuningConfig(num_virtual_tokens=3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.named_adapter_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for name in model.peft_config:
+        model.adapter_task[name] = "add_5"
+    model.set_adapter("lora")
+    return model.eval()
+
+
+def test_parse_digits():
+    assert analysis.parse_digits("1234 5678") == [1, 2, 3, 4, 5, 6, 7, 8]
+    for bad in ("1234567", "123456789", "1234567a", ""):
+        with pytest.raises(ValueError, match="8 digits"):
+            analysis.parse_digits(bad)
+
+
+def test_greedy_outputs_of_the_base_on_a_pretraining_task(base):
+    prompts, answers = analysis.make_prompts("reverse", n=16, seed=3)
+    model = peftcore.PeftModel(base)  # no phi: the bare base, which learned reverse in pretraining
+    assert torch.equal(analysis.generate(model, prompts), answers)
+    rows = analysis.sample_predictions(model, "reverse", n=4)
+    assert all(r["correct"] and r["output"] == r["target"] for r in rows)
+
+
+def test_mixed_batch_equals_swapping(bank):
+    names = ["lora", "adapter", "prompt", peftcore.BASE_ROW, "lora", "prompt"]
+    prompts = torch.cat([analysis.make_prompts("add_5", seed=i)[0] for i in range(len(names))])
+    rows_without_base = [i for i, n in enumerate(names) if n != peftcore.BASE_ROW]
+    mixed = analysis.serve_mixed(bank, names, prompts)
+    swapped = analysis.serve_swapping(bank, [names[i] for i in rows_without_base], prompts[rows_without_base])
+    assert torch.equal(mixed[rows_without_base], swapped)
+    assert bank.active_adapter == "lora"  # restored after swapping
+    times = analysis.time_mixed_vs_swap(bank, names[:3], prompts[:3], repeats=1)
+    assert times["mixed_s"] > 0 and times["swap_s"] > 0
+
+
+def test_merged_equals_unmerged_and_is_undone(bank):
+    prompts, _ = analysis.make_prompts("add_5", n=4)
+    t = analysis.merged_vs_unmerged(bank, "lora", prompts, repeats=1)
+    assert t["max_abs_diff"] < 1e-4
+    assert all(layer.merged_weight is None for layer in bank._lora_layers())
+    with pytest.raises(ValueError, match="LoRA"):
+        analysis.merged_vs_unmerged(bank, "adapter", prompts)
+
+
+def test_swap_timings_leave_the_bank_as_it_was(bank):
+    before = list(bank.peft_config)
+    t = analysis.swap_timings(bank, "adapter", peftcore.adapter_to_bytes(bank, "adapter"), repeats=4)
+    assert t["set_adapter_s"] > 0 and t["load_s"] > 0
+    assert list(bank.peft_config) == before and bank.active_adapter == "lora"
+
+
+def test_spectrum_of_a_rank_one_update():
+    delta = torch.outer(torch.arange(1.0, 9.0), torch.ones(5))
+    sp = analysis.spectrum(delta)
+    assert sp["energy"][0] == pytest.approx(1.0)
+    assert sp["random_energy"][0] < 0.9 and sp["random_energy"][-1] == pytest.approx(1.0)
+    assert analysis.energy_captured(torch.tensor([3.0, 4.0]), 1) == pytest.approx(9 / 25)
+
+
+def test_delta_weights_of_a_full_fine_tune(base):
+    tuned = peftcore.get_peft_model(base, peftcore.FullFineTuneConfig())
+    deltas = analysis.delta_weights(tuned, base)
+    assert len(deltas) == 6 * base.config.n_layer and all(d.abs().max() == 0 for d in deltas.values())
+    with torch.no_grad():
+        tuned.base_model.blocks[0].attn.q.weight.add_(1.0)
+    rows = analysis.spectrum_summary(analysis.delta_weights(tuned, base), r=1)
+    assert rows[0]["projection"] == "blocks.0.attn.q" and rows[0]["energy"] == pytest.approx(1.0)

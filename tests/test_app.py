@@ -1,0 +1,185 @@
+"""AppTest per page: each runs cleanly; the storage chart plots the exact formula; a short
+training run finishes and shows its results; Stop works; a bad upload gets an error."""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the app's own modules (ui, pages) as `streamlit run` sees them
+
+import peftcore  # noqa: E402
+
+PAGES = {"pages/storage.py": "One base, many tasks", "pages/train.py": "Train a sliver",
+         "pages/serve.py": "Many tasks at once", "pages/inside.py": "Inside: why it works"}
+
+
+def new_app(page=None, query=None):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    if query:
+        at.query_params.update(query)
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    assert_clean(at)
+    return at
+
+
+def assert_clean(at):
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def wait_for(at, done, timeout=150):
+    """Rerun until `done(at)`: AppTest does not fire run_every, so poll like the browser does."""
+    deadline = time.time() + timeout
+    while not done(at):
+        assert time.time() < deadline, "timed out waiting for the app"
+        time.sleep(1.0)
+        at.run()
+        assert_clean(at)
+    return at
+
+
+def button(at, key):
+    return at.button(key=key)
+
+
+def bank_of(at):
+    return at.session_state["bank:" + peftcore.resolve_device("auto")]
+
+
+def chart(at, key):
+    charts = [c for c in at.get("plotly_chart") if key in c.proto.id]
+    assert charts, f"no plotly chart with key {key}"
+    return json.loads(charts[0].proto.spec)
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_runs(page):
+    at = new_app(page)
+    assert at.title[0].value == PAGES[page]
+
+
+def test_sidebar_and_reset():
+    # AppTest (1.67) runs app.py on the first run only, then the page script alone, so the
+    # sidebar is checked on a first run; the browser tests see it on every page.
+    at = new_app()
+    assert at.sidebar.selectbox(key="device").value == peftcore.resolve_device("auto")
+    assert at.sidebar.number_input(key="seed").value == 0
+    at.session_state["groups"] = {"train": ["gone"]}
+    at.sidebar.button[0].click().run()  # reset my session
+    assert_clean(at)
+    assert "groups" not in at.session_state
+
+
+@pytest.mark.parametrize("p_pct", [0.01, 0.5, 1.0, 7.0, 100.0])
+def test_phi_slider_plots_the_formula(p_pct):
+    at = new_app()
+    at.select_slider(key="p").set_value(p_pct).run()
+    assert_clean(at)
+    fig = chart(at, "storage_chart")
+    peft, full = fig["data"][0], fig["data"][1]
+    x = np.array(peft["x"], dtype=float)
+    assert np.array_equal(np.array(peft["y"]), 1 + x * (p_pct / 100))  # exactly the formula
+    assert np.array_equal(np.array(full["y"]), x)
+    assert x.max() == at.select_slider(key="T").value
+    headline = [m.value for m in at.markdown if m.value.startswith("####")][0]
+    assert f"at {p_pct:g}%" in headline
+
+
+def test_sentence_log_axes_and_bytes():
+    at = new_app()
+    at.select_slider(key="p").set_value(0.5)
+    at.select_slider(key="T").set_value(100)
+    at.toggle(key="log").set_value(True).run()
+    assert_clean(at)
+    assert any(m.value == "#### With 100 tasks at 0.5%, PEFT stores 1.5 base models; full fine-tuning stores 100."
+               for m in at.markdown)
+    fig = chart(at, "storage_chart")
+    assert fig["layout"]["xaxis"]["type"] == "log" and fig["data"][0]["x"][0] == 1
+    at.radio(key="unit").set_value("bytes").run()
+    fig = chart(at, "storage_chart")
+    x, base_bytes = np.array(fig["data"][0]["x"], dtype=float), peftcore.base_file_bytes()
+    assert np.allclose(fig["data"][0]["y"], (1 + 0.005 * x) * base_bytes, rtol=1e-12)
+
+
+def start_training(at, steps_key, steps):
+    at.slider(key=steps_key).set_value(steps)
+    button(at, "train_go").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+
+
+def results_shown(at):
+    return any(s.value.startswith("Results on") for s in at.subheader)
+
+
+def test_training_run_finishes_and_shows_results():
+    at = new_app("pages/train.py")
+    start_training(at, "steps-LoRA", 10)
+    run_ids = at.session_state["groups"]["train"]
+    assert at.query_params["train"] == ",".join(run_ids)  # a refreshed page finds the run again
+    wait_for(at, results_shown)
+    metrics = {m.label: m.value for m in at.metric}
+    lora = peftcore.presets.PRESETS["LoRA"].config
+    assert metrics["trainable parameters"] == f"{lora.num_params(peftcore.load_base().config):,}"
+    assert metrics["held-out exact match"].endswith("%")
+    assert any("**unchanged**" in m.value for m in at.markdown)
+    assert at.get("download_button")
+    assert any("❌" in m.value or "✅" in m.value for m in at.markdown)  # sample predictions
+
+    at.button(key=f"save-{run_ids[0]}").click().run()
+    assert_clean(at)
+    assert at.success and "lora-add_5" in at.success[0].value
+    assert "lora-add_5" in bank_of(at).peft_config
+
+    refreshed = new_app("pages/train.py", query={"train": ",".join(run_ids)})  # a new session, same URL
+    assert results_shown(refreshed)
+
+
+def test_stop_ends_a_run():
+    at = new_app("pages/train.py")
+    start_training(at, "steps-LoRA", 1000)
+    at.button(key="stop-train").click().run()
+    wait_for(at, results_shown, timeout=60)
+    assert "stopped" in at.get("progress")[0].proto.text
+
+
+def test_bad_upload_shows_an_error_and_changes_nothing():
+    at = new_app("pages/serve.py")
+    bank = bank_of(at)
+    before = dict(bank.peft_config)
+    at.file_uploader(key="upload").set_value(("bad.safetensors", b"\x80\x04 a pickle, not a phi", "application/octet-stream"))
+    at.run()
+    assert_clean(at)
+    assert at.error and "not loaded" in at.error[0].value
+    assert bank.peft_config == before
+
+    model = peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(r=2))
+    model.adapter_task["default"] = "add_5"
+    at.file_uploader(key="upload").set_value(("my phi.safetensors", peftcore.adapter_to_bytes(model), "application/octet-stream"))
+    at.run()
+    assert_clean(at)
+    assert at.success and "my-phi" in at.success[0].value and "my-phi" in bank.peft_config
+
+
+def test_serving_a_mixed_batch():
+    at = new_app("pages/serve.py")
+    model = peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(r=2))
+    model.adapter_task["default"] = "complement"
+    at.file_uploader(key="upload").set_value(("c.safetensors", peftcore.adapter_to_bytes(model), "application/octet-stream"))
+    at.run()
+    at.multiselect(key="serve_names").set_value(["c"])
+    at.text_input(key="serve_digits").set_value("12345678")
+    button(at, "serve_go").click().run()
+    assert_clean(at)
+    labels = [m.label for m in at.metric]
+    assert "one mixed batch" in labels and "swap per request" in labels
+    assert any("`87654321`" in m.value for m in at.markdown)  # the complement's target
+    at.text_input(key="serve_digits").set_value("12x")
+    button(at, "serve_go").click().run()
+    assert any("exactly 8 digits" in e.value for e in at.error)

@@ -1,0 +1,97 @@
+"""The app in a real browser: one `streamlit run` for the module, headless Debian chromium.
+
+Each page renders without an exception and shows its key content; the storage sliders
+live in the URL; a short training run polls live and ends with its results."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.appserver import CHROMIUM, app_server, launch_chromium, wait_ready  # noqa: E402
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
+
+sync_api = pytest.importorskip("playwright.sync_api")
+EXCEPTION = "[data-testid=stException]"
+
+
+@pytest.fixture(scope="module")
+def url():
+    with app_server() as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = launch_chromium(pw)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    yield context.new_page()
+    context.close()
+
+
+def visit(page, url):
+    page.goto(url)
+    wait_ready(page)
+    assert page.locator(EXCEPTION).count() == 0
+
+
+@pytest.mark.parametrize("path, title, content", [
+    ("", "One base, many tasks", ".js-plotly-plot"),
+    ("train", "Train a sliver", "button:has-text('Train')"),
+    ("serve", "Many tasks at once", "text=Upload a phi file"),
+    ("inside", "Inside: why it works", "svg"),
+])
+def test_page_renders(page, url, path, title, content):
+    visit(page, f"{url}/{path}")
+    assert page.get_by_role("heading", name=title).count() == 1
+    assert page.locator(content).first.is_visible()
+    assert page.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session").is_visible()
+
+
+def test_navigation_keeps_the_sidebar(page, url):
+    visit(page, url)
+    page.get_by_test_id("stSidebarNav").get_by_text("Inside: why it works").click()
+    wait_ready(page)
+    assert page.get_by_role("heading", name="Inside: why it works").count() == 1
+    assert page.get_by_test_id("stSidebar").get_by_text("Seed", exact=True).first.is_visible()
+    assert page.locator(EXCEPTION).count() == 0
+
+
+def test_storage_sliders_live_in_the_url(page, url):
+    visit(page, f"{url}/?p=0.5%25&T=1000")
+    headline = page.locator("h4").first
+    assert headline.inner_text() == "With 1,000 tasks at 0.5%, PEFT stores 6 base models; full fine-tuning stores 1,000."
+    page.get_by_test_id("stSlider").first.get_by_role("slider").focus()
+    page.keyboard.press("ArrowRight")  # one step up the ladder: 0.5% -> 0.7%
+    sync_api.expect(headline).to_contain_text("at 0.7%", timeout=30_000)
+    sync_api.expect(page).to_have_url(re.compile(r"p=0\.7%25"), timeout=10_000)
+
+
+def test_a_short_training_run_goes_live_and_finishes(page, url):
+    visit(page, f"{url}/train")
+    steps = page.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider")
+    steps.focus()
+    page.keyboard.press("Home")  # the fewest steps: 10
+    wait_ready(page)
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("Results on add_5").wait_for(timeout=120_000)  # the fragment's polling ended the run
+    wait_ready(page)
+    assert "train=" in page.url  # a refresh finds the run again
+    assert page.get_by_test_id("stMetricLabel").filter(has_text="trainable parameters").is_visible()
+    assert page.get_by_text("unchanged").first.is_visible()
+    assert page.locator(EXCEPTION).count() == 0
+    page.reload()
+    wait_ready(page)
+    assert page.get_by_text("Results on add_5").is_visible()
