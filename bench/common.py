@@ -5,6 +5,8 @@ import time
 
 import torch
 
+torch.set_num_threads(1)  # see BENCHMARKS.md: on 2 shared cores one thread per op is faster
+
 
 def machine():
     cpu = platform.processor() or platform.machine()

@@ -8,6 +8,8 @@ import time
 import peftcore
 from peftcore.presets import PRESETS
 
+from .common import machine
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
@@ -16,15 +18,14 @@ def main():
     args = ap.parse_args()
     base = peftcore.random_base() if args.random_base else peftcore.load_base()
     n_base = sum(p.numel() for p in base.parameters())
-    print(f"torch {peftcore.train.__module__ and __import__('torch').__version__}, "
-          f"{__import__('torch').get_num_threads()} threads, base {'random' if args.random_base else 'pretrained'}")
+    print(f"machine: {machine()}; base {'random' if args.random_base else 'pretrained'}")
     print(f"| method | phi % | task | exact match | token acc | seconds |")
     print(f"|---|---:|---|---:|---:|---:|")
     for method, preset in PRESETS.items():
         if args.random_base and method == "Full fine-tuning":
             continue
         for task in args.tasks:
-            model = peftcore.get_peft_model(base, preset.config)
+            model = peftcore.get_peft_model(base, preset.config, seed=0)
             t0 = time.perf_counter()
             last = peftcore.run(model, task, device="cpu", **preset.train)
             secs = time.perf_counter() - t0

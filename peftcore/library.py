@@ -3,6 +3,7 @@ in the repo so the many-tasks page is ready the moment it opens.
 
 Regenerate with `python -m peftcore.library` (a few minutes on 2 cores).
 """
+import json
 from pathlib import Path
 
 from .peft_model import PeftModel
@@ -26,16 +27,26 @@ def load_library(base, model: PeftModel = None):
     return model
 
 
+def index():
+    """name -> {method, task, eval_exact, eval_token, bytes}: what build() measured."""
+    path = LIBRARY_DIR / "index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def build(tasks=None):
     import peftcore
     base = peftcore.load_base()
+    measured = {}
     for method, slug in METHOD_SLUGS.items():
         preset = PRESETS[method]
         for task in tasks or peftcore.TASKS:
-            model = peftcore.get_peft_model(base, preset.config)
+            model = peftcore.get_peft_model(base, preset.config, seed=0)
             last = peftcore.run(model, task, device="cpu", **preset.train)
             out = model.save_pretrained(LIBRARY_DIR / slug / task)
+            measured[f"{slug}-{task}"] = dict(method=method, task=task, eval_exact=last.eval_exact,
+                                              eval_token=last.eval_token, bytes=saved_bytes(out))
             print(f"{slug:8s} {task:20s} exact {last.eval_exact:.3f}  {saved_bytes(out):,} bytes", flush=True)
+    (LIBRARY_DIR / "index.json").write_text(json.dumps(measured, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -111,9 +111,13 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name):
         """O(1): points the route at another phi; no tensor moves. Only it trains."""
         self._check(adapter_name)
-        self.route.active = adapter_name
-        for name, p in self.named_adapter_parameters():
-            p.requires_grad_(name == adapter_name)
+        previous, self.route.active = self.route.active, adapter_name
+        # invariant: only the active phi requires grad, so only two adapters need a flip
+        if previous in self.peft_config and previous != adapter_name:
+            for _, p in self.named_adapter_parameters(previous):
+                p.requires_grad_(False)
+        for _, p in self.named_adapter_parameters(adapter_name):
+            p.requires_grad_(True)
         if self.full:
             for p in self.base_model.parameters():
                 p.requires_grad_(True)

@@ -18,7 +18,8 @@ class Preset:
 PRESETS = {
     # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6)
     "LoRA": Preset(LoraConfig(r=1, lora_alpha=4, target_modules=("q", "k", "v", "o", "up")), dict(steps=300, lr=1e-2)),
-    "Adapter": Preset(AdapterConfig(bottleneck_size=8), dict(steps=300, lr=1e-2)),
-    "Prompt tuning": Preset(PromptTuningConfig(num_virtual_tokens=8), dict(steps=300, lr=3e-2)),
+    "Adapter": Preset(AdapterConfig(bottleneck_size=16), dict(steps=300, lr=3e-2)),
+    # prompt tuning wants a high learning rate (Lester et al. used 0.3)
+    "Prompt tuning": Preset(PromptTuningConfig(num_virtual_tokens=8), dict(steps=300, lr=1e-1)),
     "Full fine-tuning": Preset(FullFineTuneConfig(), dict(steps=200, lr=1e-3)),
 }

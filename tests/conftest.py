@@ -3,6 +3,10 @@ import torch
 
 import peftcore
 
+# One intra-op thread: this model's matmuls are tiny, and on a shared 2-core machine two
+# OpenMP threads per op run several times slower than one (see BENCHMARKS.md).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def base():
