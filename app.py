@@ -1,7 +1,12 @@
 """PEFT Playground: freeze the base, train a sliver.  Run with `streamlit run app.py`.
 
-The entrypoint sets up the page, the navigation over pages/ and the sidebar every page
+The entrypoint sets up the page, the navigation over app_pages/ and the sidebar every page
 shares (device, seed, reset). The pages hold the widgets; peftcore does the torch work.
+
+The folder is not called pages/: Streamlit treats a pages/ folder as a legacy (v1)
+multipage app until the entrypoint has run once, so the first visitor of a deep link such
+as /train after a server start would get the page without this file (no sidebar, no
+layout), and AppTest would rerun pages without it.
 """
 import streamlit as st
 
@@ -10,10 +15,10 @@ import ui
 st.set_page_config(page_title="PEFT Playground", page_icon=":material/extension:", layout="wide")
 
 PAGES = [
-    st.Page("pages/storage.py", title="One base, many tasks", icon=":material/inventory_2:", default=True),
-    st.Page("pages/train.py", title="Train a sliver", icon=":material/model_training:"),
-    st.Page("pages/serve.py", title="Many tasks at once", icon=":material/dns:"),
-    st.Page("pages/inside.py", title="Inside: why it works", icon=":material/biotech:"),
+    st.Page("app_pages/storage.py", title="One base, many tasks", icon=":material/inventory_2:", default=True),
+    st.Page("app_pages/train.py", title="Train a sliver", icon=":material/model_training:"),
+    st.Page("app_pages/serve.py", title="Many tasks at once", icon=":material/dns:"),
+    st.Page("app_pages/inside.py", title="Inside: why it works", icon=":material/biotech:"),
 ]
 
 

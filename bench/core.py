@@ -14,7 +14,9 @@ import torch.nn.functional as F
 import peftcore
 from peftcore.presets import PRESETS
 
-from .common import interleaved_medians, machine
+from peftcore.timing import side_by_side
+
+from .common import machine
 
 
 def make_step(model, batch, lr=1e-3):
@@ -73,7 +75,7 @@ def main():
         steps["HF peft LoRA"], opts["HF peft LoRA"] = make_step(models["HF peft LoRA"], batch)
     except ImportError:
         print("(peft not installed: HF comparison skipped)")
-    secs = interleaved_medians(steps, reps=args.reps, device=device)
+    secs = side_by_side(steps, repeats=args.reps, inner=10, warmup=2, device=device)
     full = "Full fine-tuning"
     full_state = state_bytes(models[full], opts[full])
     full_peak = peak_bytes(steps[full], device)

@@ -53,15 +53,17 @@ def race(page, url, out, steps, task, timeout_s=900):
             raise TimeoutError("the race did not finish in time")
         page.wait_for_timeout(1000)
     wait_ready(page)
-    page.get_by_role("heading", name="Train a sliver").scroll_into_view_if_needed()
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": 1500})  # curves and the results table
+    wait_ready(page)
     page.screenshot(path=out / "race.png")
+    page.set_viewport_size(VIEWPORT)
 
 
 def other_pages(page, url, out):
-    for path, name in (("serve", "serve.png"), ("inside", "inside.png")):
+    for path in ("serve", "inside"):
         page.goto(f"{url}/{path}")
         wait_ready(page)
-        page.screenshot(path=out / name, full_page=True)
+        page.screenshot(path=out / f"{path}.png")
 
 
 def main():
@@ -80,7 +82,8 @@ def main():
         if args.all:
             other_pages(page, url, args.out)
         browser.close()
-    print(f"wrote {', '.join(str(p) for p in sorted(args.out.glob('*.png')))}")
+    names = ["storage", "race"] + (["serve", "inside"] if args.all else [])
+    print("wrote " + ", ".join(str(args.out / f"{n}.png") for n in names))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import peftcore
 from peftcore import LoraConfig, PeftModel
 from peftcore.presets import PRESETS
 
-from .common import interleaved_medians, machine
+from peftcore.timing import side_by_side
+
+from .common import machine
 
 
 def lora_bank(base, n, config, seed=0):
@@ -96,7 +98,7 @@ def main():
         fns["mixed batch (HF peft)"] = hf_mixed
     except ImportError:
         diff = None
-    secs = interleaved_medians(fns, reps=args.reps, inner=3, device=args.device)
+    secs = side_by_side(fns, repeats=args.reps, inner=3, warmup=1, device=args.device)
     mixed = secs["mixed batch (peftcore)"]
     print(f"machine: {machine()}")
     print(f"{args.adapters} resident LoRA phi ({config.r=}, {config.target_modules=}), "
@@ -114,6 +116,22 @@ def main():
           f"vs {args.adapters} full models {args.adapters * base_bytes:,}")
     if diff is not None:
         print(f"max |difference| peftcore vs HF peft mixed outputs: {diff:.2e}")
+    merge_table(bank, base, names[0], x, args)
+
+
+def merge_table(bank, base, name, x, args):
+    """merge_and_unload() against the unmerged LoRA and the bare base, one batch of requests."""
+    bank.set_adapter(name)
+    plain = bank.merge_and_unload()
+    with torch.no_grad():
+        diff = (plain(x) - bank(x)).abs().max().item()
+        secs = side_by_side({"bare base": lambda: base(x), "LoRA unmerged": lambda: bank(x),
+                                    "LoRA merge_and_unload()": lambda: plain(x)},
+                             repeats=args.reps, inner=5, device=args.device)
+    print(f"\n| single-task forward, batch {len(x)} | ms | x bare base |\n|---|---:|---:|")
+    for k, v in secs.items():
+        print(f"| {k} | {1000 * v:.2f} | {v / secs['bare base']:.2f} |")
+    print(f"max |merged - unmerged| {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ shape of a full fine-tune's update. Torch only; never imports streamlit.
 Outputs are greedy decodes (what a user would get), not teacher-forced argmaxes.
 Timings are medians of several repeats, measured side by side in one call.
 """
-import statistics
-import time
 from contextlib import contextmanager
 
 import torch
 
 from .lora import LoraConfig, TARGETABLE
 from .serialization import load_adapter
+from .timing import median_seconds, side_by_side, sync
 from .tasks import ANSWER_START, N_DIGITS, SEP, get_task
 
 PROMPT_LEN = ANSWER_START + 1  # task token, 8 digits, SEP
@@ -75,20 +74,8 @@ def sample_predictions(model, task, n=8, seed=0):
 
 
 # ------------------------------------------------------------------ serving many phi
-def _sync(model):
-    if next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, repeats):
-    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _device(model):
+    return next(model.parameters()).device
 
 
 @contextmanager
@@ -122,13 +109,13 @@ def time_mixed_vs_swap(model, names, prompts, repeats=5):
     a swap-per-request loop, measured side by side."""
     def mixed():
         serve_mixed(model, names, prompts)
-        _sync(model)
+        sync(_device(model))
 
     def swapping():
         serve_swapping(model, names, prompts)
-        _sync(model)
+        sync(_device(model))
 
-    return {"mixed_s": _median_seconds(mixed, repeats), "swap_s": _median_seconds(swapping, repeats)}
+    return side_by_side({"mixed_s": mixed, "swap_s": swapping}, repeats)
 
 
 def serve_report(model, names, tasks, per=1, digits=None, seed=0, repeats=3):
@@ -149,7 +136,7 @@ def swap_timings(model, name, file_bytes, repeats=20):
     """{'set_adapter_s', 'load_s'}: switching to a resident phi against loading it from its
     file bytes (parse, check, copy), the two ways a server can change task."""
     with keep_active(model):
-        set_s = _median_seconds(lambda: model.set_adapter(name), repeats)
+        set_s = median_seconds(lambda: model.set_adapter(name), repeats)
     tmp = "__swap_probe__"
 
     def load_and_drop():
@@ -157,30 +144,36 @@ def swap_timings(model, name, file_bytes, repeats=20):
         model.delete_adapter(tmp)
 
     with keep_active(model):
-        load_s = _median_seconds(load_and_drop, max(3, repeats // 4))
+        load_s = median_seconds(load_and_drop, max(3, repeats // 4))
     return {"set_adapter_s": set_s, "load_s": load_s}
 
 
-def merged_vs_unmerged(model, name, prompts, repeats=10):
+def merged_vs_unmerged(model, name, prompts, repeats=15):
     """LoRA `name` served unmerged (W x + B A x) and merged (W' = W + B A, one matmul):
     {'unmerged_s', 'merged_s', 'max_abs_diff'} with the logits' largest difference."""
     if not isinstance(model.peft_config.get(name), LoraConfig):
         raise ValueError(f"{name!r} is not a LoRA adapter; only LoRA merges into W")
-    device = next(model.parameters()).device
-    x = prompts.to(device)
+    x = prompts.to(next(model.parameters()).device)
     with keep_active(model), torch.no_grad():
         model.set_adapter(name)
         model.eval()
-        unmerged = model(x)
-        unmerged_s = _median_seconds(lambda: (model(x), _sync(model)), repeats)
-        model.merge_adapter()
-        try:
-            merged = model(x)
-            merged_s = _median_seconds(lambda: (model(x), _sync(model)), repeats)
-        finally:
-            model.unmerge_adapter()  # merged weights would also override mixed batches
-    return {"unmerged_s": unmerged_s, "merged_s": merged_s,
-            "max_abs_diff": (merged - unmerged).abs().max().item()}
+        model.merge_adapter()  # once; the timed calls below only switch W' in and out
+        merged_w = {layer: layer.merged_weight for layer in model._lora_layers() if layer.merged_weight is not None}
+        model.unmerge_adapter()
+
+        def run(merged):
+            for layer, w in merged_w.items():
+                layer.merged_weight = w if merged else None
+            try:
+                out = model(x)
+                sync(_device(model))
+                return out
+            finally:
+                model.unmerge_adapter()  # merged weights would also override mixed batches
+
+        diff = (run(True) - run(False)).abs().max().item()
+        t = side_by_side({"unmerged_s": lambda: run(False), "merged_s": lambda: run(True)}, repeats)
+    return {**t, "max_abs_diff": diff}
 
 
 # ------------------------------------------------------------------ the shape of an update

@@ -10,6 +10,8 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 
+import torch
+
 from .train import train
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
@@ -47,10 +49,16 @@ class Run:
 
 
 class RunManager:
-    """Starts runs in daemon threads, at most `max_concurrent` training at once."""
+    """Starts runs in daemon threads, at most `max_concurrent` training at once; keeps at
+    most `max_kept` runs, dropping the oldest finished ones first."""
 
-    def __init__(self, max_concurrent=4):
+    def __init__(self, max_concurrent=4, max_kept=64, torch_threads=1):
+        # Many small runs at once: parallel across runs, one thread inside each op. Two
+        # OpenMP threads per tiny matmul on busy cores run several times slower (BENCHMARKS.md).
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.max_concurrent = max_concurrent
+        self.max_kept = max_kept
         self._slots = threading.Semaphore(max_concurrent)
         self._lock = threading.Lock()
         self.runs = {}
@@ -59,9 +67,19 @@ class RunManager:
         run = Run(model, task, label, train_kwargs)
         run._thread = threading.Thread(target=self._work, args=(run,), daemon=True, name=f"run-{run.id}")
         with self._lock:
+            self._forget_finished()
             self.runs[run.id] = run
         run._thread.start()
         return run
+
+    def get(self, run_id):
+        return self.runs.get(run_id)
+
+    def _forget_finished(self):
+        """Bound the server's memory: drop the oldest finished runs beyond max_kept."""
+        finished = sorted((r for r in self.runs.values() if r.finished), key=lambda r: r.created)
+        for run in finished[:max(0, len(self.runs) + 1 - self.max_kept)]:
+            del self.runs[run.id]
 
     def active(self):
         with self._lock:

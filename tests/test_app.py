@@ -14,8 +14,8 @@ sys.path.insert(0, str(ROOT))  # the app's own modules (ui, pages) as `streamlit
 
 import peftcore  # noqa: E402
 
-PAGES = {"pages/storage.py": "One base, many tasks", "pages/train.py": "Train a sliver",
-         "pages/serve.py": "Many tasks at once", "pages/inside.py": "Inside: why it works"}
+PAGES = {"app_pages/storage.py": "One base, many tasks", "app_pages/train.py": "Train a sliver",
+         "app_pages/serve.py": "Many tasks at once", "app_pages/inside.py": "Inside: why it works"}
 
 
 def new_app(page=None, query=None):
@@ -62,18 +62,18 @@ def chart(at, key):
 def test_every_page_runs(page):
     at = new_app(page)
     assert at.title[0].value == PAGES[page]
+    assert at.sidebar.selectbox(key="device").value == peftcore.resolve_device("auto")  # app.py ran too
 
 
 def test_sidebar_and_reset():
-    # AppTest (1.67) runs app.py on the first run only, then the page script alone, so the
-    # sidebar is checked on a first run; the browser tests see it on every page.
-    at = new_app()
-    assert at.sidebar.selectbox(key="device").value == peftcore.resolve_device("auto")
-    assert at.sidebar.number_input(key="seed").value == 0
+    at = new_app("app_pages/train.py")
+    at.sidebar.number_input(key="seed").set_value(7).run()
+    assert at.sidebar.number_input(key="seed").value == 7
     at.session_state["groups"] = {"train": ["gone"]}
     at.sidebar.button[0].click().run()  # reset my session
     assert_clean(at)
-    assert "groups" not in at.session_state
+    assert "train" not in at.session_state["groups"]
+    assert at.sidebar.number_input(key="seed").value == 0
 
 
 @pytest.mark.parametrize("p_pct", [0.01, 0.5, 1.0, 7.0, 100.0])
@@ -119,7 +119,7 @@ def results_shown(at):
 
 
 def test_training_run_finishes_and_shows_results():
-    at = new_app("pages/train.py")
+    at = new_app("app_pages/train.py")
     start_training(at, "steps-LoRA", 10)
     run_ids = at.session_state["groups"]["train"]
     assert at.query_params["train"] == ",".join(run_ids)  # a refreshed page finds the run again
@@ -130,19 +130,19 @@ def test_training_run_finishes_and_shows_results():
     assert metrics["held-out exact match"].endswith("%")
     assert any("**unchanged**" in m.value for m in at.markdown)
     assert at.get("download_button")
-    assert any("❌" in m.value or "✅" in m.value for m in at.markdown)  # sample predictions
+    assert any("| target | output |" in m.value for m in at.markdown)  # sample predictions
 
     at.button(key=f"save-{run_ids[0]}").click().run()
     assert_clean(at)
     assert at.success and "lora-add_5" in at.success[0].value
     assert "lora-add_5" in bank_of(at).peft_config
 
-    refreshed = new_app("pages/train.py", query={"train": ",".join(run_ids)})  # a new session, same URL
+    refreshed = new_app("app_pages/train.py", query={"train": ",".join(run_ids)})  # a new session, same URL
     assert results_shown(refreshed)
 
 
 def test_stop_ends_a_run():
-    at = new_app("pages/train.py")
+    at = new_app("app_pages/train.py")
     start_training(at, "steps-LoRA", 1000)
     at.button(key="stop-train").click().run()
     wait_for(at, results_shown, timeout=60)
@@ -150,7 +150,7 @@ def test_stop_ends_a_run():
 
 
 def test_bad_upload_shows_an_error_and_changes_nothing():
-    at = new_app("pages/serve.py")
+    at = new_app("app_pages/serve.py")
     bank = bank_of(at)
     before = dict(bank.peft_config)
     at.file_uploader(key="upload").set_value(("bad.safetensors", b"\x80\x04 a pickle, not a phi", "application/octet-stream"))
@@ -168,7 +168,7 @@ def test_bad_upload_shows_an_error_and_changes_nothing():
 
 
 def test_serving_a_mixed_batch():
-    at = new_app("pages/serve.py")
+    at = new_app("app_pages/serve.py")
     model = peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(r=2))
     model.adapter_task["default"] = "complement"
     at.file_uploader(key="upload").set_value(("c.safetensors", peftcore.adapter_to_bytes(model), "application/octet-stream"))
@@ -179,7 +179,14 @@ def test_serving_a_mixed_batch():
     assert_clean(at)
     labels = [m.label for m in at.metric]
     assert "one mixed batch" in labels and "swap per request" in labels
-    assert any("`87654321`" in m.value for m in at.markdown)  # the complement's target
+    assert any("| 12345678 | 87654321 |" in m.value for m in at.markdown)  # the complement's target
     at.text_input(key="serve_digits").set_value("12x")
     button(at, "serve_go").click().run()
     assert any("exactly 8 digits" in e.value for e in at.error)
+
+    at.switch_page("app_pages/storage.py").run()  # the bank's files appear on the storage chart, measured
+    measured = [t for t in chart(at, "storage_chart")["data"] if t.get("name", "").startswith("measured")]
+    bank = bank_of(at)
+    assert measured and len(measured[0]["x"]) == len(bank.peft_config)
+    sizes = [len(peftcore.adapter_to_bytes(bank, n)) / peftcore.base_file_bytes() for n in bank.peft_config]
+    assert np.allclose(measured[0]["y"], 1 + np.cumsum(sizes))

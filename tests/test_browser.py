@@ -2,6 +2,7 @@
 
 Each page renders without an exception and shows its key content; the storage sliders
 live in the URL; a short training run polls live and ends with its results."""
+import os
 import re
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ sys.path.insert(0, str(ROOT))
 from bench.appserver import CHROMIUM, app_server, launch_chromium, wait_ready  # noqa: E402
 
 if not Path(CHROMIUM).exists():
+    if os.environ.get("PEFT_REQUIRE_BROWSER"):  # CI: a missing browser is a failure, not a skip
+        raise RuntimeError(f"{CHROMIUM} is missing and PEFT_REQUIRE_BROWSER is set; run tests/setup.sh")
     pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -45,6 +48,15 @@ def visit(page, url):
     page.goto(url)
     wait_ready(page)
     assert page.locator(EXCEPTION).count() == 0
+
+
+def test_a_deep_link_on_a_fresh_server_gets_the_whole_app(page, url):
+    # Runs first in this module: the server has not run app.py yet (a pages/ folder would
+    # make Streamlit serve the bare page script here, without sidebar or navigation).
+    visit(page, f"{url}/inside")
+    assert page.get_by_role("heading", name="Inside: why it works").count() == 1
+    assert page.get_by_test_id("stSidebarNav").get_by_text("One base, many tasks").is_visible()
+    assert page.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session").is_visible()
 
 
 @pytest.mark.parametrize("path, title, content", [

@@ -49,11 +49,19 @@ def storage_figure(p, t_max, log, scale, unit, measured):
                                                                    line=dict(width=3)),
                            hovertemplate=f"measured, %{{x}} phi files: {fmt}<extra></extra>"))
     axis_type = "log" if log else "linear"
-    ytitle = "storage (base models)" if scale == 1 else f"storage (bytes, {unit})"
+    yaxis = dict(title="storage (base models)", type=axis_type)
+    if scale != 1:
+        yaxis.update(title=f"storage (bytes, {unit})", **byte_ticks(scale, float(full.max()), log))
     return ui.figure(traces, height=560, hovermode="x unified", annotations=notes,
-                     xaxis=dict(title="number of tasks T", type=axis_type, hoverformat=",d"),
-                     yaxis=dict(title=ytitle, type=axis_type, tickformat=".3s" if scale != 1 else None,
-                                ticksuffix="B" if scale != 1 else None))
+                     xaxis=dict(title="number of tasks T", type=axis_type, hoverformat=",d"), yaxis=yaxis)
+
+
+def byte_ticks(low, high, log):
+    """Readable byte ticks (1 GB, 10 GB...): powers of ten on a log axis, SI format otherwise."""
+    if not log:
+        return dict(tickformat="~s", ticksuffix="B")
+    powers = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    return dict(tickvals=[10.0 ** k for k in powers], ticktext=[human_bytes(10 ** k).replace(".0 ", " ") for k in powers])
 
 
 def marks_for(p, t_max, log, scale):
@@ -96,14 +104,15 @@ def tex_int(n):
     return f"{n:,}".replace(",", "{,}")  # a comma in LaTeX math gets a space after it
 
 
-def formulas(p, t_max):
+def formulas(p, t_max, scale):
     st.latex(rf"\begin{{aligned}} \text{{PEFT}} &= 1 + T\,p \\ &= 1 + {tex_int(t_max)} \times {p:g} = "
              rf"{ui.fmt_num(float(peft_storage(t_max, p)))} \end{{aligned}}")
     st.latex(rf"\text{{full fine-tuning}} = T = {tex_int(t_max)}")
     t_star = break_even(p)
     value = r"\infty" if math.isinf(t_star) else ui.fmt_num(t_star)
     st.latex(rf"T^{{*}} = \frac{{1}}{{1 - p}} = {value}")
-    st.caption("y is in units of one base model. Below T*, PEFT stores slightly more: the shared base "
+    unit = "one base model" if scale == 1 else f"one base model, here {human_bytes(scale)}"
+    st.caption(f"In units of {unit}. Below T*, PEFT stores slightly more: the shared base "
                "plus one sliver is more than one fine-tuned copy.")
 
 
@@ -143,9 +152,9 @@ def serving_panel(p, base_name, base_bytes):
     if base_bytes > gb * 1e9:
         st.warning(f"{base_name} ({human_bytes(base_bytes)}) does not fit in {gb} GB on its own.")
     else:
-        a.metric("phi that fit beside the base", f"{fit:,}", help=f"({gb} GB - base) / phi bytes")
-    b.metric("a PEFT task swap moves", human_bytes(phi_bytes), help="one phi, p times the base")
-    c.metric("a full fine-tuning swap moves", human_bytes(base_bytes),
+        a.metric("phi fit beside the base", f"{fit:,}", help=f"({gb} GB - base) / phi bytes")
+    b.metric("PEFT swap moves", human_bytes(phi_bytes), help="one phi, p times the base")
+    c.metric("full FT swap moves", human_bytes(base_bytes),
              help=f"a whole model: {ui.fmt_num(1 / p)}x more" if p > 0 else None)
 
 
@@ -168,10 +177,10 @@ with controls:
     unit = st.radio("y in", ["base models", "bytes"], horizontal=True, key="unit",
                     help="Bytes multiply by the size of the base chosen below.")
     base_name, base_bytes = base_choice(facts)
-    formulas(p_pct / 100, t_max)
+    p = p_pct / 100
+    scale = 1 if unit == "base models" else base_bytes
+    formulas(p, t_max, scale)
 
-p = p_pct / 100
-scale = 1 if unit == "base models" else base_bytes
 measured = measured_fractions(facts) if base_name == TOY else []
 with chart:
     st.markdown(f"#### {sentence(p, t_max, scale)}")

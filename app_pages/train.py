@@ -7,6 +7,7 @@ from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuning
 from peftcore.analysis import sample_predictions
 from peftcore.lora import TARGETABLE
 from peftcore.presets import PRESETS
+from peftcore.tasks import EVAL_SIZE
 
 LR_OPTIONS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1]
 STEPS = dict(min_value=10, max_value=1000, step=10)
@@ -96,14 +97,13 @@ def check(specs, facts):
 
 
 def start(specs, task):
+    """Start the runs; an error message (over a limit) instead, with nothing started."""
     base = ui.get_base(ui.device())
     jobs = [(label, peftcore.get_peft_model(base, config), kw) for label, config, kw in specs]
-    error = ui.start_group(GROUP, jobs, task, url=True, seed=ui.seed(), device=ui.device())
-    if error:
-        st.error(error)
+    return ui.start_group(GROUP, jobs, task, url=True, seed=ui.seed(), device=ui.device())
 
 
-def result_card(run, facts):
+def result_card(run):
     s = ui.run_summary(run)
     model = run.model
     data = ui.run_cache(run, "file", lambda: peftcore.adapter_to_bytes(model, "default"))
@@ -113,7 +113,7 @@ def result_card(run, facts):
     cols[1].metric("phi % of base", f"{s['phi_pct']:.3g}%")
     cols[2].metric("phi file", peftcore.storage.human_bytes(len(data)), help=f"{len(data):,} bytes as .safetensors")
     cols[3].metric("held-out exact match", "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%",
-                   help="All 8 answer digits right, on 512 examples never trained on.")
+                   help=f"All 8 answer digits right, on {EVAL_SIZE} examples never trained on.")
     cols[4].metric("digit accuracy", "-" if s["token"] is None else f"{100 * s['token']:.1f}%")
     cols[5].metric("time", f"{s['seconds']:.1f} s", help=f"{s['step']} steps at {s['steps_per_s']:.1f} steps/s")
     same = after == model.base_fingerprint
@@ -142,11 +142,12 @@ def save_and_download(run, data):
                       help="One self-contained file: tensors plus config in its header. Upload it on *Many tasks at once*.")
 
 
-def results(runs, facts):
+def results(runs):
     if len(runs) > 1:
         rows = [ui.run_summary(r) for r in runs]
         st.dataframe([dict(method=s["method"], status=s["status"], params=s["trainable"], phi_pct=s["phi_pct"],
-                           exact=100 * (s["exact"] or 0), seconds=s["seconds"]) for s in rows],
+                           exact=None if s["exact"] is None else 100 * s["exact"], seconds=s["seconds"])
+                      for s in rows],
                      hide_index=True, column_config={
                          "params": st.column_config.NumberColumn("trainable params", format="localized"),
                          "phi_pct": st.column_config.NumberColumn("phi %", format="%.3g%%"),
@@ -158,7 +159,7 @@ def results(runs, facts):
             if run.status == "failed":
                 st.error(f"{run.label} failed: {run.error}")
             else:
-                result_card(run, facts)
+                result_card(run)
 
 
 st.title("Train a sliver")
@@ -180,8 +181,11 @@ with setup:
     errors = check(specs, facts)
     if st.button("Train", key="train_go", type="primary", disabled=bool(errors) or busy, width="stretch",
                  help="Starts the run(s) on the server; they keep going if you switch pages."):
-        start(specs, task)
-        st.rerun()
+        error = start(specs, task)
+        if error:
+            st.error(error)
+        else:
+            st.rerun()  # the Train button greys out and the live panel starts polling
 with live:
     ui.live_runs(GROUP)
     if not runs:
@@ -191,4 +195,4 @@ runs = ui.group_runs(GROUP)
 if runs and all(r.finished for r in runs):
     st.divider()
     st.subheader(f"Results on {runs[0].task}")
-    results(runs, facts)
+    results(runs)

@@ -18,17 +18,19 @@ BLOCK = [("x", "x"), ("ln1", "LayerNorm"), ("q", "q"), ("attn", "attention"), ("
 LORA_AROUND = {"q": ("ln1", "attn"), "k": ("ln1", "attn"), "v": ("ln1", "attn"), "o": ("attn", "add1"),
                "up": ("ln2", "gelu"), "down": ("gelu", "add2")}
 
-MATH = {
-    "LoRA": (r"h = W x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r \times d_{in}},\; "
-             r"B \in \mathbb{R}^{d_{out} \times r},\; B_0 = 0 \qquad |\phi| = r\,(d_{in} + d_{out}) \text{ per projection}",
+MATH = {  # (formulas, words) per method
+    "LoRA": ([r"h = W x + \frac{\alpha}{r}\, B A x",
+              r"A \in \mathbb{R}^{r \times d_{in}},\quad B \in \mathbb{R}^{d_{out} \times r},\quad B_0 = 0",
+              r"|\phi| = r\,(d_{in} + d_{out}) \text{ per projection}"],
              "A low-rank update beside each targeted projection; W stays frozen. B starts at zero, so training "
              "starts from exactly the base."),
-    "Adapter": (r"h \leftarrow h + W_{up}\, \mathrm{GELU}(W_{down}\, h), \qquad W_{down} \in \mathbb{R}^{b \times d} "
-                r"\qquad |\phi| = 2\,(2 d b + b + d) \text{ per block}",
-                "A small bottleneck MLP after the attention and after the MLP of every block. W_up starts at zero."),
-    "Prompt tuning": (r"X' = [\,P\,;\, E(x)\,], \qquad P \in \mathbb{R}^{n \times d} \qquad |\phi| = n\, d",
+    "Adapter": ([r"h \leftarrow h + W_{up}\, \mathrm{GELU}(W_{down}\, h)",
+                 r"W_{down} \in \mathbb{R}^{b \times d},\quad W_{up} \in \mathbb{R}^{d \times b},\quad W_{up,0} = 0",
+                 r"|\phi| = 2\,(2 d b + b + d) \text{ per block}"],
+                "A small bottleneck MLP after the attention and after the MLP of every block."),
+    "Prompt tuning": ([r"X' = [\,P\,;\, E(x)\,]", r"P \in \mathbb{R}^{n \times d}", r"|\phi| = n\, d"],
                       "n trainable embeddings in front of the input: the model is untouched, only what it reads changes."),
-    "Full fine-tuning": (r"\theta \leftarrow \theta - \eta\, \nabla_\theta \mathcal{L}(\theta) \qquad |\phi| = |\theta|",
+    "Full fine-tuning": ([r"\theta \leftarrow \theta - \eta\, \nabla_\theta \mathcal{L}(\theta)", r"|\phi| = |\theta|"],
                          "Every weight trains: a whole new model per task."),
 }
 
@@ -36,9 +38,10 @@ MATH = {
 def block_dot(method, config):
     """A Graphviz diagram of one transformer block with `method`'s phi in orange."""
     full = method == "Full fine-tuning"
-    lines = ['digraph { rankdir=LR; bgcolor="transparent"; nodesep=0.15; ranksep=0.3;',
-             'node [shape=box, style="rounded,filled", fillcolor="#e3f2fd", color="#1565c0", fontname="Helvetica", fontsize=18];',
-             'edge [penwidth=2];']
+    lines = ['digraph { rankdir=TB; bgcolor="transparent"; nodesep=0.15; ranksep=0.2;',
+             'node [shape=box, style="rounded,filled", fillcolor="#e3f2fd", color="#1565c0", fontname="sans-serif", '
+             'fontsize=10, margin="0.06,0.03", height=0.2, width=0.2];',  # Streamlit's CSS draws svg text at ~10px
+             'edge [penwidth=1.5, arrowsize=0.7, fontname="sans-serif", fontsize=10];']
     for node, label in BLOCK:
         shape = ', shape=circle' if label == "+" else ""
         lines.append(f'{node} [label="{label}"{shape}{", " + PHI if full and node not in ("x", "out", "add1", "add2") else ""}];')
@@ -54,12 +57,12 @@ def block_dot(method, config):
             lines.append(f"{a} -> {b};")
     lines.append('k [label="k"' + (", " + PHI if full else "") + '];  v [label="v"' + (", " + PHI if full else "") + '];')
     lines.append("ln1 -> k -> attn; ln1 -> v -> attn;")  # q, k and v side by side
-    lines.append('x -> add1 [style=dashed, label="residual"]; add1 -> add2 [style=dashed];')
+    lines.append('x -> add1 [style=dashed, label=" residual"]; add1 -> add2 [style=dashed, label=" residual"];')
     if method == "LoRA":
         for t in config.target_modules:
             before, after = LORA_AROUND[t]
             lines.append(f'lora_{t} [label="B A ({t})\\nr = {config.r}", {PHI}];')
-            lines.append(f'{before} -> lora_{t} [color="#e65100"]; lora_{t} -> {after} [color="#e65100", label="+"];')
+            lines.append(f'{before} -> lora_{t} [color="#e65100"]; lora_{t} -> {after} [color="#e65100"];')
     if method == "Prompt tuning":
         lines.append(f'P [label="P: {config.num_virtual_tokens} virtual tokens", {PHI}];')
         lines.append('P -> x [color="#e65100", label="prepended"];')
@@ -72,12 +75,16 @@ def methods_section(facts):
     tabs = st.tabs(list(PRESETS))
     for tab, (method, preset) in zip(tabs, PRESETS.items()):
         with tab:
-            formula, words = MATH[method]
-            st.graphviz_chart(block_dot(method, preset.config), width="stretch")
-            st.latex(formula)
-            n = preset.config.num_params(facts["config"]) or facts["params"]
-            st.markdown(f"{words} The preset here (`{preset.config}`) trains **{n:,}** parameters, "
-                        f"**{100 * n / facts['params']:.3g}%** of the base's {facts['params']:,}.")
+            formulas, words = MATH[method]
+            diagram, text = st.columns([1, 1.3], gap="large")
+            diagram.graphviz_chart(block_dot(method, preset.config), width="stretch")
+            with text:
+                for formula in formulas:
+                    st.latex(formula)
+                n = preset.config.num_params(facts["config"]) or facts["params"]
+                st.markdown(f"{words}\n\nThe preset here, `{preset.config}`, trains **{n:,}** parameters: "
+                            f"**{100 * n / facts['params']:.3g}%** of the base's {facts['params']:,}. "
+                            "In the diagram, orange is phi (trained), blue is the frozen base.")
 
 
 def spectrum_section(facts):
@@ -121,7 +128,10 @@ def show_spectrum(run):
                    marker=dict(size=16, color=ui.COLORS["LoRA"], symbol="diamond"))]
     left, right = st.columns([2, 1], gap="large")
     with left:
-        ui.plot(ui.figure(traces, height=460, title=f"{name}: share of ||Delta W||² in the top k directions",
+        st.markdown(f"**{name}**: share of ‖Delta W‖² in the top k singular directions")
+        ui.plot(ui.figure(traces, height=460, margin=dict(l=70, r=30, t=20, b=60),
+                          legend=dict(x=0.98, y=0.05, xanchor="right", yanchor="bottom", font=ui.FONT,
+                                      bgcolor="rgba(255,255,255,0.8)"),
                           xaxis=dict(title="k (rank)", type="log"), yaxis=dict(title="% of energy", range=[0, 102])),
                 key="spectrum_chart")
     with right:
@@ -150,8 +160,8 @@ def pretraining_section():
     runs = ui.group_runs("pretraining")
     if d.button("Train both", key="pretrain_go", disabled=any(not r.finished for r in runs), width="stretch"):
         dev = ui.device()
-        jobs = [("pretrained base", peftcore.get_peft_model(ui.get_base(dev), preset.config), {}),
-                ("random base", peftcore.get_peft_model(ui.get_random_base(dev), preset.config), {})]
+        jobs = [(f"{method}, pretrained base", peftcore.get_peft_model(ui.get_base(dev), preset.config), {}),
+                (f"{method}, random base", peftcore.get_peft_model(ui.get_random_base(dev), preset.config), {})]
         start("pretraining", jobs, task, steps=steps, lr=preset.train["lr"])
     ui.live_runs("pretraining")
     runs = ui.group_runs("pretraining")
@@ -161,7 +171,7 @@ def pretraining_section():
             s = ui.run_summary(run)
             col.metric(f"{run.label}: held-out exact match",
                        "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%",
-                       help=f"{method}, {s['step']} steps, {s['seconds']:.1f} s")
+                       help=f"{s['step']} steps, {s['seconds']:.1f} s")
 
 
 def start(group, jobs, task, **train_kwargs):
