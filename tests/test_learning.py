@@ -8,8 +8,28 @@ import pytest
 import peftcore
 from peftcore.presets import PRESETS
 
-# (method, task) -> (min held-out exact match, min held-out token accuracy)
-EXPECTED = {}
+# (method, task) -> (min held-out exact match, min held-out token accuracy). Where a method
+# does not solve a task within budget, the token accuracy it does reach is still checked;
+# an untrained phi sits near 0.2. Prompt tuning learns only rotate_right_add_2 here: the
+# other new tasks need a new digit map, and a soft prompt can only steer what the frozen
+# base already computes (Lester et al. find prompt tuning catches up only at billions of
+# parameters). That lesson is shown in the app, not asserted away.
+EXPECTED = {
+    ("LoRA", "add_5"): (0.9, 0.95), ("LoRA", "complement"): (0.9, 0.95),
+    ("LoRA", "reverse_add_1"): (0.9, 0.95), ("LoRA", "rotate_right_add_2"): (0.0, 0.7),
+    ("LoRA", "sort"): (0.0, 0.55),
+    ("Adapter", "add_5"): (0.9, 0.95), ("Adapter", "complement"): (0.9, 0.95),
+    ("Adapter", "reverse_add_1"): (0.0, 0.7), ("Adapter", "rotate_right_add_2"): (0.9, 0.95),
+    ("Adapter", "sort"): (0.0, 0.5),
+    ("Prompt tuning", "rotate_right_add_2"): (0.0, 0.7),
+    ("Full fine-tuning", "add_5"): (0.9, 0.95), ("Full fine-tuning", "complement"): (0.9, 0.95),
+    ("Full fine-tuning", "reverse_add_1"): (0.9, 0.95), ("Full fine-tuning", "rotate_right_add_2"): (0.0, 0.7),
+    ("Full fine-tuning", "sort"): (0.0, 0.6),
+}
+
+# method -> (task, metric index, least gap): the same phi on a random frozen base
+RANDOM_BASE = {"LoRA": ("add_5", 0, 0.5), "Adapter": ("add_5", 0, 0.5),
+               "Prompt tuning": ("rotate_right_add_2", 1, 0.3)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,10 +60,9 @@ def test_lora_reaches_90_percent_of_full_fine_tuning_on_3_of_4_tasks():
     assert len(close) >= 3, close
 
 
-@pytest.mark.parametrize("method", ["LoRA", "Adapter", "Prompt tuning"])
+@pytest.mark.parametrize("method", list(RANDOM_BASE))
 def test_pretraining_matters(method):
     """The same phi on a randomly initialised frozen base learns clearly less."""
-    task = RANDOM_BASE_TASK[method]
+    task, metric, gap = RANDOM_BASE[method]
     pretrained, random = result(method, task), result(method, task, random_base=True)
-    assert random[1] < pretrained[1] - 0.2, (pretrained, random)
-    assert random[0] <= 0.05
+    assert random[metric] <= pretrained[metric] - gap, (pretrained, random)
