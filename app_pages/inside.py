@@ -101,7 +101,7 @@ def spectrum_section(facts):
                      help=f"learning rate {preset.train['lr']:g}, batch 64")
     runs = ui.group_runs("spectrum")
     if c.button("Fine-tune fully", key="spectrum_go", disabled=any(not r.finished for r in runs), width="stretch"):
-        model = peftcore.get_peft_model(ui.get_base(ui.device()), preset.config)
+        model = peftcore.get_peft_model(ui.get_base(ui.device()), preset.config, seed=ui.seed())
         start("spectrum", [("Full fine-tuning", model, {})], task, steps=steps, lr=preset.train["lr"])
     ui.live_runs("spectrum")
     runs = ui.group_runs("spectrum")
@@ -160,8 +160,9 @@ def pretraining_section():
     runs = ui.group_runs("pretraining")
     if d.button("Train both", key="pretrain_go", disabled=any(not r.finished for r in runs), width="stretch"):
         dev = ui.device()
-        jobs = [(f"{method}, pretrained base", peftcore.get_peft_model(ui.get_base(dev), preset.config), {}),
-                (f"{method}, random base", peftcore.get_peft_model(ui.get_random_base(dev), preset.config), {})]
+        bases = {"pretrained base": ui.get_base(dev), "random base": ui.get_random_base(dev)}
+        jobs = [(f"{method}, {which}", peftcore.get_peft_model(base, preset.config, seed=ui.seed()), {})
+                for which, base in bases.items()]
         start("pretraining", jobs, task, steps=steps, lr=preset.train["lr"])
     ui.live_runs("pretraining")
     runs = ui.group_runs("pretraining")

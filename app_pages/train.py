@@ -99,7 +99,7 @@ def check(specs, facts):
 def start(specs, task):
     """Start the runs; an error message (over a limit) instead, with nothing started."""
     base = ui.get_base(ui.device())
-    jobs = [(label, peftcore.get_peft_model(base, config), kw) for label, config, kw in specs]
+    jobs = [(label, peftcore.get_peft_model(base, config, seed=ui.seed()), kw) for label, config, kw in specs]
     return ui.start_group(GROUP, jobs, task, url=True, seed=ui.seed(), device=ui.device())
 
 
