@@ -98,11 +98,11 @@ def spectrum_section(facts):
     a, b, c = st.columns([2, 2, 1], vertical_alignment="bottom")
     task = a.selectbox("Task", list(peftcore.TASKS), key="spectrum_task")
     steps = b.slider("Steps of full fine-tuning", 20, 300, 100, 10, key="spectrum_steps",
-                     help=f"learning rate {preset.train['lr']:g}, batch 64")
+                     help=f"learning rate {preset.train['lr']:g}, batch {preset.train['batch_size']}")
     runs = ui.group_runs("spectrum")
     if c.button("Fine-tune fully", key="spectrum_go", disabled=any(not r.finished for r in runs), width="stretch"):
         model = peftcore.get_peft_model(ui.get_base(ui.device()), preset.config, seed=ui.seed())
-        start("spectrum", [("Full fine-tuning", model, {})], task, steps=steps, lr=preset.train["lr"])
+        start("spectrum", [("Full fine-tuning", model, {})], task, **{**preset.train, "steps": steps})
     ui.live_runs("spectrum")
     runs = ui.group_runs("spectrum")
     if runs and all(r.finished for r in runs) and runs[0].status != "failed":
@@ -156,14 +156,14 @@ def pretraining_section():
     method = b.selectbox("Method", PEFT_METHODS, key="pretrain_method")
     preset = PRESETS[method]
     steps = c.slider("Steps", 20, 600, preset.train["steps"], 10, key="pretrain_steps",
-                     help=f"learning rate {preset.train['lr']:g}, batch 64, on both bases")
+                     help=f"learning rate {preset.train['lr']:g}, batch {preset.train['batch_size']}, on both bases")
     runs = ui.group_runs("pretraining")
     if d.button("Train both", key="pretrain_go", disabled=any(not r.finished for r in runs), width="stretch"):
         dev = ui.device()
         bases = {"pretrained base": ui.get_base(dev), "random base": ui.get_random_base(dev)}
         jobs = [(f"{method}, {which}", peftcore.get_peft_model(base, preset.config, seed=ui.seed()), {})
                 for which, base in bases.items()]
-        start("pretraining", jobs, task, steps=steps, lr=preset.train["lr"])
+        start("pretraining", jobs, task, **{**preset.train, "steps": steps})
     ui.live_runs("pretraining")
     runs = ui.group_runs("pretraining")
     if runs and all(r.finished for r in runs):

@@ -63,8 +63,9 @@ def one_method():
     lr = a.select_slider("Learning rate", LR_OPTIONS, value=preset.train["lr"], key=f"lr-{method}",
                          format_func=lambda v: f"{v:g}", help="AdamW's peak learning rate (warmup, then cosine).")
     steps = b.slider("Steps", value=preset.train["steps"], key=f"steps-{method}",
-                     help="Batches of 64 examples. The preset is sized to finish in about 15 s on 2 CPU cores.", **STEPS)
-    return [(method, config, dict(lr=lr, steps=steps))]
+                     help=f"Batches of {preset.train['batch_size']} examples. The preset is sized to finish "
+                          "within 15 s on 2 CPU cores.", **STEPS)
+    return [(method, config, dict(preset.train, lr=lr, steps=steps))]
 
 
 def race():
@@ -73,7 +74,7 @@ def race():
                              help="They train side by side on the same task and seed.")
     steps = st.slider("Steps (each method)", value=PRESETS["LoRA"].train["steps"], key="race_steps",
                       help="The same number of batches for every method: a fair race.", **STEPS)
-    return [(m, PRESETS[m].config, dict(lr=PRESETS[m].train["lr"], steps=steps)) for m in methods]
+    return [(m, PRESETS[m].config, dict(PRESETS[m].train, steps=steps)) for m in methods]
 
 
 def check(specs, facts):

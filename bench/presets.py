@@ -15,13 +15,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--random-base", action="store_true", help="PEFT on a randomly initialised frozen base")
     ap.add_argument("--tasks", nargs="*", default=list(peftcore.TASKS))
+    ap.add_argument("--methods", nargs="*", default=list(PRESETS))
     args = ap.parse_args()
     base = peftcore.random_base() if args.random_base else peftcore.load_base()
     n_base = sum(p.numel() for p in base.parameters())
     print(f"machine: {machine()}; base {'random' if args.random_base else 'pretrained'}")
     print(f"| method | phi % | task | exact match | token acc | seconds |")
     print(f"|---|---:|---|---:|---:|---:|")
-    for method, preset in PRESETS.items():
+    for method in args.methods:
+        preset = PRESETS[method]
         if args.random_base and method == "Full fine-tuning":
             continue
         for task in args.tasks:

@@ -63,6 +63,7 @@ class PeftModel(nn.Module):
         self.route = Route()
         self.base_model = shared_view(base)
         self._base = [base]  # in a list so it is not registered as a submodule
+        self._layers = None  # cache of _phi_layers()
         self.prompt_encoder = PromptEncoder(self.route)
         self.peft_config = {}  # adapter name -> config
         self.adapter_task = {}  # adapter name -> the task it was trained on, when known
@@ -83,6 +84,7 @@ class PeftModel(nn.Module):
         config.validate()
         view = self.base_model
         g = None if seed is None else torch.Generator().manual_seed(seed)
+        self._layers = None
         if isinstance(config, LoraConfig):
             add_lora(view, adapter_name, config, self.route, g)
         elif isinstance(config, AdapterConfig):
@@ -102,6 +104,7 @@ class PeftModel(nn.Module):
         self._check(adapter_name)
         if self.full:  # back to a view of the shared base
             self.base_model, self.full = shared_view(self._base[0]), False
+        self._layers = None
         for layer in self._phi_layers():
             layer.remove(adapter_name)
         del self.peft_config[adapter_name]
@@ -141,16 +144,20 @@ class PeftModel(nn.Module):
             raise KeyError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
 
     def _phi_layers(self):
-        return [m for m in self.modules() if isinstance(m, (LoraLinear, AdapterLayer, PromptEncoder))]
+        """The modules that hold phi, found once per change of structure (set_adapter is hot)."""
+        if self._layers is None:
+            self._layers = [m for m in self.modules() if isinstance(m, (LoraLinear, AdapterLayer, PromptEncoder))]
+        return self._layers
 
     def named_adapter_parameters(self, adapter_name=None):
         """(adapter name, parameter) for every phi parameter, or those of one adapter."""
         for layer in self._phi_layers():
             for attr in PHI_CONTAINERS:
-                for name, mod in getattr(layer, attr, {}).items():
-                    if adapter_name in (None, name):
-                        for p in mod.parameters():
-                            yield name, p
+                container = getattr(layer, attr, {})
+                names = list(container) if adapter_name is None else [adapter_name] if adapter_name in container else []
+                for name in names:
+                    for p in container[name].parameters():
+                        yield name, p
 
     def adapter_state_dict(self, adapter_name=None):
         """phi's tensors under names without the adapter name (HF peft's saved layout)."""

@@ -14,22 +14,20 @@ from peftcore.presets import PRESETS
 # other new tasks need a new digit map, and a soft prompt can only steer what the frozen
 # base already computes (Lester et al. find prompt tuning catches up only at billions of
 # parameters). That lesson is shown in the app, not asserted away.
+SOLVED = (0.9, 0.95)
 EXPECTED = {
-    ("LoRA", "add_5"): (0.9, 0.95), ("LoRA", "complement"): (0.9, 0.95),
-    ("LoRA", "reverse_add_1"): (0.9, 0.95), ("LoRA", "rotate_right_add_2"): (0.0, 0.7),
-    ("LoRA", "sort"): (0.0, 0.55),
-    ("Adapter", "add_5"): (0.9, 0.95), ("Adapter", "complement"): (0.9, 0.95),
-    ("Adapter", "reverse_add_1"): (0.0, 0.7), ("Adapter", "rotate_right_add_2"): (0.9, 0.95),
-    ("Adapter", "sort"): (0.0, 0.5),
-    ("Prompt tuning", "rotate_right_add_2"): (0.0, 0.7),
-    ("Full fine-tuning", "add_5"): (0.9, 0.95), ("Full fine-tuning", "complement"): (0.9, 0.95),
-    ("Full fine-tuning", "reverse_add_1"): (0.9, 0.95), ("Full fine-tuning", "rotate_right_add_2"): (0.0, 0.7),
-    ("Full fine-tuning", "sort"): (0.0, 0.6),
+    ("LoRA", "add_5"): SOLVED, ("LoRA", "complement"): SOLVED, ("LoRA", "reverse_add_1"): SOLVED,
+    ("LoRA", "rotate_right_add_2"): SOLVED, ("LoRA", "sort"): (0.0, 0.5),
+    ("Adapter", "add_5"): SOLVED, ("Adapter", "complement"): SOLVED, ("Adapter", "reverse_add_1"): (0.0, 0.7),
+    ("Adapter", "rotate_right_add_2"): SOLVED, ("Adapter", "sort"): (0.0, 0.45),
+    ("Prompt tuning", "rotate_right_add_2"): SOLVED,
+    ("Full fine-tuning", "add_5"): SOLVED, ("Full fine-tuning", "complement"): SOLVED,
+    ("Full fine-tuning", "reverse_add_1"): SOLVED, ("Full fine-tuning", "rotate_right_add_2"): (0.0, 0.8),
+    ("Full fine-tuning", "sort"): (0.0, 0.65),
 }
 
-# method -> (task, metric index, least gap): the same phi on a random frozen base
-RANDOM_BASE = {"LoRA": ("add_5", 0, 0.5), "Adapter": ("add_5", 0, 0.5),
-               "Prompt tuning": ("rotate_right_add_2", 1, 0.3)}
+# method -> task where the same phi on a random frozen base must lose at least half the exact match
+RANDOM_BASE = {"LoRA": "add_5", "Adapter": "add_5", "Prompt tuning": "rotate_right_add_2"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,6 +61,6 @@ def test_lora_reaches_90_percent_of_full_fine_tuning_on_3_of_4_tasks():
 @pytest.mark.parametrize("method", list(RANDOM_BASE))
 def test_pretraining_matters(method):
     """The same phi on a randomly initialised frozen base learns clearly less."""
-    task, metric, gap = RANDOM_BASE[method]
+    task = RANDOM_BASE[method]
     pretrained, random = result(method, task), result(method, task, random_base=True)
-    assert random[metric] <= pretrained[metric] - gap, (pretrained, random)
+    assert random[0] <= pretrained[0] - 0.5, (pretrained, random)
