@@ -69,13 +69,7 @@ def bank():
     A library file that fails to load is skipped and reported, never fatal."""
     key = f"bank:{device()}"
     if key not in ss:
-        model = peftcore.PeftModel(get_base(device()))
-        errors = []
-        for name, directory in library.entries():
-            try:
-                model.load_adapter(directory, name)
-            except (peftcore.AdapterLoadError, OSError) as e:
-                errors.append(f"{name}: {e}")
+        model, errors = library.load_library(get_base(device()))
         ss[key], ss["library_errors"], ss["file_bytes"] = model, errors, {}
     return ss[key]
 

@@ -85,12 +85,12 @@ class AdapterLayer(nn.Module):
                 Wd[i, :b], bd[i, :b] = a.down.weight.detach(), a.down.bias.detach()
                 Wu[i, :, :b], bu[i] = a.up.weight.detach(), a.up.bias.detach()
             self._stack_key = key
-            self._stack = (Wd, bd, Wu, bu, {m: i for i, m in enumerate(names, 1)})
+            self._stack = (Wd, bd, Wu, bu)
         return self._stack
 
     def _mixed(self, h):
-        Wd, bd, Wu, bu, slot_of = self._stacks()
-        slots = torch.tensor([slot_of.get(n, 0) for n in self.route.rows], device=h.device)
+        Wd, bd, Wu, bu = self._stacks()
+        slots = self.route.slots(list(self.adapters), h.device)
         # padded bottleneck units have zero weights and bias: gelu(0) = 0, so they add nothing
         z = F.gelu(torch.bmm(h, Wd[slots].transpose(1, 2)) + bd[slots, None])
         return torch.bmm(z, Wu[slots].transpose(1, 2)) + bu[slots, None]

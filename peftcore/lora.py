@@ -106,12 +106,12 @@ class LoraLinear(nn.Module):
                 r = self.lora_A[n].weight.shape[0]
                 A[i, :r] = self.lora_A[n].weight.detach()
                 B[i, :, :r] = self.lora_B[n].weight.detach() * self.scaling[n]
-            self._stack_key, self._stack = key, (A, B, {n: i for i, n in enumerate(names, 1)})
+            self._stack_key, self._stack = key, (A, B)
         return self._stack
 
     def _mixed(self, x):
-        A, B, slot_of = self._stacks()
-        slots = torch.tensor([slot_of.get(n, 0) for n in self.route.rows], device=x.device)
+        A, B = self._stacks()
+        slots = self.route.slots(list(self.lora_A), x.device)
         h = torch.bmm(x, A[slots].transpose(1, 2))  # (batch, T, r_max)
         return torch.bmm(h, B[slots].transpose(1, 2))  # (batch, T, d_out)
 

@@ -6,7 +6,7 @@ phi into the view. One base object can serve every browser session at once.
 """
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -41,6 +41,16 @@ class Route:
     mixed batch, one name per row (`rows`). Every phi layer of a model shares it."""
     active: Optional[str] = None
     rows: Optional[list] = None
+    _slots: dict = field(default_factory=dict, repr=False)
+
+    def slots(self, names, device):
+        """Each row's index into a layer's stack of phi `names` (slot i+1 holds names[i];
+        0 = no phi here). Built once per mixed forward for all layers holding the same phi."""
+        key = (tuple(names), str(device))
+        if key not in self._slots:
+            slot_of = {n: i for i, n in enumerate(names, 1)}
+            self._slots[key] = torch.tensor([slot_of.get(r, 0) for r in self.rows], device=device)
+        return self._slots[key]
 
 
 def shared_view(module: nn.Module) -> nn.Module:
@@ -177,11 +187,15 @@ class PeftModel(nn.Module):
         none) to run a mixed batch in one pass; inference only."""
         if adapter_names is not None:
             return self._mixed_forward(idx, adapter_names)
+        return self._run(idx, prompted=self.route.active in self.prompt_encoder.prompts)
+
+    def _run(self, idx, prompted):
+        """The view's logits at the real tokens; the routed soft prompt(s) in front if `prompted`."""
         view = self.base_model
-        if self.route.active in self.prompt_encoder.prompts:
-            x, mask, n = self.prompt_encoder(view.embed(idx))
-            return view(inputs_embeds=x, attn_mask=mask)[:, n:]
-        return view(idx)
+        if not prompted:
+            return view(idx)
+        x, mask, n = self.prompt_encoder(view.embed(idx))
+        return view(inputs_embeds=x, attn_mask=mask)[:, n:]
 
     def _mixed_forward(self, idx, adapter_names):
         names = list(adapter_names)
@@ -190,16 +204,12 @@ class PeftModel(nn.Module):
         unknown = sorted(set(names) - set(self.peft_config) - {BASE_ROW})
         if unknown:
             raise KeyError(f"unknown adapter name(s) {unknown}; have {sorted(self.peft_config)} and {BASE_ROW!r}")
-        self.route.rows = names
+        self.route.rows, self.route._slots = names, {}
         try:
             with torch.no_grad():
-                view = self.base_model
-                if self.prompt_encoder.prompts and any(n in self.prompt_encoder.prompts for n in names):
-                    x, mask, n = self.prompt_encoder(view.embed(idx))
-                    return view(inputs_embeds=x, attn_mask=mask)[:, n:]
-                return view(idx)
+                return self._run(idx, prompted=any(n in self.prompt_encoder.prompts for n in names))
         finally:
-            self.route.rows = None
+            self.route.rows, self.route._slots = None, {}
 
     # ---------------------------------------------------------------- counting
     def get_nb_trainable_parameters(self):

@@ -70,13 +70,13 @@ class PromptEncoder(nn.Module):
             for i, e in enumerate(embs, start=1):
                 stack[i, n_max - e.shape[0]:] = e
             lengths = torch.tensor([0] + [e.shape[0] for e in embs], device=stack.device)
-            self._stack_key, self._stack_val = key, (stack, lengths, {m: i for i, m in enumerate(names, 1)})
+            self._stack_key, self._stack_val = key, (stack, lengths)
         return self._stack_val
 
     def _mixed(self, embeds):
         B, T, d = embeds.shape
-        stack, lengths, slot_of = self._stack()
-        slots = torch.tensor([slot_of.get(r, 0) for r in self.route.rows], device=embeds.device)
+        stack, lengths = self._stack()
+        slots = self.route.slots(list(self.prompts), embeds.device)
         n = stack.shape[1]
         L = n + T
         # a row sees its own virtual tokens (right-aligned) and, causally, its real tokens

@@ -72,9 +72,6 @@ class RunManager:
         run._thread.start()
         return run
 
-    def get(self, run_id):
-        return self.runs.get(run_id)
-
     def _forget_finished(self):
         """Bound the server's memory: drop the oldest finished runs beyond max_kept."""
         finished = sorted((r for r in self.runs.values() if r.finished), key=lambda r: r.created)

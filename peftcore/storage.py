@@ -22,10 +22,6 @@ def break_even(p):
     return float("inf") if p >= 1 else 1 / (1 - p)
 
 
-def phi_fraction(phi_params, base_params):
-    return phi_params / base_params
-
-
 def lora_params(r, d_in, d_out, n_modules):
     """LoRA's closed form: r * (d_in + d_out) per targeted projection."""
     return r * (d_in + d_out) * n_modules

@@ -248,3 +248,16 @@ def test_merge_and_unmerge(base, base_fp, batch, dtype, atol):
     bank.set_adapter("adapter")
     with pytest.raises(ValueError, match="LoRA"):
         bank.merge_adapter()
+
+
+# ------------------------------------------------------------------ the shipped library
+def test_library_loads_and_still_scores_what_it_recorded(base):
+    from peftcore.library import LIBRARY_DIR, load_library
+    bank, errors = load_library(base)
+    recorded = json.loads((LIBRARY_DIR / "index.json").read_text())
+    assert not errors and set(bank.peft_config) == set(recorded)
+    assert {r["task"] for r in recorded.values()} == set(peftcore.TASKS)
+    for name, r in recorded.items():
+        bank.set_adapter(name)
+        assert bank.adapter_task[name] == r["task"]
+        assert peftcore.evaluate(bank, r["task"])[0] == pytest.approx(r["eval_exact"], abs=0.01), name
