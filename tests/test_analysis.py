@@ -8,11 +8,11 @@ from peftcore import analysis
 
 @pytest.fixture(scope="module")
 def bank(base):
-    """Three phi of different methods with non-zero weights, as if trained."""
+    """Three phi of different methods with non-zero weights, as if trained (seeded: the same every run)."""
     model = peftcore.PeftModel(base)
-    model.add_adapter("lora", peftcore.LoraConfig(r=2, target_modules=("q", "v", "up")))
-    model.add_adapter("adapter", peftcore.AdapterConfig(bottleneck_size=4))
-    model.add_adapter("prompt", peftcore.PromptTuningConfig(num_virtual_tokens=3))
+    model.add_adapter("lora", peftcore.LoraConfig(r=2, target_modules=("q", "v", "up")), seed=0)
+    model.add_adapter("adapter", peftcore.AdapterConfig(bottleneck_size=4), seed=1)
+    model.add_adapter("prompt", peftcore.PromptTuningConfig(num_virtual_tokens=3), seed=2)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, p in model.named_adapter_parameters():
@@ -53,7 +53,7 @@ def test_mixed_batch_equals_swapping(bank):
 def test_merged_equals_unmerged_and_is_undone(bank):
     prompts, _ = analysis.make_prompts("add_5", n=4)
     t = analysis.merged_vs_unmerged(bank, "lora", prompts, repeats=1)
-    assert t["max_abs_diff"] < 1e-4
+    assert t["max_abs_diff"] < 5e-4  # float32 rounding of W x + B A x against (W + B A) x, as in test_bank
     assert all(layer.merged_weight is None for layer in bank._lora_layers())
     with pytest.raises(ValueError, match="LoRA"):
         analysis.merged_vs_unmerged(bank, "adapter", prompts)

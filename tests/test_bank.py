@@ -28,7 +28,7 @@ def build_bank(base, dtype=torch.float32):
     """A bank over `base` (a float64 copy of it when asked) holding every config in CONFIGS."""
     model = PeftModel(base if dtype == torch.float32 else copy.deepcopy(base).to(dtype))
     for i, (name, cfg) in enumerate(CONFIGS.items()):
-        model.add_adapter(name, cfg)
+        model.add_adapter(name, cfg, seed=i)
         randomize(model, name, i)
     return model.eval()
 
