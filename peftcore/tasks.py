@@ -26,12 +26,13 @@ class Task:
     fn: Callable[[torch.Tensor], torch.Tensor]  # (B, 8) digits -> (B, 8) answer
 
     def batch(self, n, generator=None, device="cpu"):
-        """(inputs, targets): inputs (n, 17); targets (n, 17) with -100 off the answer."""
+        """(inputs, targets): inputs (n, 17); targets (n, 17) with -100 everywhere but the
+        8 answer digits (the SEP is given, not predicted: scoring it would inflate accuracy)."""
         digits = torch.randint(0, 10, (n, N_DIGITS), generator=generator)
         seq = torch.cat([torch.full((n, 1), self.token), digits,
                          torch.full((n, 1), SEP), self.fn(digits)], dim=1)
         inputs, targets = seq[:, :-1].clone(), seq[:, 1:].clone()
-        targets[:, :ANSWER_START - 1] = -100
+        targets[:, :ANSWER_START] = -100
         return inputs.to(device), targets.to(device)
 
     def eval_set(self, device="cpu"):

@@ -1,7 +1,15 @@
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
 import pytest
 import torch
 
 import peftcore
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the app's own modules (ui, bench) as `streamlit run` sees them
 
 # One intra-op thread: this model's matmuls are tiny, and on a shared 2-core machine two
 # OpenMP threads per op run several times slower than one (see BENCHMARKS.md).
@@ -21,3 +29,61 @@ def base_fp(base):
 @pytest.fixture
 def batch():
     return peftcore.TASKS["add_5"].batch(16, torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------ browser tests
+# One `streamlit run` and one chromium for every browser test file (the server starts on
+# first use only). Tests that need a server nobody has visited yet start their own.
+def _require_browser():
+    from bench.appserver import CHROMIUM
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("PEFT_REQUIRE_BROWSER"):  # CI: a missing browser fails, not skips
+            raise RuntimeError(f"{CHROMIUM} is missing and PEFT_REQUIRE_BROWSER is set; run tests/setup.sh")
+        pytest.skip(f"{CHROMIUM} is not installed")
+    return pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="session")
+def sync_api():
+    return _require_browser()
+
+
+@pytest.fixture(scope="session")
+def url(sync_api):
+    from bench.appserver import app_server
+    with app_server() as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="session")
+def browser(sync_api):
+    from bench.appserver import launch_chromium
+    with sync_api.sync_playwright() as pw:
+        b = launch_chromium(pw)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def new_page(browser):
+    """Pages in fresh browser contexts (a fresh Streamlit session each). Every request the
+    pages make must go to the app's own server: the app works offline and leaks no visit."""
+    contexts, foreign = [], []
+
+    def make(width=1400, height=1000):
+        context = browser.new_context(viewport={"width": width, "height": height})
+        context.on("request", lambda r: foreign.append(r.url)
+                   if urlparse(r.url).hostname not in ("127.0.0.1", "localhost") and
+                   urlparse(r.url).scheme in ("http", "https", "ws", "wss") else None)
+        contexts.append(context)
+        return context.new_page()
+
+    yield make
+    for c in contexts:
+        c.close()
+    assert not foreign, f"the app asked other hosts: {sorted(set(foreign))[:5]}"
+
+
+@pytest.fixture
+def page(new_page):
+    return new_page()

@@ -2,46 +2,13 @@
 
 Each page renders without an exception and shows its key content; the storage sliders
 live in the URL; a short training run polls live and ends with its results."""
-import os
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.appserver import app_server, wait_ready
 
-from bench.appserver import CHROMIUM, app_server, launch_chromium, wait_ready  # noqa: E402
-
-if not Path(CHROMIUM).exists():
-    if os.environ.get("PEFT_REQUIRE_BROWSER"):  # CI: a missing browser is a failure, not a skip
-        raise RuntimeError(f"{CHROMIUM} is missing and PEFT_REQUIRE_BROWSER is set; run tests/setup.sh")
-    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
-
-sync_api = pytest.importorskip("playwright.sync_api")
 EXCEPTION = "[data-testid=stException]"
-
-
-@pytest.fixture(scope="module")
-def url():
-    with app_server() as base_url:
-        yield base_url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        b = launch_chromium(pw)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    yield context.new_page()
-    context.close()
 
 
 def visit(page, url):
@@ -81,14 +48,15 @@ def test_navigation_keeps_the_sidebar(page, url):
     assert page.locator(EXCEPTION).count() == 0
 
 
-def test_storage_sliders_live_in_the_url(page, url):
+def test_storage_sliders_live_in_the_url(page, url, sync_api):
+    expect = sync_api.expect
     visit(page, f"{url}/?p=0.5%25&T=1000")
     headline = page.locator("h4").first
     assert headline.inner_text() == "With 1,000 tasks at 0.5%, PEFT stores 6 base models; full fine-tuning stores 1,000."
     page.get_by_test_id("stSlider").first.get_by_role("slider").focus()
     page.keyboard.press("ArrowRight")  # one step up the ladder: 0.5% -> 0.7%
-    sync_api.expect(headline).to_contain_text("at 0.7%", timeout=30_000)
-    sync_api.expect(page).to_have_url(re.compile(r"p=0\.7%25"), timeout=10_000)
+    expect(headline).to_contain_text("at 0.7%", timeout=30_000)
+    expect(page).to_have_url(re.compile(r"p=0\.7%25"), timeout=10_000)
 
 
 def test_a_short_training_run_goes_live_and_finishes(page, url):

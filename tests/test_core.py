@@ -215,3 +215,9 @@ def test_cuda_path(base_fp):
         event = peftcore.run(model, "add_5", steps=20, device="auto")
         assert event.done and next(model.trainable_parameters().__iter__()).is_cuda
     assert fingerprint(base) == base_fp
+
+
+def test_only_the_eight_answer_digits_are_scored():
+    x, y = peftcore.TASKS["add_5"].batch(4, torch.Generator().manual_seed(0))
+    assert ((y != -100).sum(1) == 8).all()  # not the SEP, which the input gives away
+    assert (y[:, -8:] == (x[:, 1:9] + 5) % 10).all()
