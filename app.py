@@ -8,11 +8,17 @@ multipage app until the entrypoint has run once, so the first visitor of a deep 
 as /train after a server start would get the page without this file (no sidebar, no
 layout), and AppTest would rerun pages without it.
 """
+from pathlib import Path
+
 import streamlit as st
 
 import ui
 
-st.set_page_config(page_title="PEFT Playground", page_icon=":material/extension:", layout="wide")
+# The favicon is the app's own file, sent inline as a data: URL. A ":material/...:" page_icon
+# makes every browser fetch the icon from fonts.gstatic.com (issue 7): that fails offline and
+# tells Google who visits. The navigation's icons are a font Streamlit itself serves.
+FAVICON = Path(__file__).parent / "assets" / "favicon.svg"
+st.set_page_config(page_title="PEFT Playground", page_icon=str(FAVICON), layout="wide")
 
 PAGES = [
     st.Page("app_pages/storage.py", title="One base, many tasks", icon=":material/inventory_2:", default=True),
@@ -46,5 +52,6 @@ def sidebar():
 
 
 navigation = st.navigation(PAGES)
+ui.identify()
 sidebar()
 navigation.run()

@@ -5,16 +5,24 @@ One base per device and one RunManager per server process (st.cache_resource), s
 every session. A session's bank of phi and the ids of its runs live in st.session_state;
 the runs themselves live in the manager, so a rerun or a page switch never loses one.
 """
+import functools
+import json
+import secrets
+
+import plotly.graph_objects as go
 import streamlit as st
+from streamlit.runtime import Runtime
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import peftcore
 from peftcore import library
 from peftcore.presets import PRESETS
-from peftcore.runs import RunManager
+from peftcore.runs import QUEUED, QueueFull, RunManager
+from peftcore.train import solved_at
 from peftcore.tasks import EVAL_SIZE
 
-MAX_SESSION_RUNS = 4   # runs one session may have training at once
-POLL_S = 0.5           # live curves refresh twice a second
+MAX_SESSION_RUNS = 4   # runs one visitor may have training at once
+POLL_S = 0.75          # live curves refresh at least once a second (a rerun costs the GIL: not faster)
 
 # Method names as the pages show them, from HF peft's peft_type.
 METHOD_OF_TYPE = {type(p.config).peft_type: name for name, p in PRESETS.items()}
@@ -39,8 +47,9 @@ def get_random_base(device):
 
 @st.cache_resource
 def get_manager():
-    """One RunManager per server process: runs outlive the pages that started them."""
-    return RunManager(max_concurrent=4)
+    """One RunManager per server process: runs outlive the pages that started them; one
+    training slot per core, a fair queue behind them."""
+    return RunManager()
 
 
 @st.cache_resource
@@ -48,7 +57,7 @@ def base_facts(device):
     """Numbers about the base the pages quote: its parameters, file bytes and config."""
     base = get_base(device)
     return dict(params=sum(p.numel() for p in base.parameters()), file_bytes=peftcore.base_file_bytes(),
-                config=base.config)
+                config=base.config, fingerprint=peftcore.fingerprint(base))
 
 
 def available_devices():
@@ -121,33 +130,91 @@ def unique_name(stem):
     return name
 
 
+# ------------------------------------------------------------------ who is who
+# A visitor is an owner token kept in a cookie, so a refresh or a new tab of the same
+# browser finds its runs again, while a shared link (another browser) shows them read-only.
+OWNER_COOKIE = "peft_owner"
+
+
+@st.cache_resource
+def sessions_of_owner():
+    """owner token -> ids of the sessions (tabs) it has had on this server."""
+    return {}
+
+
+def owner():
+    """This visitor's token: from the cookie, or new (and set as the cookie)."""
+    if "owner" not in ss:
+        token = st.context.cookies.get(OWNER_COOKIE, "")
+        ss["owner"] = token if len(token) == 32 and token.isalnum() else secrets.token_hex(16)
+    return ss["owner"]
+
+
+def identify():
+    """Called once per script run by app.py: remember this tab and keep the cookie set."""
+    me = owner()
+    ctx = get_script_run_ctx()
+    if ctx is not None:
+        sessions_of_owner().setdefault(me, set()).add(ctx.session_id)
+    if st.context.cookies.get(OWNER_COOKIE) != me:
+        st.html(f"<script>document.cookie = '{OWNER_COOKIE}={me}; path=/; max-age=31536000; SameSite=Strict'"
+                "</script>", unsafe_allow_javascript=True)
+
+
+def connected(token):
+    """Whether any tab of this owner is still open (outside a server, as in AppTest: yes)."""
+    if not Runtime.exists():
+        return True
+    sessions = sessions_of_owner().get(token, set())
+    alive = {s for s in sessions if Runtime.instance().is_active_session(s)}
+    sessions.intersection_update(alive)
+    return bool(alive)
+
+
 # ------------------------------------------------------------------ runs
 def group_runs(group):
-    """This session's runs in `group` (e.g. "train"), oldest first. Run ids are also kept
-    in the URL, so a refreshed page finds its runs again."""
+    """The runs of `group` (e.g. "train") this page shows, oldest first. Run ids are also
+    kept in the URL, so a refreshed page (or a shared link) finds them again."""
     groups = ss.setdefault("groups", {})
     if group not in groups and st.query_params.get(group):
-        groups[group] = st.query_params[group].split(",")
+        groups[group] = st.query_params[group].split(",")[:MAX_SESSION_RUNS]
     runs = get_manager().runs
     return [runs[i] for i in groups.get(group, []) if i in runs]
 
 
+def owns(run):
+    return owner() in run.owners
+
+
 def active_session_runs():
-    return [r for g in ss.get("groups", {}) for r in group_runs(g) if not r.finished]
+    return [r for g in ss.get("groups", {}) for r in group_runs(g) if not r.finished and owns(r)]
+
+
+def run_key(config, task, kwargs):
+    """What makes two runs the same computation: base, method config, task and every
+    training argument (seed, steps, lr, batch...). Equal keys train bit-identical phi."""
+    return (base_facts(kwargs["device"])["fingerprint"], json.dumps(config.to_dict(), sort_keys=True), task,
+            json.dumps(kwargs, sort_keys=True))
 
 
 def start_group(group, jobs, task, url=False, **train_kwargs):
-    """Start one run per job (label, model, extra train kwargs) as group `group`, replacing
-    the group's previous runs. Returns an error message instead when over the limits."""
+    """Start (or join) one run per job (label, config, extra train kwargs) as group `group`,
+    replacing the group's previous runs. Returns an error message instead when over a limit."""
     busy = len(active_session_runs()) + len(jobs)
     if busy > MAX_SESSION_RUNS:
-        return f"At most {MAX_SESSION_RUNS} runs per session train at once; stop or wait for a run first."
-    manager = get_manager()
-    ids = []
-    for label, model, extra in jobs:
+        return f"At most {MAX_SESSION_RUNS} runs per visitor train at once; stop or wait for a run first."
+    manager, base, ids = get_manager(), get_base(train_kwargs["device"]), []
+    for label, config, extra in jobs:
         kwargs = {**train_kwargs, **extra}
         kwargs.setdefault("eval_every", eval_every(kwargs.get("steps", 300)))
-        ids.append(manager.start(model, task, label=label, **kwargs).id)
+        make = functools.partial(peftcore.get_peft_model, base, config, seed=kwargs.get("seed", 0))
+        try:
+            run = manager.start(make, task, label=label, owner=owner(), key=run_key(config, task, kwargs), **kwargs)
+        except QueueFull as e:
+            for i in ids:  # all of the group or none of it
+                manager.stop(manager.runs[i], owner())
+            return str(e)
+        ids.append(run.id)
     ss.setdefault("groups", {})[group] = ids
     if url:
         st.query_params[group] = ",".join(ids)
@@ -160,13 +227,22 @@ def eval_every(steps):
 
 
 def stop_group(group):
+    """Stop this visitor's runs of `group`. A run shared with others carries on for them:
+    this visitor leaves it (and it leaves the page)."""
+    left = []
     for run in group_runs(group):
-        run.stop()
+        if owns(run) and not get_manager().stop(run, owner()) and not run.finished:
+            left.append(run.id)
+    if left:
+        ids = [i for i in ss["groups"][group] if i not in left]
+        ss["groups"][group] = ids
+        st.query_params[group] = ",".join(ids)
+        ss["left_shared"] = len(left)
 
 
 def stop_session_runs():
     for run in active_session_runs():
-        run.stop()
+        get_manager().stop(run, owner())
 
 
 def run_cache(run, what, compute):
@@ -182,13 +258,13 @@ def run_summary(run):
     """The numbers of a finished (or running) run's result card."""
     facts = base_facts(device())
     trainable = run_cache(run, "trainable", lambda: run.model.get_nb_trainable_parameters()[0])
-    last = run.last
+    last, solved = run.last, solved_at(run.events)
     return dict(method=run.label, status=run.status, step=last.step if last else 0,
-                steps=run.kwargs.get("steps", 0), trainable=trainable,
-                phi_pct=100 * trainable / facts["params"],
+                steps=run.steps, trainable=trainable, phi_pct=100 * trainable / facts["params"],
                 exact=last_eval(run, "eval_exact"), token=last_eval(run, "eval_token"),
                 seconds=last.elapsed if last else 0.0,
-                steps_per_s=last.step / last.elapsed if last and last.elapsed > 0 else 0.0)
+                steps_per_s=last.step / last.elapsed if last and last.elapsed > 0 else 0.0,
+                solved_step=solved.step if solved else None, solved_s=solved.elapsed if solved else None)
 
 
 def last_eval(run, field):
@@ -200,21 +276,27 @@ def last_eval(run, field):
 
 
 def live_runs(group):
-    """Progress bars, a Stop button and overlaid loss / accuracy curves of a group's runs,
+    """Progress lines, a Stop button and overlaid loss / accuracy curves of a group's runs,
     polled every POLL_S seconds while any run is active; a full rerun once all end."""
     runs = group_runs(group)
+    if ss.pop("left_shared", 0):
+        st.info("You left a run shared with other visitors: it carries on for them.")
     if not runs:
         return
     polling = any(not r.finished for r in runs)
 
     @st.fragment(run_every=POLL_S if polling else None)
     def panel():
+        get_manager().reap(connected)
         runs = group_runs(group)
         for run in runs:
             progress_line(run)
-        if any(not r.finished for r in runs):
+        mine = [r for r in runs if owns(r)]
+        if any(not r.finished for r in mine):
             st.button("Stop", key=f"stop-{group}", on_click=stop_group, args=(group,), type="primary",
-                      help="Stops every run of this group after its current step; phi keeps what it learned.")
+                      help="Stops your runs of this group after their current step; phi keeps what it learned.")
+        elif not mine:
+            st.caption("Shared link: you are watching another visitor's runs (read-only).")
         plot(runs_figure(runs), key=f"curves-{group}")
         if polling and all(r.finished for r in runs):
             st.rerun()  # the result cards below the panel appear; polling stops
@@ -225,11 +307,59 @@ def live_runs(group):
 def progress_line(run):
     s = run_summary(run)
     exact = "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%"
+    shared = f" · shared with {run.joined} other start{'s' * (run.joined > 1)}" if run.shared else ""
+    if run.status == QUEUED:
+        place, wait = get_manager().place_in_line(run), get_manager().estimated_wait(run)
+        if place is not None:
+            text = (f"**{run.label}** · waiting: number {place} in line for a training slot"
+                    + (f", about {wait:.0f} s" if wait is not None else "") + shared)
+            st.progress(0.0, text=text)
+            return
+    solved = f" · solved at step {s['solved_step']} ({s['solved_s']:.1f} s)" if s["solved_step"] else ""
     text = (f"**{run.label}** · {run.status} · step {s['step']}/{s['steps']} · "
-            f"{s['steps_per_s']:.1f} steps/s · held-out exact match {exact}")
+            f"{s['steps_per_s']:.1f} steps/s · held-out exact match {exact}{solved}{shared}")
     st.progress(s["step"] / s["steps"] if s["steps"] else 0.0, text=text)
     if run.error:
         st.error(f"{run.label} failed: {run.error}")
+
+
+class _BuiltFigure(go.Figure):
+    """A figure dict that st.plotly_chart takes as already validated. Plotly validates a
+    dict figure on every call (tens of ms of GIL per live update); this one is built by
+    runs_figure, not typed by a user, so there is nothing to validate."""
+
+    def __init__(self, fig):  # deliberately no go.Figure.__init__: that is the validation
+        self._fig = fig
+
+    def to_dict(self):
+        return self._fig
+
+
+MAX_POINTS = 250  # loss points per curve: enough for the eye, small to send twice a second
+
+
+def runs_figure(runs):
+    """Training loss (top, log scale) and held-out exact match (bottom) against step, one
+    colour per run, in one figure with one legend: readable from the back of a room."""
+    traces = []
+    for i, run in enumerate(runs):
+        events = run.events[:]  # a snapshot: the worker keeps appending
+        evals = [e for e in events if e.eval_exact is not None]
+        thin = events[::max(1, len(events) // MAX_POINTS)]
+        style = dict(name=run.label, legendgroup=run.label,
+                     line=dict(width=4, color=COLORS.get(run.label, PALETTE[i % len(PALETTE)])))
+        traces.append(dict(type="scatter", mode="lines", x=[e.step for e in thin], y=[e.loss for e in thin],
+                           hovertemplate="step %{x}: loss %{y:.3g}", **style))
+        traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in evals],
+                           y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2",
+                           hovertemplate="step %{x}: %{y:.1f}% exact", **style))
+    steps = max((r.steps for r in runs), default=0)
+    fig = figure(traces, height=620, hovermode="closest",
+                 xaxis=dict(title="step", anchor="y2", range=[0, steps * 1.02]),  # the whole budget from the start
+                 # log ticks at powers of ten only: labels that do not pile up as the loss falls
+                 yaxis=dict(title="training loss", type="log", domain=[0.56, 1], dtick=1, tickformat=".1~g"),
+                 yaxis2=dict(title=f"exact match %<br>({EVAL_SIZE} held-out)", domain=[0, 0.44], range=[-3, 103]))
+    return _BuiltFigure(fig)
 
 
 # ------------------------------------------------------------------ charts
@@ -243,12 +373,32 @@ LAYOUT = dict(font=FONT, template="none", paper_bgcolor="white", plot_bgcolor="w
 
 
 def figure(traces, **layout):
-    """A plotly figure as a plain dict (fast to build), styled for a projector."""
+    """A plotly figure as a plain dict (fast to build), styled for a projector. A log axis
+    without tickvals or dtick of its own gets log_ticks over its traces' values."""
     for axis in [k for k in layout if k.startswith(("xaxis", "yaxis"))]:
         layout[axis] = {**GRID, **layout[axis]}
-        if layout[axis].get("type") == "log" and "tickvals" not in layout[axis]:
-            layout[axis].setdefault("nticks", 6)  # no crowd of 2..9 labels inside a decade
+        if layout[axis].get("type") == "log" and not {"tickvals", "dtick"} & set(layout[axis]):
+            values = _axis_values(traces, axis)
+            layout[axis].update(log_ticks(min(values), max(values)) if values else dict(nticks=6))
     return {"data": traces, "layout": {**LAYOUT, **layout}}
+
+
+def _axis_values(traces, axis):
+    """The positive values the traces plot on `axis` ("xaxis", "yaxis2"...)."""
+    letter, ref = axis[0], axis[0] + axis[5:]  # "yaxis2" -> "y", "y2"
+    return [v for t in traces if t.get(f"{letter}axis", letter) == ref
+            for v in t.get(letter) or () if isinstance(v, (int, float)) and 0 < v < float("inf")]
+
+
+def log_ticks(low, high):
+    """tickvals and ticktext for a log axis over [low, high] (both > 0), in plain numbers:
+    1, 10, 100, 1,000 over more than two decades; 1, 2, 5, 10, 20, 50 within two. Plotly's
+    own log ticks label the 2s and 5s between decades in small type ("5, 2, 100, 5, 2")."""
+    import math
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    steps = (1,) if math.log10(high / low) > 2.05 else (1, 2, 5)
+    values = [float(f"{m}e{e}") for e in range(first, last + 1) for m in steps]  # exact decimals
+    return dict(tickmode="array", tickvals=values, ticktext=[f"{v:,.0f}" if v >= 1 else f"{v:g}" for v in values])
 
 
 def plot(fig, key=None, height=None):
@@ -256,30 +406,16 @@ def plot(fig, key=None, height=None):
                     config={"displaylogo": False})
 
 
-def runs_figure(runs):
-    """Training loss (top, log scale) and held-out exact match (bottom) against step, one
-    colour per run, in one figure with one legend: readable from the back of a room."""
-    traces = []
-    for i, run in enumerate(runs):
-        events = list(run.events)  # a snapshot: the worker keeps appending
-        evals = [e for e in events if e.eval_exact is not None]
-        style = dict(name=run.label, legendgroup=run.label,
-                     line=dict(width=4, color=COLORS.get(run.label, PALETTE[i % len(PALETTE)])))
-        traces.append(dict(type="scatter", mode="lines", x=[e.step for e in events], y=[e.loss for e in events],
-                           hovertemplate="step %{x}: loss %{y:.3g}", **style))
-        traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in evals],
-                           y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2",
-                           hovertemplate="step %{x}: %{y:.1f}% exact", **style))
-    steps = max((r.kwargs.get("steps", 0) for r in runs), default=0)
-    return figure(traces, height=620, hovermode="closest",
-                  xaxis=dict(title="step", anchor="y2", range=[0, steps * 1.02]),  # the whole budget from the start
-                  yaxis=dict(title="training loss", type="log", domain=[0.56, 1]),
-                  yaxis2=dict(title=f"exact match %<br>({EVAL_SIZE} held-out)", domain=[0, 0.44], range=[-3, 103]))
-
-
-def fmt_num(x):
-    """Short numbers for sentences: 1.5, 100, 1.005, 12,345."""
-    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+def fmt_num(x, near=None):
+    """Short numbers for sentences: 1.5, 100, 1.005, 12,345. With `near`, as many digits
+    as it takes not to read as `near`: fmt_num(1.00010001, near=1) is 1.0001, not 1."""
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    digits = 4
+    if near is not None and x != near and x != 0:
+        import math
+        digits = max(digits, math.floor(math.log10(abs(x))) - math.floor(math.log10(abs(x - near))) + 2)
+    return f"{x:.{digits}g}"
 
 
 def predictions_table(rows):

@@ -2,17 +2,25 @@
 import streamlit as st
 
 import peftcore
+import peftcore.presets
 import ui
 from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig
 from peftcore.analysis import sample_predictions
 from peftcore.lora import TARGETABLE
 from peftcore.presets import PRESETS
+from peftcore.storage import human_bytes
 from peftcore.tasks import EVAL_SIZE
+from peftcore.train import SOLVED
 
 LR_OPTIONS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1]
 STEPS = dict(min_value=10, max_value=1000, step=10)
 FULL = "Full fine-tuning"
 GROUP = "train"
+
+
+def unless_set(key, default):
+    """A widget's default, or None when a link already set its value (Streamlit warns when both do)."""
+    return None if key in st.session_state else default
 
 
 def lora_widgets(preset: LoraConfig):
@@ -62,7 +70,7 @@ def one_method():
     a, b = st.columns(2)
     lr = a.select_slider("Learning rate", LR_OPTIONS, value=preset.train["lr"], key=f"lr-{method}",
                          format_func=lambda v: f"{v:g}", help="AdamW's peak learning rate (warmup, then cosine).")
-    steps = b.slider("Steps", value=preset.train["steps"], key=f"steps-{method}",
+    steps = b.slider("Steps", value=unless_set(f"steps-{method}", preset.train["steps"]), key=f"steps-{method}",
                      help=f"Batches of {preset.train['batch_size']} examples. The preset is sized to finish "
                           "within 15 s on 2 CPU cores.", **STEPS)
     return [(method, config, dict(preset.train, lr=lr, steps=steps))]
@@ -70,9 +78,11 @@ def one_method():
 
 def race():
     """Widgets for a race: several methods, each with its preset, the same steps."""
-    methods = st.multiselect("Methods", list(PRESETS), default=list(PRESETS), key="race_methods", max_selections=4,
+    methods = st.multiselect("Methods", list(PRESETS), default=unless_set("race_methods", list(PRESETS)),
+                             key="race_methods", max_selections=4,
                              help="They train side by side on the same task and seed.")
-    steps = st.slider("Steps (each method)", value=PRESETS["LoRA"].train["steps"], key="race_steps",
+    steps = st.slider("Steps (each method)", value=unless_set("race_steps", PRESETS["LoRA"].train["steps"]),
+                      key="race_steps",
                       help="The same number of batches for every method: a fair race.", **STEPS)
     return [(m, PRESETS[m].config, dict(PRESETS[m].train, steps=steps)) for m in methods]
 
@@ -97,11 +107,31 @@ def check(specs, facts):
     return errors
 
 
-def start(specs, task):
+def start(specs, task, stop_when_solved):
     """Start the runs; an error message (over a limit) instead, with nothing started."""
-    base = ui.get_base(ui.device())
-    jobs = [(label, peftcore.get_peft_model(base, config, seed=ui.seed()), kw) for label, config, kw in specs]
-    return ui.start_group(GROUP, jobs, task, url=True, seed=ui.seed(), device=ui.device())
+    return ui.start_group(GROUP, specs, task, url=True, seed=ui.seed(), device=ui.device(),
+                          stop_when_solved=stop_when_solved)
+
+
+def restore_setup(runs):
+    """A reopened link shows the setup its runs were started with, not today's defaults."""
+    if not runs or "mode" in ss:
+        return
+    ss["task"] = runs[0].task
+    if len(runs) > 1:
+        ss["mode"], ss["race_methods"], ss["race_steps"] = "Race", [r.label for r in runs], runs[0].steps
+    else:
+        ss["mode"], ss["method"] = "One method", runs[0].label
+        ss[f"steps-{runs[0].label}"] = runs[0].steps
+
+
+def seed_note(method, task):
+    """How reliably the preset solves the task, from the recorded multi-seed table."""
+    robustness = getattr(peftcore.presets, "robustness", None)
+    rec = robustness(method, task) if robustness else None
+    if rec:
+        st.caption(f"{method}'s preset solves {task} in **{rec['solved']} of {rec['seeds']} seeds** "
+                   f"(held-out exact match {100 * rec['min']:.0f}-{100 * rec['max']:.0f}%, measured over seeds).")
 
 
 def result_card(run):
@@ -109,10 +139,16 @@ def result_card(run):
     model = run.model
     data = ui.run_cache(run, "file", lambda: peftcore.adapter_to_bytes(model, "default"))
     after = ui.run_cache(run, "fingerprint", lambda: peftcore.fingerprint(ui.get_base(ui.device())))
+    if run.shared:
+        st.info(f"This run was shared: {run.joined + 1} starts with the same base, config, task, seed and budget "
+                "were computed once. Every one of them gets this same phi.")
+    if s["solved_step"]:
+        st.success(f"Solved at step {s['solved_step']} ({s['solved_s']:.1f} s): held-out exact match of "
+                   f"{100 * SOLVED:.0f}% or more at two evaluations in a row.")
     cols = st.columns(6)
     cols[0].metric("trainable parameters", f"{s['trainable']:,}")
     cols[1].metric("phi % of base", f"{s['phi_pct']:.3g}%")
-    cols[2].metric("phi file", peftcore.storage.human_bytes(len(data)), help=f"{len(data):,} bytes as .safetensors")
+    cols[2].metric("phi file", human_bytes(len(data)), help=f"{len(data):,} bytes as .safetensors")
     cols[3].metric("held-out exact match", "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%",
                    help=f"All 8 answer digits right, on {EVAL_SIZE} examples never trained on.")
     cols[4].metric("digit accuracy", "-" if s["token"] is None else f"{100 * s['token']:.1f}%")
@@ -147,12 +183,15 @@ def results(runs):
     if len(runs) > 1:
         rows = [ui.run_summary(r) for r in runs]
         st.dataframe([dict(method=s["method"], status=s["status"], params=s["trainable"], phi_pct=s["phi_pct"],
-                           exact=None if s["exact"] is None else 100 * s["exact"], seconds=s["seconds"])
+                           exact=None if s["exact"] is None else 100 * s["exact"],
+                           solved=s["solved_step"], seconds=s["seconds"])
                       for s in rows],
                      hide_index=True, column_config={
                          "params": st.column_config.NumberColumn("trainable params", format="localized"),
                          "phi_pct": st.column_config.NumberColumn("phi %", format="%.3g%%"),
                          "exact": st.column_config.NumberColumn("exact match", format="%.1f%%"),
+                         "solved": st.column_config.NumberColumn(
+                             "solved at step", help=f"{100 * SOLVED:.0f}% exact match at two evaluations in a row"),
                          "seconds": st.column_config.NumberColumn("seconds", format="%.1f")})
     tabs = st.tabs([r.label for r in runs])
     for tab, run in zip(tabs, runs):
@@ -169,9 +208,11 @@ st.markdown(
     "gradients: the base's fingerprint is the same after training. In **race** mode several methods train "
     "on the same task at once, full fine-tuning included, so you can compare accuracy per parameter.")
 
+ss = st.session_state
 facts = ui.base_facts(ui.device())
 runs = ui.group_runs(GROUP)
-busy = any(not r.finished for r in runs)
+restore_setup(runs)
+busy = any(not r.finished and ui.owns(r) for r in runs)
 setup, live = st.columns([1, 2.2], gap="large")
 with setup:
     mode = st.radio("Mode", ["One method", "Race"], horizontal=True, key="mode",
@@ -179,10 +220,15 @@ with setup:
     task = st.selectbox("Task", list(peftcore.TASKS), key="task", help="Downstream tasks the base was not pretrained on.")
     st.caption(peftcore.TASKS[task].description)
     specs = one_method() if mode == "One method" else race()
+    for label, _, _ in specs:
+        seed_note(label, task)
     errors = check(specs, facts)
+    until_solved = st.checkbox("Stop when solved", value=True, key="until_solved",
+                               help=f"End a run once its held-out exact match is {100 * SOLVED:.0f}% or more at "
+                                    "two evaluations in a row: steps-to-solve is a fairer race than a fixed budget.")
     if st.button("Train", key="train_go", type="primary", disabled=bool(errors) or busy, width="stretch",
                  help="Starts the run(s) on the server; they keep going if you switch pages."):
-        error = start(specs, task)
+        error = start(specs, task, until_solved)
         if error:
             st.error(error)
         else:

@@ -1,9 +1,19 @@
-"""Training runs in background threads, so a web page can start, poll and stop them.
+"""Training runs in background threads, so a web page can start, watch and stop them.
 
 A run lives in the server process, not in the page: a rerun, a widget change or a
-refresh of the page only re-reads `run.events`. A server-wide limit bounds how many
-runs train at once; the rest wait their turn in a queue.
+refresh only re-reads `run.events`. The manager is built for a class on one server:
+
+- a fair queue: at most `max_concurrent` runs train at once (one per core: more would
+  only make every run crawl); the rest wait first come, first served, each with its place
+  in line and an estimate of the wait; beyond `max_waiting` a start is refused;
+- identical runs computed once: a start whose `key` equals a queued or training run's
+  joins it, so thirty students pressing Train on the defaults cost one computation;
+- owners: a run belongs to the owners who started or joined it. Only an owner may stop
+  it; a stop detaches that owner, and the run stops when no owner is left, or when
+  `reap()` finds none of its owners still connected.
 """
+import collections
+import os
 import threading
 import time
 import traceback
@@ -17,60 +27,115 @@ from .train import train
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
 
 
-@dataclass
+class QueueFull(RuntimeError):
+    """The server-wide cap on waiting runs is reached; the message says so."""
+
+
+@dataclass(eq=False)
 class Run:
     model: object
     task: str
     label: str = ""
     kwargs: dict = field(default_factory=dict)
+    key: object = None  # runs with equal keys are the same computation
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     status: str = QUEUED
     events: list = field(default_factory=list)  # TrainEvents, appended by the worker
     error: str = ""
+    owners: set = field(default_factory=set)  # who may stop it; it trains while any is left
+    joined: int = 0  # starts that joined this run instead of computing it again
     created: float = field(default_factory=time.time)
+    started: float = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread = field(default=None, repr=False)
-
-    def stop(self):
-        self._stop.set()
 
     @property
     def finished(self):
         return self.status in (DONE, STOPPED, FAILED)
 
     @property
+    def shared(self):
+        return self.joined > 0
+
+    @property
     def last(self):
         return self.events[-1] if self.events else None
 
+    @property
+    def steps(self):
+        return self.kwargs.get("steps", 0)
+
     def wait(self, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while self._thread is None and not self.finished:  # still queued
+            if deadline is not None and time.time() > deadline:
+                return self
+            time.sleep(0.05)
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(None if deadline is None else max(0.0, deadline - time.time()))
         return self
 
 
+def default_concurrency():
+    """One training run per core the process may use (the GPU, when present, takes a few
+    more: its runs are bound by kernel launches, not by the device)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores) + (4 if torch.cuda.is_available() else 0)
+
+
 class RunManager:
-    """Starts runs in daemon threads, at most `max_concurrent` training at once; keeps at
+    """Starts runs in daemon threads through a first-come, first-served queue; keeps at
     most `max_kept` runs, dropping the oldest finished ones first."""
 
-    def __init__(self, max_concurrent=4, max_kept=64, torch_threads=1):
+    def __init__(self, max_concurrent=None, max_waiting=60, max_kept=256, torch_threads=1, grace_s=20.0):
         # Many small runs at once: parallel across runs, one thread inside each op. Two
         # OpenMP threads per tiny matmul on busy cores run several times slower (BENCHMARKS.md).
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.max_concurrent = max_concurrent
+        self.max_concurrent = max_concurrent or default_concurrency()
+        self.max_waiting = max_waiting
         self.max_kept = max_kept
-        self._slots = threading.Semaphore(max_concurrent)
+        self.grace_s = grace_s  # how long a run outlives its last connected owner (a refresh)
         self._lock = threading.Lock()
+        self._queue = collections.deque()
+        self._running = set()
+        self._orphaned = {}  # run id -> when it was first seen with no owner connected
         self.runs = {}
 
-    def start(self, model, task, label="", **train_kwargs) -> Run:
-        run = Run(model, task, label, train_kwargs)
-        run._thread = threading.Thread(target=self._work, args=(run,), daemon=True, name=f"run-{run.id}")
+    # ------------------------------------------------------------ starting and joining
+    def start(self, model, task, label="", owner=None, key=None, **train_kwargs) -> Run:
+        """Queue a run of `model` (or of `model()`, built only when no run joins) and return
+        it; a live run with the same `key` is joined and returned instead."""
         with self._lock:
+            twin = self._twin(key)
+            if twin is not None:
+                twin.joined += 1
+                twin.owners.add(owner)
+                return twin
+            if len(self._queue) >= self.max_waiting:
+                raise QueueFull(f"The server is at its limit: {len(self._queue)} runs are waiting for "
+                                f"{self.max_concurrent} training slots. Try again in a minute.")
+            run = Run(model() if callable(model) and not isinstance(model, torch.nn.Module) else model,
+                      task, label, train_kwargs, key=key, owners={owner})
             self._forget_finished()
             self.runs[run.id] = run
-        run._thread.start()
+            self._queue.append(run)
+            self._dispatch()
         return run
+
+    def _twin(self, key):
+        if key is None:
+            return None
+        return next((r for r in self.runs.values() if r.key == key and not r.finished and not r._stop.is_set()), None)
+
+    def _dispatch(self):
+        """Start queued runs, oldest first, while slots are free. Holds the lock."""
+        while self._queue and len(self._running) < self.max_concurrent:
+            run = self._queue.popleft()
+            self._running.add(run)
+            run.status, run.started = RUNNING, time.time()
+            run._thread = threading.Thread(target=self._work, args=(run,), daemon=True, name=f"run-{run.id}")
+            run._thread.start()
 
     def _forget_finished(self):
         """Bound the server's memory: drop the oldest finished runs beyond max_kept."""
@@ -78,17 +143,75 @@ class RunManager:
         for run in finished[:max(0, len(self.runs) + 1 - self.max_kept)]:
             del self.runs[run.id]
 
+    # ------------------------------------------------------------ stopping
+    def stop(self, run, owner=None):
+        """Detach `owner` from `run`; stop it when no owner is left. Returns whether the run
+        stops. Someone who does not own the run changes nothing."""
+        with self._lock:
+            if owner not in run.owners:
+                return False
+            run.owners.discard(owner)
+            if run.owners:
+                return False
+            self._cancel(run)
+            return True
+
+    def _cancel(self, run):
+        run._stop.set()
+        if run in self._queue:  # never started: it leaves the line at once
+            self._queue.remove(run)
+            run.status = STOPPED
+
+    def reap(self, connected):
+        """Stop runs none of whose owners is `connected(owner)` for `grace_s` seconds: a
+        closed tab frees its slot, a refresh (back within the grace) keeps its run."""
+        now = time.time()
+        with self._lock:
+            for run in list(self._queue) + list(self._running):
+                if any(connected(o) for o in run.owners):
+                    self._orphaned.pop(run.id, None)
+                elif now - self._orphaned.setdefault(run.id, now) >= self.grace_s:
+                    run.owners.clear()
+                    self._cancel(run)
+                    self._orphaned.pop(run.id, None)
+
+    # ------------------------------------------------------------ the line
     def active(self):
         with self._lock:
             return [r for r in self.runs.values() if not r.finished]
 
+    def place_in_line(self, run):
+        """1 for the next run to start, None once it trains (or ended)."""
+        with self._lock:
+            return self._queue.index(run) + 1 if run in self._queue else None
+
+    def seconds_per_step(self):
+        """Measured: wall seconds per training step of recent runs, one slot each."""
+        recent = [r for r in self.runs.values() if r.last and r.last.step >= 5][-16:]
+        if not recent:
+            return None
+        return sum(r.last.elapsed / r.last.step for r in recent) / len(recent)
+
+    def estimated_wait(self, run):
+        """Seconds until `run` gets a slot: the steps left ahead of it, over the slots.
+        None before any run has been measured on this server."""
+        per_step = self.seconds_per_step()
+        place = self.place_in_line(run)
+        if per_step is None or place is None:
+            return None
+        with self._lock:
+            ahead = list(self._queue)[:place - 1]
+            left = [r.steps - (r.last.step if r.last else 0) for r in self._running]
+        # the slots free up as the running runs end, then each waiting run takes one
+        slots = sorted(left + [0] * (self.max_concurrent - len(left)))
+        for r in ahead:
+            slots[0] += r.steps
+            slots.sort()
+        return slots[0] * per_step
+
+    # ------------------------------------------------------------ the worker
     def _work(self, run):
-        while not self._slots.acquire(timeout=0.1):  # queued: a stop cancels it
-            if run._stop.is_set():
-                run.status = STOPPED
-                return
         try:
-            run.status = RUNNING
             for event in train(run.model, run.task, **run.kwargs):
                 run.events.append(event)
                 if run._stop.is_set():
@@ -102,4 +225,7 @@ class RunManager:
             traceback.print_exc()
         finally:
             run.model.eval()
-            self._slots.release()
+            with self._lock:
+                self._running.discard(run)
+                self._orphaned.pop(run.id, None)
+                self._dispatch()

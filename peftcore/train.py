@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from .tasks import answer_metrics, get_task
 
 
+SOLVED = 0.99  # held-out exact match that counts as solved, at two evaluations in a row
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -55,13 +58,21 @@ def evaluate(model, task, device=None, batch_size=512):
     return answer_metrics(logits, y)
 
 
+def solved_at(events, target=SOLVED):
+    """The evaluation at which the task counts as solved: the first of two evaluations in a
+    row at `target` or above (one lucky evaluation is not enough). None if it never is."""
+    evals = [e for e in events if e.eval_exact is not None]
+    return next((a for a, b in zip(evals, evals[1:]) if a.eval_exact >= target and b.eval_exact >= target), None)
+
+
 def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed=0,
-          weight_decay=0.0, eval_every=25, device="auto", clip=1.0):
+          weight_decay=0.0, eval_every=25, device="auto", clip=1.0, stop_when_solved=False):
     """Train `model`'s trainable parameters on `task`; yield a TrainEvent per step.
 
     `seed` fixes the data stream; phi's initial values are fixed by get_peft_model's seed.
 
-    Budget: `steps`, and optionally `max_seconds` of wall time, whichever ends first.
+    Budget: `steps`, and optionally `max_seconds` of wall time, whichever ends first;
+    with `stop_when_solved`, also the step at which the task counts as solved (solved_at).
     The model must already be on `device` (the shared base is loaded per device).
     A non-finite loss raises NonFiniteLossError before the optimizer step, so phi keeps
     its last finite value.
@@ -82,6 +93,7 @@ def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     t0 = time.perf_counter()
+    streak = 0  # evaluations in a row at SOLVED or above
     for step in range(1, steps + 1):
         x, y = task.batch(batch_size, g, device)
         logits = model(x)
@@ -103,6 +115,9 @@ def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed
         if last or step % eval_every == 0:
             ev_exact, ev_token = evaluate(model, task, device)
             model.train()
+            streak = streak + 1 if ev_exact >= SOLVED else 0
+            if stop_when_solved and streak >= 2:
+                last = True
         yield TrainEvent(step, steps, loss.item(), answer_metrics(logits.detach(), y)[0],
                          ev_exact, ev_token, elapsed, step * batch_size / max(elapsed, 1e-9), last)
         if last:

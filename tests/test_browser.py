@@ -17,13 +17,31 @@ def visit(page, url):
     assert page.locator(EXCEPTION).count() == 0
 
 
-def test_a_deep_link_on_a_fresh_server_gets_the_whole_app(page, url):
-    # Runs first in this module: the server has not run app.py yet (a pages/ folder would
-    # make Streamlit serve the bare page script here, without sidebar or navigation).
-    visit(page, f"{url}/inside")
-    assert page.get_by_role("heading", name="Inside: why it works").count() == 1
-    assert page.get_by_test_id("stSidebarNav").get_by_text("One base, many tasks").is_visible()
-    assert page.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session").is_visible()
+def short_run(page):
+    """Press Train on the fewest steps (10) and wait for the result card."""
+    steps = page.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider")
+    steps.focus()
+    page.keyboard.press("Home")
+    wait_ready(page)
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("Results on add_5").wait_for(timeout=120_000)  # the fragment's polling ended the run
+    wait_ready(page)
+
+
+def test_every_page_works_as_the_first_page_a_fresh_server_serves(new_page):
+    # Each page is the first a server ever runs (a page must import what it uses itself), and
+    # the app is whole there (a pages/ folder would serve the bare page script, no sidebar).
+    for path, title in [("train", "Train a sliver"), ("serve", "Many tasks at once"), ("inside", "Inside: why it works")]:
+        with app_server() as fresh:
+            page = new_page()
+            visit(page, f"{fresh}/{path}")
+            assert page.get_by_role("heading", name=title).count() == 1
+            assert page.get_by_test_id("stSidebarNav").get_by_text("One base, many tasks").is_visible()
+            assert page.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session").is_visible()
+            if path == "train":
+                short_run(page)  # the result card used a module no page had imported yet
+                assert page.get_by_test_id("stMetricLabel").filter(has_text="phi file").is_visible()
+                assert page.locator(EXCEPTION).count() == 0
 
 
 @pytest.mark.parametrize("path, title, content", [
@@ -61,13 +79,7 @@ def test_storage_sliders_live_in_the_url(page, url, sync_api):
 
 def test_a_short_training_run_goes_live_and_finishes(page, url):
     visit(page, f"{url}/train")
-    steps = page.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider")
-    steps.focus()
-    page.keyboard.press("Home")  # the fewest steps: 10
-    wait_ready(page)
-    page.get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text("Results on add_5").wait_for(timeout=120_000)  # the fragment's polling ended the run
-    wait_ready(page)
+    short_run(page)
     assert "train=" in page.url  # a refresh finds the run again
     assert page.get_by_test_id("stMetricLabel").filter(has_text="trainable parameters").is_visible()
     assert page.get_by_text("unchanged").first.is_visible()
@@ -75,3 +87,27 @@ def test_a_short_training_run_goes_live_and_finishes(page, url):
     page.reload()
     wait_ready(page)
     assert page.get_by_text("Results on add_5").is_visible()
+
+
+def test_a_shared_link_shows_the_run_read_only(new_page, url):
+    owner, visitor = new_page(), new_page()  # two browsers: two visitors
+    visit(owner, f"{url}/train")
+    steps = owner.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider")
+    steps.focus()
+    owner.keyboard.press("End")  # a long run: 1000 steps
+    wait_ready(owner)
+    owner.get_by_role("button", name="Train", exact=True).click()
+    stop = owner.get_by_role("button", name="Stop", exact=True)
+    stop.wait_for(timeout=60_000)
+    visitor.goto(owner.url)  # the link the owner would share
+    visitor.get_by_text("read-only").wait_for(timeout=60_000)
+    assert visitor.get_by_role("button", name="Stop", exact=True).count() == 0
+    visitor.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session").click()
+    wait_ready(visitor)
+    owner.reload()  # the owner's refresh keeps the run, and it still trains: the visitor stopped nothing
+    wait_ready(owner)
+    assert "running" in owner.get_by_test_id("stProgress").first.inner_text()
+    stop = owner.get_by_role("button", name="Stop", exact=True)
+    stop.click()
+    owner.get_by_text("Results on add_5").wait_for(timeout=60_000)
+    assert "stopped" in owner.get_by_test_id("stProgress").first.inner_text()

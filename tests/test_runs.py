@@ -1,0 +1,130 @@
+"""The run service of a class: a fair queue, identical runs computed once, owners, stop
+when solved. Real (short) training runs, no mocks."""
+import threading
+
+import pytest
+import torch
+
+import peftcore
+from peftcore import LoraConfig
+from peftcore.presets import PRESETS
+from peftcore.runs import DONE, QUEUED, RUNNING, STOPPED, QueueFull, RunManager
+from peftcore.train import SOLVED, TrainEvent, solved_at
+
+CFG = LoraConfig(r=1, lora_alpha=4, target_modules=("q", "v"))
+
+
+def make(base, seed=0):
+    return lambda: peftcore.get_peft_model(base, CFG, seed=seed)
+
+
+def start(manager, base, owner="a", key=None, steps=20, **kw):
+    return manager.start(make(base), "add_5", label="LoRA", owner=owner, key=key, steps=steps,
+                         batch_size=8, eval_every=10, device="cpu", **kw)
+
+
+def test_more_runs_than_slots_wait_first_come_first_served(base):
+    manager = RunManager(max_concurrent=1, torch_threads=None)
+    runs = [start(manager, base, owner=f"s{i}") for i in range(3)]
+    assert [r.status for r in runs] == [RUNNING, QUEUED, QUEUED]
+    assert [manager.place_in_line(r) for r in runs] == [None, 1, 2]
+    for r in runs:
+        r.wait(60)
+    assert [r.status for r in runs] == [DONE] * 3
+    assert runs[0].started <= runs[1].started <= runs[2].started  # in the order they came
+
+
+def test_the_wait_estimate_counts_the_steps_ahead(base):
+    manager = RunManager(max_concurrent=1, torch_threads=None)
+    start(manager, base, steps=10).wait(60)  # one measured run: seconds per step known
+    first, second, third = (start(manager, base, owner=f"s{i}", steps=40) for i in range(3))
+    wait2, wait3 = manager.estimated_wait(second), manager.estimated_wait(third)
+    per_step = manager.seconds_per_step()
+    assert wait2 is not None and wait2 <= 40 * per_step + 1e-9
+    assert wait3 == pytest.approx(wait2 + 40 * per_step)  # one more whole run ahead
+    for r in (first, second, third):
+        manager.stop(r, r.owners.copy().pop())
+
+
+def test_a_cap_on_waiting_runs_refuses_with_a_message(base):
+    manager = RunManager(max_concurrent=1, max_waiting=1, torch_threads=None)
+    running, waiting = start(manager, base, owner="a", steps=200), start(manager, base, owner="b")
+    with pytest.raises(QueueFull, match="limit"):
+        start(manager, base, owner="c")
+    assert len(manager.runs) == 2  # the refused start left nothing behind
+    manager.stop(waiting, "b")  # a stop frees the place at once
+    assert waiting.status == STOPPED and manager.place_in_line(waiting) is None
+    start(manager, base, owner="c")
+    manager.stop(running, "a")
+
+
+def test_identical_runs_are_computed_once_and_each_gets_the_same_phi(base):
+    manager = RunManager(max_concurrent=2, torch_threads=None)
+    key = ("base", "lora", "add_5", 0)
+    first, second = start(manager, base, owner="a", key=key), start(manager, base, owner="b", key=key)
+    assert second is first and first.shared and first.owners == {"a", "b"}
+    other = start(manager, base, owner="c", key=key + (1,))  # any difference: its own run
+    assert other is not first
+    first.wait(60)
+    alone = peftcore.get_peft_model(base, CFG, seed=0)
+    peftcore.run(alone, "add_5", steps=20, batch_size=8, eval_every=10, device="cpu")
+    for (_, p), (_, q) in zip(first.model.named_adapter_parameters(), alone.named_adapter_parameters()):
+        assert torch.equal(p, q)  # the shared computation is the one each would have run
+    assert start(manager, base, owner="d", key=key) is not first  # a finished run is not joined
+
+
+def test_only_owners_stop_and_a_shared_run_stops_when_its_last_owner_leaves(base):
+    manager = RunManager(max_concurrent=1, torch_threads=None)
+    key = ("same",)
+    run = start(manager, base, owner="a", key=key, steps=400)
+    start(manager, base, owner="b", key=key, steps=400)
+    assert not manager.stop(run, "stranger") and run.owners == {"a", "b"}  # a shared link can't stop it
+    assert not manager.stop(run, "a")  # a leaves; b still trains it
+    assert run.owners == {"b"} and not run._stop.is_set()
+    assert manager.stop(run, "b")
+    assert run.wait(60).status == STOPPED
+
+
+def test_a_run_whose_owners_all_left_is_reaped_after_a_grace(base):
+    manager = RunManager(max_concurrent=1, torch_threads=None, grace_s=0.0)
+    run, waiting = start(manager, base, owner="gone", steps=400), start(manager, base, owner="here", steps=5)
+    manager.reap(connected=lambda owner: owner == "here")
+    assert run.wait(60).status == STOPPED  # the closed tab's run freed the slot...
+    assert waiting.wait(60).status == DONE  # ...and the next one in line trained
+    kept = RunManager(max_concurrent=1, torch_threads=None, grace_s=60.0)
+    refreshing = start(kept, base, owner="refresh", steps=400)
+    kept.reap(connected=lambda owner: False)  # a refresh: gone for a moment, within the grace
+    assert not refreshing._stop.is_set()
+    kept.stop(refreshing, "refresh")
+
+
+def test_starts_from_many_threads_join_one_run(base):
+    manager = RunManager(max_concurrent=2, torch_threads=None)
+    got = []
+    threads = [threading.Thread(target=lambda i=i: got.append(start(manager, base, owner=f"s{i}", key=("k",))))
+               for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.id for r in got}) == 1 and len(got[0].owners) == 12 and got[0].joined == 11
+    got[0].wait(60)
+
+
+def ev(step, exact):
+    return TrainEvent(step, 100, 1.0, 0.0, exact, exact, 0.1 * step, 1.0)
+
+
+def test_solved_means_two_evaluations_in_a_row():
+    events = [ev(10, 0.5), ev(20, SOLVED), ev(30, 0.9), ev(40, 1.0), ev(50, SOLVED)]
+    assert solved_at(events).step == 40  # the lucky evaluation at 20 alone does not count
+    assert solved_at(events[:4]) is None
+
+
+def test_stop_when_solved_ends_the_run_at_the_confirming_evaluation(base):
+    model = peftcore.get_peft_model(base, PRESETS["LoRA"].config, seed=0)
+    events = list(peftcore.train(model, "complement", steps=300, lr=1e-2, batch_size=32, eval_every=10,
+                                 device="cpu", stop_when_solved=True))
+    first = solved_at(events)
+    assert first is not None, [e.eval_exact for e in events if e.eval_exact is not None]
+    assert events[-1].step == first.step + 10 < 300 and events[-1].done
