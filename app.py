@@ -25,6 +25,7 @@ PAGES = [
     st.Page("app_pages/train.py", title="Train a sliver", icon=":material/model_training:"),
     st.Page("app_pages/serve.py", title="Many tasks at once", icon=":material/dns:"),
     st.Page("app_pages/inside.py", title="Inside: why it works", icon=":material/biotech:"),
+    st.Page("app_pages/classroom.py", title="Class", icon=":material/groups:"),
 ]
 
 

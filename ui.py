@@ -7,6 +7,7 @@ the runs themselves live in the manager, so a rerun or a page switch never loses
 """
 import functools
 import json
+import os
 import secrets
 
 import plotly.graph_objects as go
@@ -16,6 +17,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import peftcore
 from peftcore import library
+from peftcore import store as store_mod
 from peftcore.presets import PRESETS
 from peftcore.runs import QUEUED, QueueFull, RunManager
 from peftcore.train import solved_at
@@ -72,26 +74,85 @@ def seed():
     return int(ss.get("seed", 0))
 
 
+# ------------------------------------------------------------------ the store: saved phi outlive the tab
+def store_path():
+    """$PEFT_STORE, else `peft_store` in .streamlit/secrets.toml, else the user's data dir."""
+    if os.environ.get(store_mod.ENV_VAR):
+        return str(store_mod.default_path())
+    try:
+        configured = st.secrets.get("peft_store")
+    except Exception:  # noqa: BLE001 - no secrets.toml (or a broken one): the default
+        configured = None
+    return str(configured or store_mod.default_path())
+
+
+@st.cache_resource(show_spinner=False)
+def get_store(path):
+    """One Store per file for the server; files are vetted against the CPU copy of the base."""
+    return store_mod.Store(path, base=get_base("cpu"))
+
+
+def store():
+    return get_store(store_path())
+
+
+def bank_token(create=False):
+    """This student's bank token, kept in the URL (?bank=...) so that a refresh, a bookmark
+    or a server restart finds the same saved phi. A new one only when something is saved."""
+    token = st.query_params.get("bank")
+    if store_mod.valid_token(token):
+        return token
+    if token and not ss.get("bad_bank_link"):
+        ss["bad_bank_link"] = True
+        st.warning("The bank token in this link (?bank=...) is not valid: it was ignored. "
+                   "A new bank link is made when you save a phi.")
+    if not create:
+        return None
+    token = ss.get("bank_token") or store_mod.new_token()
+    ss["bank_token"] = token
+    st.query_params["bank"] = token
+    return token
+
+
 # ------------------------------------------------------------------ this session's bank
 def bank():
-    """This session's PeftModel bank over the shared base, filled with the shipped library.
-    A library file that fails to load is skipped and reported, never fatal."""
+    """This session's PeftModel bank over the shared base: the shipped library, then the
+    phi this student saved (from the store). A file that fails to load is skipped and
+    reported, never fatal."""
     key = f"bank:{device()}"
     if key not in ss:
         model, errors = library.load_library(get_base(device()))
-        ss[key], ss["library_errors"], ss["file_bytes"] = model, errors, {}
+        stored, token = {}, bank_token()
+        for rec in store().list_phi(owner=token) if token else []:
+            name = rec.name if rec.name not in model.peft_config else f"saved-{rec.id}"
+            try:
+                peftcore.load_adapter(model, name, store().load_bytes(rec.id))
+                stored[name] = rec.id
+            except (store_mod.StoreError, peftcore.AdapterLoadError) as e:
+                errors.append(f"saved phi {rec.name}: {e}")
+        ss[key], ss["library_errors"], ss["file_bytes"], ss["stored_ids"] = model, errors, {}, stored
     return ss[key]
 
 
 def add_to_bank(name, data):
-    """Load phi file bytes into the bank; raises AdapterLoadError with the reason."""
+    """Load phi file bytes into the bank and save them in the store, or neither: raises
+    AdapterLoadError with the reason."""
     peftcore.load_adapter(bank(), name, data)
+    try:
+        rec = store().save_phi(bank_token(create=True), name, data)
+    except store_mod.StoreError as e:
+        bank().delete_adapter(name)
+        raise peftcore.AdapterLoadError(str(e)) from None
+    ss["stored_ids"][name] = rec.id
     ss["file_bytes"].pop(name, None)
 
 
 def remove_from_bank(name):
     bank().delete_adapter(name)
     ss["file_bytes"].pop(name, None)
+    phi_id = ss["stored_ids"].pop(name, None)
+    if phi_id is not None:
+        store().delete_phi(phi_id, owner=bank_token())
 
 
 def file_bytes(name):
@@ -106,7 +167,7 @@ def bank_rows():
     """One dict per phi in the bank: method, task, parameters, phi %, file and formula bytes.
     Cached until the bank's content changes (phi in a bank never train)."""
     model, facts = bank(), base_facts(device())
-    key = tuple((name, id(cfg)) for name, cfg in model.peft_config.items())
+    key = model.generation  # bumped on every add, delete, load or merge
     cached = ss.get("bank_rows")
     if cached and cached[0] == key:
         return cached[1]

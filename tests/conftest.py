@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -10,6 +11,10 @@ import peftcore
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the app's own modules (ui, bench) as `streamlit run` sees them
+
+# Saved phi and classes go to a store of this test session, never the user's own (the
+# app servers the browser tests start inherit it).
+os.environ["PEFT_STORE"] = os.path.join(tempfile.mkdtemp(prefix="peft-store-"), "store.sqlite3")
 
 # One intra-op thread: this model's matmuls are tiny, and on a shared 2-core machine two
 # OpenMP threads per op run several times slower than one (see BENCHMARKS.md).

@@ -1,0 +1,289 @@
+"""Class: one base, a whole room of tasks. A teacher starts a class (a join code for the room,
+a teacher key shown once); students join with the code (kept in the URL: ?class=CODE) and
+save phi from their session bank into the class; the board lists every phi, the storage
+chart prices the class's real files, and one mixed batch serves every phi in the class at
+once on the one shared base. UI only: the store is peftcore.store, the torch work peftcore.
+"""
+import threading
+
+import numpy as np
+import streamlit as st
+
+import peftcore
+import ui
+from peftcore import analysis
+from peftcore.store import StoreError, normalize_code
+from peftcore.storage import human_bytes
+
+ss = st.session_state
+MAX_SERVED = 120  # rows of the class's mixed batch: one per phi, the class cap
+
+
+# ------------------------------------------------------------------ the class in the link
+def current_class():
+    """The class of ?class=CODE, or None (with a clear message for a bad or unknown code)."""
+    raw = st.query_params.get("class")
+    if not raw:
+        return None
+    try:
+        return ui.store().class_info(raw)
+    except StoreError as e:
+        st.error(f"The class in this link cannot be opened: {e}.")
+        return None
+
+
+def teacher_key(code):
+    return ss.get("teacher_keys", {}).get(code)
+
+
+# ------------------------------------------------------------------ starting and joining
+def start_or_join():
+    left, right = st.columns(2, gap="large")
+    with left, st.form("create_form"):
+        st.markdown("**Teachers: start a class**")
+        name = st.text_input("Class name", key="class_name", max_chars=40, placeholder="e.g. Monday group")
+        if st.form_submit_button("Start a class", type="primary", key="create_class"):
+            try:
+                code, key = ui.store().create_class(name)
+            except StoreError as e:
+                st.error(str(e))
+            else:
+                ss.setdefault("teacher_keys", {})[code] = key
+                ss["show_key"] = code
+                st.query_params["class"] = code
+                st.rerun()
+    with right, st.form("join_form"):
+        st.markdown("**Students: join a class**")
+        typed = st.text_input("Join code", key="join_code", max_chars=12, placeholder="e.g. ABC234")
+        if st.form_submit_button("Join", key="join_class"):
+            code = normalize_code(typed)
+            try:
+                if code is None:
+                    raise StoreError("a join code is 6 letters and digits, e.g. ABC234")
+                ui.store().join(code)
+            except StoreError as e:
+                st.error(f"Cannot join: {e}.")
+            else:
+                st.query_params["class"] = code
+                st.rerun()
+
+
+def class_header(info):
+    st.subheader(f"{info.name} · join code {info.code}" + ("" if info.is_open else " · closed"))
+    if ss.get("show_key") == info.code:
+        st.success(f"Class started. Students open this page and type the join code **{info.code}** "
+                   f"(or open a link ending in `?class={info.code}`).")
+        st.warning("Your **teacher key** deletes any phi in the class and closes it. It is shown only now: "
+                   "copy it somewhere safe.")
+        st.code(teacher_key(info.code), language=None)
+        if st.button("I have copied the key", key="hide_key"):
+            ss.pop("show_key", None)
+            st.rerun()
+    a, b = st.columns([3, 1], vertical_alignment="bottom")
+    a.caption(f"{info.n_phi} phi in the class, {human_bytes(info.bytes)}.")
+    if b.button("Leave this class", key="leave_class", width="stretch"):
+        del st.query_params["class"]
+        st.rerun()
+
+
+# ------------------------------------------------------------------ saving into the class
+def measured_exact(name):
+    """Held-out exact match of the bank's phi `name`, measured here (cached per phi object)."""
+    model = ui.bank()
+    task = model.adapter_task.get(name)
+    if task not in peftcore.TASKS:
+        return None
+    cache = ss.setdefault("class_exact", {})
+    key = (name, model.generation)  # a re-added name is a new phi
+    if key not in cache:
+        with analysis.keep_active(model):
+            model.set_adapter(name)
+            cache[key] = float(peftcore.evaluate(model, task)[0])
+    return cache[key]
+
+
+def save_panel(info):
+    st.markdown("**Save one of your phi into the class**")
+    rows = ui.bank_rows()
+    if not rows:
+        st.info("Your bank is empty: train a phi on *Train a sliver* first.")
+        return
+    a, b, c = st.columns([2, 2, 1], vertical_alignment="bottom")
+    author = a.text_input("Your name on the board", key="class_author", max_chars=40,
+                          help="Shown to the class next to your phi. Letters, digits, spaces, '.', \"'\" and '-'.")
+    names = [r["name"] for r in rows]
+    name = b.selectbox("phi from your bank", names, key="class_phi")
+    if c.button("Save into the class", key="class_save", type="primary", width="stretch", disabled=not info.is_open):
+        try:
+            data = peftcore.adapter_to_bytes(ui.bank(), name)
+            rec = ui.store().save_phi(ui.bank_token(create=True), name, data, class_code=info.code,
+                                   eval_exact=measured_exact(name), author=author or "anonymous")
+        except StoreError as e:
+            st.error(f"Not saved: {e}")
+        else:
+            st.success(f"Saved **{rec.name}** into {info.name} ({rec.bytes:,} bytes).")
+    if not info.is_open:
+        st.caption("This class is closed: it takes no new phi.")
+
+
+# ------------------------------------------------------------------ the board
+def board(info, records):
+    facts = ui.base_facts(ui.device())
+    token, key = ui.bank_token(), teacher_key(info.code)
+    st.dataframe([dict(id=r.id, student=r.author or "anonymous", name=r.name,
+                       method=ui.METHOD_OF_TYPE.get(r.method, r.method), task=r.task,
+                       phi_pct=100 * r.num_params / facts["params"], bytes=r.bytes,
+                       exact=None if r.eval_exact is None else 100 * r.eval_exact,
+                       yours=r.owned_by(token)) for r in records],
+                 hide_index=True, key="class_board", column_config={
+                     "phi_pct": st.column_config.NumberColumn("phi %", format="%.3f%%"),
+                     "bytes": st.column_config.NumberColumn("file bytes", format="localized"),
+                     "exact": st.column_config.NumberColumn(
+                         "held-out exact match", format="%.1f%%", help="measured when it was saved"),
+                     "yours": st.column_config.CheckboxColumn("yours")})
+    mine = [r for r in records if r.owned_by(token)]
+    deletable = records if key else mine
+    if deletable:
+        a, b = st.columns([3, 1], vertical_alignment="bottom")
+        label = {r.id: f"#{r.id} {r.author or 'anonymous'}: {r.name}" for r in deletable}
+        phi_id = a.selectbox("Delete a phi" + (" (teacher)" if key else " of yours"), list(label),
+                             format_func=label.get, key="class_delete_id")
+        if b.button("Delete", key="class_delete", width="stretch"):
+            try:
+                ui.store().delete_phi(phi_id, owner=token, teacher_key=key)
+            except StoreError as e:
+                st.error(str(e))
+            else:
+                st.rerun()
+
+
+def teacher_panel(info):
+    key = teacher_key(info.code)
+    if key is None:
+        with st.expander("I am the teacher of this class"):
+            typed = st.text_input("Teacher key", key="typed_teacher_key", type="password")
+            if st.button("Use this key", key="use_teacher_key"):
+                if ui.store().is_teacher(info.code, typed.strip()):
+                    ss.setdefault("teacher_keys", {})[info.code] = typed.strip()
+                    st.rerun()
+                st.error("That is not this class's teacher key.")
+        return
+    if info.is_open and st.button("Close the class", key="close_class",
+                                  help="No more phi can be saved into it; the board stays."):
+        try:
+            ui.store().close_class(info.code, key)
+        except StoreError as e:
+            st.error(str(e))
+        else:
+            st.rerun()
+
+
+# ------------------------------------------------------------------ storage chart
+def storage_figure(records, base_bytes):
+    """1 + sum p over the class's measured files, against T full copies, T = 0..number of phi."""
+    p = np.array([r.bytes / base_bytes for r in records])
+    t = np.arange(len(p) + 1)
+    peft = 1 + np.concatenate([[0.0], np.cumsum(p)])
+    labels = ["the base alone"] + [f"+ {r.author or 'anonymous'}: {r.name}" for r in records]
+    return ui.figure([
+        dict(type="scatter", mode="lines+markers", name="PEFT: 1 + Σ p (this class's files)", x=t.tolist(),
+             y=peft.tolist(), text=labels, line=dict(width=6, color=ui.COLORS["LoRA"]), marker=dict(size=9),
+             hovertemplate="T = %{x}: %{y:.4f} base models<br>%{text}<extra></extra>"),
+        dict(type="scatter", mode="lines", name="full fine-tuning: T copies", x=t.tolist(), y=t.astype(float).tolist(),
+             line=dict(width=4, color="#888888"), opacity=0.45,
+             hovertemplate="T = %{x}: %{y:.0f} base models<extra></extra>"),
+    ], height=480, hovermode="x unified", xaxis=dict(title="number of phi in the class T", dtick=max(1, len(p) // 10)),
+        yaxis=dict(title="storage (base models)", rangemode="tozero"))
+
+
+def storage_section(records):
+    facts = ui.base_facts(ui.device())
+    base_bytes = facts["file_bytes"]
+    ui.plot(storage_figure(records, base_bytes), key="class_storage")
+    total = base_bytes + sum(r.bytes for r in records)
+    t = len(records)
+    st.markdown(f"**{t} tasks** on one base ({human_bytes(base_bytes)}) plus the class's phi files: "
+                f"**{human_bytes(total)}**, {total / base_bytes:.3f} base models. "
+                f"A full fine-tuned copy per task would take {human_bytes(t * base_bytes)} ({t} base models).")
+
+
+# ------------------------------------------------------------------ one mixed batch
+@st.cache_resource(max_entries=4, show_spinner="Loading the class's phi onto the shared base...")
+def class_bank(path, device, phi_ids):
+    """A PeftModel over the shared base holding every phi in `phi_ids` (a sorted tuple of ids:
+    ids are never reused, so a changed class is a new key), shared by every session of the
+    class, with a lock: a mixed batch routes rows through model state."""
+    model, errors, s = peftcore.PeftModel(ui.get_base(device)), [], ui.get_store(path)
+    for phi_id in phi_ids:
+        try:
+            peftcore.load_adapter(model, f"phi{phi_id}", s.load_bytes(phi_id))
+        except (StoreError, peftcore.AdapterLoadError) as e:
+            errors.append(f"phi #{phi_id}: {e}")
+    return dict(model=model, lock=threading.Lock(), errors=errors)
+
+
+def serve_section(records):
+    servable = [r for r in records if r.task in peftcore.TASKS][:MAX_SERVED]
+    if not servable:
+        st.info("No phi of a known task to serve yet.")
+        return
+    ids = tuple(sorted(r.id for r in servable))
+    if st.button(f"Serve all {len(servable)} phi in one mixed batch", key="class_serve", type="primary"):
+        bank = class_bank(ui.store_path(), ui.device(), ids)
+        names = [f"phi{r.id}" for r in servable if f"phi{r.id}" in bank["model"].peft_config]
+        by_name = {f"phi{r.id}": r for r in servable}
+        with bank["lock"]:
+            report = analysis.serve_report(bank["model"], names, [by_name[n].task for n in names], per=1,
+                                           seed=ui.seed(), repeats=3)
+        for row, n in zip(report["rows"], names):
+            r = by_name[n]
+            row["task"] = f"{r.author or 'anonymous'}: {r.name} ({r.task})"
+        ss["class_served"] = (ids, report, bank["errors"])
+    served = ss.get("class_served")
+    if not served or served[0] != ids:
+        return
+    _, report, errors = served
+    for e in errors:
+        st.warning(f"Skipped: {e}")
+    t = report["times"]
+    a, b, c = st.columns(3)
+    a.metric("one mixed batch", f"{1000 * t['mixed_s']:.1f} ms", help="every row with its own phi, one pass per digit")
+    b.metric("swap per request", f"{1000 * t['swap_s']:.1f} ms", help="set_adapter, then one request at a time")
+    ratio = t["swap_s"] / t["mixed_s"]
+    c.metric("mixed batch against swapping", f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower")
+    right = sum(r["correct"] for r in report["rows"])
+    st.caption(f"One request per phi ({len(report['rows'])} rows, {right} answered right), greedy decoding of "
+               f"8 digits on {ui.device()}, median of 3 timings each. Outputs of the mixed batch "
+               f"{'equal' if report['same'] else 'DIFFER FROM'} one-request-at-a-time outputs.")
+    ui.predictions_table(report["rows"])
+
+
+# ------------------------------------------------------------------ the page
+st.title("Class")
+st.markdown("Thirty students, thirty tasks, **one base**. Each student saves the phi they trained into the "
+            "class; the class's storage is one base plus the slivers, and one server answers every task "
+            "at once in a single mixed batch.")
+
+ui.bank_token()  # a malformed ?bank= gets its message on every page of the class
+try:
+    info = current_class()
+except StoreError as e:  # the store itself cannot be opened
+    st.error(f"The class store is not available: {e}")
+    st.stop()
+if info is None:
+    start_or_join()
+else:
+    class_header(info)
+    save_panel(info)
+    records = ui.store().list_phi(class_code=info.code)
+    st.subheader("Class board")
+    if records:
+        board(info, records)
+    else:
+        st.info("No phi in the class yet: the first one saved appears here.")
+    teacher_panel(info)
+    if records:
+        st.subheader("What the class stores")
+        storage_section(records)
+        st.subheader("Serve the whole class at once")
+        serve_section(records)
