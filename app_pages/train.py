@@ -1,4 +1,6 @@
 """Train a sliver: pick a task and a method, train phi live, or race the methods."""
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
 import streamlit as st
 
 import peftcore
@@ -16,6 +18,7 @@ LR_OPTIONS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1]
 STEPS = dict(min_value=10, max_value=1000, step=10)
 FULL = "Full fine-tuning"
 GROUP = "train"
+ss = st.session_state
 
 
 def unless_set(key, default):
@@ -23,28 +26,150 @@ def unless_set(key, default):
     return None if key in st.session_state else default
 
 
+# ------------------------------------------------------------------ exercises: teacher links
+# A link such as /train?task=sort&method=LoRA&r=2&only=r,target_modules sets controls and
+# says which a student may change (only=, or lock=) and which they do not even see (hide=).
+def _choice(options):
+    def parse(text):
+        match = [o for o in options if str(o) == text or (isinstance(o, float) and _float(text) == o)]
+        if not match:
+            raise ValueError(f"must be one of {', '.join(f'{o:g}' if isinstance(o, float) else str(o) for o in options)}")
+        return match[0]
+    return parse
+
+
+def _float(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _number(lo, hi, kind):
+    def parse(text):
+        value = _float(text)
+        if value is None or not lo <= value <= hi or (kind is int and value != int(value)):
+            raise ValueError(f"must be {'a whole' if kind is int else 'a'} number from {lo} to {hi}")
+        return kind(value)
+    return parse
+
+
+def _modules(text):
+    names = [t for t in text.split(",") if t]
+    if not names or any(t not in TARGETABLE for t in names):
+        raise ValueError(f"must be a comma-separated subset of {', '.join(TARGETABLE)}")
+    return names
+
+
+CONTROLS = {  # link name -> (session key, with {method} for per-method ones; parser)
+    "task": ("task", _choice(list(peftcore.TASKS))),
+    "method": ("method", _choice(list(PRESETS))),
+    "r": ("lora_r", _number(1, 64, int)),
+    "lora_alpha": ("lora_alpha", _number(1, 128, int)),
+    "target_modules": ("lora_targets", _modules),
+    "lora_dropout": ("lora_dropout", _number(0.0, 0.5, float)),
+    "bottleneck_size": ("adapter_b", _number(1, 128, int)),
+    "num_virtual_tokens": ("prompt_n", _number(1, 64, int)),
+    "lr": ("lr-{method}", _choice(LR_OPTIONS)),
+    "steps": ("steps-{method}", _number(10, 1000, int)),
+}
+
+
+def _names(text, problems, what):
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in CONTROLS]
+    if unknown:
+        problems.append(f"{what}={text!r}: no control named {', '.join(unknown)}; ignored")
+    return {n for n in names if n in CONTROLS}
+
+
+def exercise():
+    """The link's exercise, read once per session: its values set the controls; a value
+    that does not fit is reported and the control keeps its default."""
+    if "exercise" not in ss:
+        q, values, problems = st.query_params, {}, []
+        for name, (_, parse) in CONTROLS.items():
+            if name in q:
+                try:
+                    values[name] = parse(q[name])
+                except ValueError as e:
+                    problems.append(f"{name}={q[name]!r} {e}; reset to the default")
+        locked = _names(q.get("lock", ""), problems, "lock")
+        if "only" in q:
+            locked |= set(CONTROLS) - _names(q["only"], problems, "only")
+        hidden = _names(q.get("hide", ""), problems, "hide")
+        method = values.get("method", "LoRA")
+        for name, value in values.items():
+            ss[CONTROLS[name][0].format(method=method)] = value
+        ss["exercise"] = dict(values=values, locked=locked, hidden=hidden, problems=problems)
+    return ss["exercise"]
+
+
+def control(name, default, draw):
+    """Draw a control (disabled if the exercise locks it), or, if it hides it, use the
+    link's value unseen."""
+    ex = exercise()
+    if name in ex["hidden"]:
+        return ex["values"].get(name, default)
+    return draw(disabled=name in ex["locked"])
+
+
+def exercise_notes():
+    ex = exercise()
+    if ex["problems"]:
+        st.warning("This link had values that do not fit: " + "; ".join(ex["problems"]) + ".")
+    if ex["locked"] or ex["hidden"]:
+        free = [n for n in CONTROLS if n not in ex["locked"] | ex["hidden"]]
+        st.info("An exercise from your teacher: you may change " + (", ".join(f"`{n}`" for n in free) or "nothing")
+                + (" (some settings are hidden)." if ex["hidden"] else "."))
+
+
+def class_link(task, method, config, lr, steps):
+    """Build an exercise link from this page's current settings, for a teacher to share."""
+    with st.expander("Copy link for the class"):
+        free = st.multiselect("Students may change", list(CONTROLS), default=list(CONTROLS), key="link_only")
+        hidden = st.multiselect("Hidden from students", list(CONTROLS), key="link_hide")
+        settings = {k: ",".join(v) if isinstance(v, (list, tuple)) else v
+                    for k, v in config.to_dict().items() if k in CONTROLS}
+        params = dict(task=task, method=method, **settings, lr=f"{lr:g}", steps=steps)
+        if set(free) != set(CONTROLS):
+            params["only"] = ",".join(free)
+        if hidden:
+            params["hide"] = ",".join(hidden)
+        here = urlsplit(st.context.url or "http://localhost:8501/train")
+        st.code(urlunsplit((here.scheme, here.netloc, here.path, urlencode(params, safe=","), "")), language=None)
+        st.caption("The copy button is at the code's right. A hidden control still takes its value from the link.")
+
+
 def lora_widgets(preset: LoraConfig):
     a, b = st.columns(2)
-    r = a.slider("r (rank)", 1, 64, preset.r, key="lora_r",
-                 help="Rank of the update B A: phi grows linearly with r.")
-    alpha = b.slider("lora_alpha", 1, 128, preset.lora_alpha, key="lora_alpha",
-                     help="The update is scaled by lora_alpha / r.")
-    targets = st.multiselect("target_modules", TARGETABLE, default=list(preset.target_modules), key="lora_targets",
-                             help="Which projections of every block get a LoRA: attention q, k, v, o and MLP up, down.")
-    dropout = st.slider("lora_dropout", 0.0, 0.5, preset.lora_dropout, 0.05, key="lora_dropout",
-                        help="Dropout on the LoRA branch's input while training.")
+    r = control("r", preset.r, lambda **kw: a.slider(
+        "r (rank)", 1, 64, unless_set("lora_r", preset.r), key="lora_r",
+        help="Rank of the update B A: phi grows linearly with r.", **kw))
+    alpha = control("lora_alpha", preset.lora_alpha, lambda **kw: b.slider(
+        "lora_alpha", 1, 128, unless_set("lora_alpha", preset.lora_alpha), key="lora_alpha",
+        help="The update is scaled by lora_alpha / r.", **kw))
+    targets = control("target_modules", list(preset.target_modules), lambda **kw: st.multiselect(
+        "target_modules", TARGETABLE, default=unless_set("lora_targets", list(preset.target_modules)),
+        key="lora_targets", help="Which projections of every block get a LoRA: attention q, k, v, o and MLP up, down.",
+        **kw))
+    dropout = control("lora_dropout", preset.lora_dropout, lambda **kw: st.slider(
+        "lora_dropout", 0.0, 0.5, unless_set("lora_dropout", preset.lora_dropout), 0.05, key="lora_dropout",
+        help="Dropout on the LoRA branch's input while training.", **kw))
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=tuple(targets))
 
 
 def adapter_widgets(preset: AdapterConfig):
-    b = st.slider("bottleneck_size", 1, 128, preset.bottleneck_size, key="adapter_b",
-                  help="Width of the adapter's bottleneck: d -> b -> d after each sublayer.")
+    b = control("bottleneck_size", preset.bottleneck_size, lambda **kw: st.slider(
+        "bottleneck_size", 1, 128, unless_set("adapter_b", preset.bottleneck_size), key="adapter_b",
+        help="Width of the adapter's bottleneck: d -> b -> d after each sublayer.", **kw))
     return AdapterConfig(bottleneck_size=b)
 
 
 def prompt_widgets(preset: PromptTuningConfig):
-    n = st.slider("num_virtual_tokens", 1, 64, preset.num_virtual_tokens, key="prompt_n",
-                  help="How many trainable embeddings go in front of the input.")
+    n = control("num_virtual_tokens", preset.num_virtual_tokens, lambda **kw: st.slider(
+        "num_virtual_tokens", 1, 64, unless_set("prompt_n", preset.num_virtual_tokens), key="prompt_n",
+        help="How many trainable embeddings go in front of the input.", **kw))
     return PromptTuningConfig(num_virtual_tokens=n)
 
 
@@ -62,17 +187,20 @@ def phi_params(config, facts):
     return facts["params"] if n is None else n
 
 
-def one_method():
+def one_method(task):
     """Widgets for one method; returns [(label, config, train kwargs)]."""
-    method = st.selectbox("Method", list(PRESETS), key="method", help="How phi plugs into the frozen base.")
+    method = control("method", "LoRA", lambda **kw: st.selectbox(
+        "Method", list(PRESETS), key="method", help="How phi plugs into the frozen base.", **kw))
     preset = PRESETS[method]
     config = CONFIG_WIDGETS[method](preset.config)
     a, b = st.columns(2)
-    lr = a.select_slider("Learning rate", LR_OPTIONS, value=preset.train["lr"], key=f"lr-{method}",
-                         format_func=lambda v: f"{v:g}", help="AdamW's peak learning rate (warmup, then cosine).")
-    steps = b.slider("Steps", value=unless_set(f"steps-{method}", preset.train["steps"]), key=f"steps-{method}",
-                     help=f"Batches of {preset.train['batch_size']} examples. The preset is sized to finish "
-                          "within 15 s on 2 CPU cores.", **STEPS)
+    lr = control("lr", preset.train["lr"], lambda **kw: a.select_slider(
+        "Learning rate", LR_OPTIONS, value=unless_set(f"lr-{method}", preset.train["lr"]), key=f"lr-{method}",
+        format_func=lambda v: f"{v:g}", help="AdamW's peak learning rate (warmup, then cosine).", **kw))
+    steps = control("steps", preset.train["steps"], lambda **kw: b.slider(
+        "Steps", value=unless_set(f"steps-{method}", preset.train["steps"]), key=f"steps-{method}",
+        help=f"Batches of {preset.train['batch_size']} examples.", **STEPS, **kw))
+    class_link(task, method, config, lr, steps)
     return [(method, config, dict(preset.train, lr=lr, steps=steps))]
 
 
@@ -208,18 +336,20 @@ st.markdown(
     "gradients: the base's fingerprint is the same after training. In **race** mode several methods train "
     "on the same task at once, full fine-tuning included, so you can compare accuracy per parameter.")
 
-ss = st.session_state
 facts = ui.base_facts(ui.device())
 runs = ui.group_runs(GROUP)
 restore_setup(runs)
 busy = any(not r.finished and ui.owns(r) for r in runs)
 setup, live = st.columns([1, 2.2], gap="large")
 with setup:
-    mode = st.radio("Mode", ["One method", "Race"], horizontal=True, key="mode",
+    exercise_notes()
+    in_exercise = bool(exercise()["locked"] or exercise()["hidden"])  # an exercise is one method
+    mode = st.radio("Mode", ["One method", "Race"], horizontal=True, key="mode", disabled=in_exercise,
                     help="Race: several methods on one task, curves overlaid.")
-    task = st.selectbox("Task", list(peftcore.TASKS), key="task", help="Downstream tasks the base was not pretrained on.")
+    task = control("task", "add_5", lambda **kw: st.selectbox(
+        "Task", list(peftcore.TASKS), key="task", help="Downstream tasks the base was not pretrained on.", **kw))
     st.caption(peftcore.TASKS[task].description)
-    specs = one_method() if mode == "One method" else race()
+    specs = one_method(task) if mode == "One method" or in_exercise else race()
     for label, _, _ in specs:
         seed_note(label, task)
     errors = check(specs, facts)

@@ -1,0 +1,56 @@
+"""Teacher links on the train page (AppTest): a link sets controls, locks or hides them,
+a bad value is reported and reset, and the page builds such a link from its settings."""
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def open_train(query):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update(query)
+    at.run()
+    at.switch_page("app_pages/train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def labels(widgets):
+    return [w.label for w in widgets]
+
+
+def test_a_link_sets_locks_and_hides_controls():
+    at = open_train({"task": "complement", "method": "Adapter", "bottleneck_size": "4", "lr": "0.005",
+                     "only": "bottleneck_size,steps", "hide": "lr"})
+    assert at.selectbox(key="task").value == "complement" and at.selectbox(key="task").disabled
+    assert at.selectbox(key="method").value == "Adapter" and at.selectbox(key="method").disabled
+    b = at.slider(key="adapter_b")
+    assert b.value == 4 and not b.disabled
+    assert "Learning rate" not in labels(at.select_slider)  # hidden...
+    assert any("lr 0.005" in c.value for c in at.caption)  # ...but its value is the link's
+    assert any("you may change `bottleneck_size`, `steps`" in i.value for i in at.info)
+    b.set_value(8).run()  # what the exercise leaves free still changes
+    assert at.slider(key="adapter_b").value == 8 and not at.exception
+
+
+def test_bad_values_in_a_link_are_reported_and_reset():
+    at = open_train({"r": "abc", "steps": "5", "task": "nope", "target_modules": "q,zz", "only": "r,bogus"})
+    warning = " ".join(w.value for w in at.warning)
+    for name in ("r='abc'", "steps='5'", "task='nope'", "target_modules='q,zz'", "bogus"):
+        assert name in warning, (name, warning)
+    assert at.slider(key="lora_r").value == 1 and at.selectbox(key="task").value == "add_5"  # the defaults
+
+
+def test_the_page_builds_a_link_that_reopens_the_same_exercise():
+    at = open_train({})
+    at.slider(key="lora_r").set_value(3).run()
+    at.multiselect(key="link_only").set_value(["r"]).run()
+    at.multiselect(key="link_hide").set_value(["steps"]).run()
+    link = [c.value for c in at.code if "/train?" in c.value][0]
+    query = dict(parse_qsl(urlsplit(link).query))
+    assert query["r"] == "3" and query["only"] == "r" and query["hide"] == "steps"
+    again = open_train(query)
+    assert again.slider(key="lora_r").value == 3 and not again.slider(key="lora_r").disabled
+    assert again.slider(key="lora_alpha").disabled and "Steps" not in labels(again.slider)
