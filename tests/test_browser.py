@@ -111,3 +111,60 @@ def test_a_shared_link_shows_the_run_read_only(new_page, url):
     stop.click()
     owner.get_by_text("Results on add_5").wait_for(timeout=60_000)
     assert "stopped" in owner.get_by_test_id("stProgress").first.inner_text()
+
+
+def choose(page, label, option):
+    """Pick `option` in the selectbox labelled `label` (type to filter, then Enter)."""
+    box = page.get_by_test_id("stSelectbox").filter(has_text=label)
+    box.click()
+    page.keyboard.type(option)
+    page.get_by_role("option", name=option).first.click()
+    wait_ready(page)
+
+
+def test_a_class_end_to_end_and_a_saved_phi_outlives_the_tab(new_page, url):
+    teacher = new_page()
+    visit(teacher, f"{url}/classroom")
+    teacher.get_by_role("textbox", name="Class name").fill("Period 3")
+    teacher.get_by_role("button", name="Start a class").click()
+    teacher.get_by_text("teacher key").first.wait_for(timeout=60_000)
+    code = re.search(r"class=([A-Z0-9]+)", teacher.url).group(1)
+    for student, phi in [("Ada", "lora-add_5"), ("Grace", "adapter-complement")]:
+        page = new_page()
+        visit(page, f"{url}/classroom?class={code}")
+        page.get_by_role("textbox", name="Your name on the board").fill(student)
+        choose(page, "phi from your bank", phi)
+        page.get_by_role("button", name="Save into the class").click()
+        page.get_by_text(f"Saved {phi}").wait_for(timeout=60_000)
+        assert page.locator(EXCEPTION).count() == 0
+    teacher.reload()
+    wait_ready(teacher)
+    assert teacher.get_by_text("2 phi in the class").is_visible()  # the board (a canvas grid) has both
+    teacher.get_by_role("button", name=re.compile(r"Serve all 2 phi")).click()
+    wait_ready(teacher)
+    for task in ("add_5", "complement"):
+        assert teacher.get_by_text(task).count() > 0
+    assert teacher.locator(EXCEPTION).count() == 0
+
+
+def test_a_saved_phi_survives_a_refresh(page, url):
+    visit(page, f"{url}/train")
+    short_run(page)
+    page.get_by_role("button", name="Save to my bank").click()
+    page.get_by_text("Saved lora-add_5-2").wait_for(timeout=30_000)  # the library holds lora-add_5
+    assert "bank=" in page.url  # the link to this bank
+    page.goto(re.sub(r"/train\?.*", "/serve?", page.url) + re.search(r"bank=[^&]+", page.url).group(0))
+    wait_ready(page)
+    assert page.get_by_text("lora-add_5-2").count() > 0
+
+
+def test_a_teacher_link_hides_what_it_says_on_a_fresh_server(new_page):
+    with app_server() as fresh:
+        page = new_page()
+        visit(page, f"{fresh}/train?task=sort&method=LoRA&r=2&only=r&hide=lr,steps")
+        assert page.get_by_text("An exercise from your teacher").is_visible()
+        sliders = page.get_by_test_id("stSlider")
+        assert sliders.filter(has_text="Steps").count() == 0
+        assert page.get_by_test_id("stSelectSlider").filter(has_text="Learning rate").count() == 0
+        assert sliders.filter(has_text="r (rank)").get_by_test_id("stSliderThumbValue").inner_text() == "2"
+        assert page.locator(EXCEPTION).count() == 0
