@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, cache_key, check_range
+from .config import PeftConfig, StackCache, check_range
 
 
 @dataclass
@@ -53,6 +53,7 @@ class AdapterLayer(nn.Module):
         self.d_model = d_model
         self.route = route
         self.adapters = nn.ModuleDict()
+        self._stack_cache = StackCache()
 
     def add(self, name, cfg: AdapterConfig, like: torch.Tensor, generator=None):
         self.adapters[name] = Bottleneck(self.d_model, cfg.bottleneck_size, like.device, like.dtype, generator)
@@ -61,6 +62,10 @@ class AdapterLayer(nn.Module):
         if name not in self.adapters:
             return
         del self.adapters[name]
+        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
+
+    def get_base_layer(self):
+        return self.sublayer
 
     def forward(self, x, *args):
         h = self.sublayer(x, *args)
@@ -72,21 +77,21 @@ class AdapterLayer(nn.Module):
     # --- mixed batches: gather each row's stacked weights, then bmm
     def _stacks(self):
         names = list(self.adapters)
-        key = cache_key((n, p) for n in names for p in self.adapters[n].parameters())
-        if getattr(self, "_stack_key", None) != key:
-            like = next(self.sublayer.parameters())
-            b_max = max((self.adapters[n].down.out_features for n in names), default=1)
-            n, d = len(names) + 1, self.d_model
-            Wd, bd = like.new_zeros(n, b_max, d), like.new_zeros(n, b_max)
-            Wu, bu = like.new_zeros(n, d, b_max), like.new_zeros(n, d)
-            for i, name in enumerate(names, start=1):
-                a = self.adapters[name]
-                b = a.down.out_features
-                Wd[i, :b], bd[i, :b] = a.down.weight.detach(), a.down.bias.detach()
-                Wu[i, :, :b], bu[i] = a.up.weight.detach(), a.up.bias.detach()
-            self._stack_key = key
-            self._stack = (Wd, bd, Wu, bu)
-        return self._stack
+        tensors = [p for n in names for p in self.adapters[n].parameters()]
+        return self._stack_cache.get(self.route.generation, tensors, lambda: self._build_stacks(names))
+
+    def _build_stacks(self, names):
+        like = next(self.sublayer.parameters())
+        b_max = max((self.adapters[n].down.out_features for n in names), default=1)
+        n, d = len(names) + 1, self.d_model
+        Wd, bd = like.new_zeros(n, b_max, d), like.new_zeros(n, b_max)
+        Wu, bu = like.new_zeros(n, d, b_max), like.new_zeros(n, d)
+        for i, name in enumerate(names, start=1):
+            a = self.adapters[name]
+            b = a.down.out_features
+            Wd[i, :b], bd[i, :b] = a.down.weight.detach(), a.down.bias.detach()
+            Wu[i, :, :b], bu[i] = a.up.weight.detach(), a.up.bias.detach()
+        return Wd, bd, Wu, bu
 
     def _mixed(self, h):
         Wd, bd, Wu, bu = self._stacks()

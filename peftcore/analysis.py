@@ -4,6 +4,7 @@ shape of a full fine-tune's update. Torch only; never imports streamlit.
 Outputs are greedy decodes (what a user would get), not teacher-forced argmaxes.
 Timings are medians of several repeats, measured side by side in one call.
 """
+import statistics
 from contextlib import contextmanager
 
 import torch
@@ -148,32 +149,52 @@ def swap_timings(model, name, file_bytes, repeats=20):
     return {"set_adapter_s": set_s, "load_s": load_s}
 
 
-def merged_vs_unmerged(model, name, prompts, repeats=15):
+def spread(values):
+    """A timing's median and spread over its repeats: {'median', 'q1', 'q3', 'min', 'max', 'n'}
+    (q1 to q3 holds the middle half). One number of a noisy machine can flip sign between two
+    measurements; a median with its spread says whether a difference is there at all."""
+    values = sorted(values)
+    q1, q3 = statistics.quantiles(values, n=4, method="inclusive")[::2] if len(values) > 1 else values * 2
+    return dict(median=statistics.median(values), q1=q1, q3=q3, min=values[0], max=values[-1], n=len(values))
+
+
+def merged_vs_unmerged(model, name, prompts, repeats=21):
     """LoRA `name` served unmerged (W x + B A x) and merged (W' = W + B A, one matmul):
-    {'unmerged_s', 'merged_s', 'max_abs_diff'} with the logits' largest difference."""
+    {'unmerged_s', 'merged_s', 'max_abs_diff'} with the logits' largest difference, the two
+    medians, and each repeat kept: 'unmerged_all', 'merged_all' (seconds, measured
+    alternately) and 'saved_all' (unmerged minus merged, per alternating pair).
+    A measurement, not a change: the model (its generation included) is left as it was."""
     if not isinstance(model.peft_config.get(name), LoraConfig):
         raise ValueError(f"{name!r} is not a LoRA adapter; only LoRA merges into W")
     x = prompts.to(next(model.parameters()).device)
     with keep_active(model), torch.no_grad():
         model.set_adapter(name)
         model.eval()
-        model.merge_adapter()  # once; the timed calls below only switch W' in and out
-        merged_w = {layer: layer.merged_weight for layer in model._lora_layers() if layer.merged_weight is not None}
-        model.unmerge_adapter()
+        layers = [layer for layer in model._lora_layers() if name in layer.lora_A]
+        merged_w = []
+        for layer in layers:  # once; the timed calls below only switch W' in and out
+            layer.merge(name)
+            merged_w.append(layer.merged_weight)
+            layer.unmerge()
 
         def run(merged):
-            for layer, w in merged_w.items():
-                layer.merged_weight = w if merged else None
+            for layer, w in zip(layers, merged_w):
+                layer.merged_adapter, layer.merged_weight = (name, w) if merged else (None, None)
             try:
                 out = model(x)
                 sync(_device(model))
                 return out
             finally:
-                model.unmerge_adapter()  # merged weights would also override mixed batches
+                for layer in layers:
+                    layer.unmerge()
 
         diff = (run(True) - run(False)).abs().max().item()
-        t = side_by_side({"unmerged_s": lambda: run(False), "merged_s": lambda: run(True)}, repeats)
-    return {**t, "max_abs_diff": diff}
+        fns = {"unmerged_s": lambda: run(False), "merged_s": lambda: run(True)}
+        pairs = [side_by_side(fns, repeats=1, warmup=int(i == 0)) for i in range(repeats)]  # every repeat kept
+    unmerged, merged = [t["unmerged_s"] for t in pairs], [t["merged_s"] for t in pairs]
+    return {"unmerged_s": statistics.median(unmerged), "merged_s": statistics.median(merged),
+            "unmerged_all": unmerged, "merged_all": merged, "saved_all": [u - m for u, m in zip(unmerged, merged)],
+            "max_abs_diff": diff}
 
 
 # ------------------------------------------------------------------ the shape of an update

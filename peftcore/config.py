@@ -1,4 +1,5 @@
-"""What every method's config shares: a peft_type and a round trip through JSON."""
+"""What every method shares: a config with a peft_type and a round trip through JSON, and
+the cache of its phi stacked for mixed batches."""
 from dataclasses import asdict, dataclass, fields
 
 
@@ -29,7 +30,26 @@ def check_range(name, value, lo, hi, kind=(int,)):
         raise ValueError(f"{name} must be a number from {lo} to {hi}, got {value!r}")
 
 
-def cache_key(named_tensors):
-    """Changes whenever one of the tensors is written in place, moved or replaced:
-    the key for caches of stacked phi weights (mixed batches)."""
-    return tuple((name, t.data_ptr(), t._version, t.dtype) for name, t in named_tensors)
+class StackCache:
+    """A value built from phi tensors (a layer's stacked weights for mixed batches), rebuilt
+    when the model's generation moves or any tensor is replaced, moved or written in place.
+
+    The key holds the tensors themselves and compares them with `is`: while cached they
+    cannot be freed, so a new phi can never pass for an old one by reusing its memory
+    (a key of data_ptr() alone can be fooled that way)."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        self._tensors, self._state, self.value = (), None, None
+
+    def get(self, generation, tensors, build):
+        tensors = tuple(tensors)
+        state = (generation, tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+        same = state == self._state and len(tensors) == len(self._tensors) and \
+            all(a is b for a, b in zip(tensors, self._tensors))
+        if not same:
+            self.value = build()
+            self._tensors, self._state = tensors, state
+        return self.value

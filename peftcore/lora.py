@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, cache_key, check_range
+from .config import PeftConfig, StackCache, check_range
 
 TARGETABLE = ("q", "k", "v", "o", "up", "down")
 
@@ -49,7 +49,9 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling = {}
-        self.merged_weight = None  # W + delta of the active adapter, never written into W
+        self.merged_adapter = None  # the adapter folded into merged_weight, if any
+        self.merged_weight = None  # W + its delta, never written into W
+        self._stack_cache = StackCache()
 
     def add(self, name, cfg: LoraConfig, generator=None):
         d_in, d_out = self.base_layer.in_features, self.base_layer.out_features
@@ -67,18 +69,25 @@ class LoraLinear(nn.Module):
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
         del self.scaling[name]
+        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
 
     def delta_weight(self, name):
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
+    def get_base_layer(self):
+        return self.base_layer
+
     def merge(self, name):
+        self.merged_adapter = name
         self.merged_weight = self.base_layer.weight + self.delta_weight(name).detach()
 
     def unmerge(self):
-        self.merged_weight = None
+        self.merged_adapter = self.merged_weight = None
 
     def forward(self, x):
-        if self.merged_weight is not None:
+        # the merged weight serves its own adapter only: a mixed batch, another adapter or
+        # disable_adapter() must never see it
+        if self.merged_weight is not None and self.route.rows is None and self.route.active == self.merged_adapter:
             return F.linear(x, self.merged_weight)
         out = self.base_layer(x)
         if self.route.rows is not None:
@@ -96,18 +105,19 @@ class LoraLinear(nn.Module):
         """A (N+1, r_max, d_in), B (N+1, d_out, r_max) with scaling folded into B; slot 0 is
         all zeros (rows without a LoRA here). Cached until an adapter changes."""
         names = list(self.lora_A)
-        key = cache_key((n, t) for n in names for t in (self.lora_A[n].weight, self.lora_B[n].weight))
-        if getattr(self, "_stack_key", None) != key:
-            w = self.base_layer.weight
-            r_max = max((self.lora_A[n].weight.shape[0] for n in names), default=1)
-            A = w.new_zeros(len(names) + 1, r_max, w.shape[1])
-            B = w.new_zeros(len(names) + 1, w.shape[0], r_max)
-            for i, n in enumerate(names, start=1):
-                r = self.lora_A[n].weight.shape[0]
-                A[i, :r] = self.lora_A[n].weight.detach()
-                B[i, :, :r] = self.lora_B[n].weight.detach() * self.scaling[n]
-            self._stack_key, self._stack = key, (A, B)
-        return self._stack
+        tensors = [t for n in names for t in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        return self._stack_cache.get(self.route.generation, tensors, lambda: self._build_stacks(names))
+
+    def _build_stacks(self, names):
+        w = self.base_layer.weight
+        r_max = max((self.lora_A[n].weight.shape[0] for n in names), default=1)
+        A = w.new_zeros(len(names) + 1, r_max, w.shape[1])
+        B = w.new_zeros(len(names) + 1, w.shape[0], r_max)
+        for i, n in enumerate(names, start=1):
+            r = self.lora_A[n].weight.shape[0]
+            A[i, :r] = self.lora_A[n].weight.detach()
+            B[i, :, :r] = self.lora_B[n].weight.detach() * self.scaling[n]
+        return A, B
 
     def _mixed(self, x):
         A, B = self._stacks()

@@ -4,7 +4,9 @@
 module tree whose Parameters alias the base's storage (no weights copied), and plugs
 phi into the view. One base object can serve every browser session at once.
 """
+import copy
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,9 +40,11 @@ CONFIGS = {c.peft_type: c for c in (LoraConfig, AdapterConfig, PromptTuningConfi
 @dataclass
 class Route:
     """Which phi a forward uses: one name (`active`, None = the bare base) or, for a
-    mixed batch, one name per row (`rows`). Every phi layer of a model shares it."""
+    mixed batch, one name per row (`rows`). Every phi layer of a model shares it, and with
+    it the model's `generation`, which keys the layers' caches of stacked phi."""
     active: Optional[str] = None
     rows: Optional[list] = None
+    generation: int = 0
     _slots: dict = field(default_factory=dict, repr=False)
 
     def slots(self, names, device):
@@ -56,10 +60,12 @@ class Route:
 def shared_view(module: nn.Module) -> nn.Module:
     """A structural copy of `module` whose Parameters alias the original's tensors.
 
-    New Module and Parameter objects, same storage: wrapping, `.to()` or requires_grad
-    changes on the view never reach the original."""
+    New Module and Parameter objects, same storage: wrapping, `.to()`, hooks, `training` or
+    requires_grad changes on the view never reach the original or another view."""
     clone = module.__new__(type(module))
-    clone.__dict__ = module.__dict__.copy()
+    # every dict, set or list in __dict__ is per-module state (hooks of every kind, the
+    # non-persistent buffer set...): the view gets its own copy, never the original's object
+    clone.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in module.__dict__.items()}
     clone._parameters = {k: None if p is None else nn.Parameter(p.data, requires_grad=False)
                          for k, p in module._parameters.items()}
     clone._buffers = dict(module._buffers)
@@ -74,26 +80,70 @@ class PeftModel(nn.Module):
         self.base_model = shared_view(base)
         self._base = [base]  # in a list so it is not registered as a submodule
         self._layers = None  # cache of _phi_layers()
+        self._merged = None  # the LoRA folded into merged weights, if any
         self.prompt_encoder = PromptEncoder(self.route)
         self.peft_config = {}  # adapter name -> config
         self.adapter_task = {}  # adapter name -> the task it was trained on, when known
         self.base_fingerprint = fingerprint(base)
         self.full = False
+        # the base's mode (a frozen base is in eval mode): a bank that only serves never
+        # enters training mode, so serving never moves its generation
+        super().train(base.training)
+
+    # ---------------------------------------------------------------- generation
+    @property
+    def generation(self) -> int:
+        """An int that grows on every add, delete, load, merge, unmerge, move (`.to()`) and
+        training: key any cache of what phi computes on it (never on id() or data_ptr())."""
+        return self.route.generation
+
+    def _bump(self):
+        self.route.generation += 1
+
+    def train(self, mode=True):
+        # phi changes only in training mode (train() starts there): any call in or out of it
+        # moves the generation, so a cache keyed on it never outlives a training run
+        if mode or self.training:
+            self._bump()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)  # .to(), .half(), ...: tensors replaced
+        self._bump()
+        return out
 
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name, config: PeftConfig, seed=None):
-        """Add phi `adapter_name` and make it active. `seed` draws its initial values from a
-        private generator (reproducible even with other runs in other threads); None uses
-        torch's global RNG, as HF peft does."""
+        """Add phi `adapter_name` and make it active (so that it trains). `seed` draws its
+        initial values from a private generator (reproducible even with other runs in other
+        threads); None uses torch's global RNG, as HF peft does."""
+        self.inject_adapter(adapter_name, config, seed)
+        self.set_adapter(adapter_name)
+
+    def inject_adapter(self, adapter_name, config: PeftConfig, seed=None):
+        """Add phi `adapter_name` without making it active: the active adapter and what
+        trains stay as they were (HF peft's load_adapter does the same)."""
         if not NAME_RE.match(str(adapter_name)) or adapter_name == BASE_ROW:
             raise ValueError(f"adapter name must be 1-64 letters, digits, '_' or '-', got {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         if self.full or (isinstance(config, FullFineTuneConfig) and self.peft_config):
             raise ValueError("full fine-tuning is a whole trainable copy; it cannot share a model with phi")
+        if not isinstance(config, tuple(CONFIGS.values())):
+            raise TypeError(f"unknown config type {type(config).__name__}")
         config.validate()
+        try:
+            self._plug(adapter_name, config, None if seed is None else torch.Generator().manual_seed(seed))
+        except BaseException:
+            self._remove(adapter_name)  # half plugged in: take out what was
+            raise
+        self.peft_config[adapter_name] = config
+        for _, p in self.named_adapter_parameters(adapter_name):
+            p.requires_grad_(False)  # only the active phi trains
+        self._bump()
+
+    def _plug(self, adapter_name, config, g):
         view = self.base_model
-        g = None if seed is None else torch.Generator().manual_seed(seed)
         self._layers = None
         if isinstance(config, LoraConfig):
             add_lora(view, adapter_name, config, self.route, g)
@@ -101,29 +151,47 @@ class PeftModel(nn.Module):
             add_adapter_layers(view, adapter_name, config, self.route, g)
         elif isinstance(config, PromptTuningConfig):
             self.prompt_encoder.add(adapter_name, config, view.embed.tok, g)
-        elif isinstance(config, FullFineTuneConfig):
+        else:
             self.full = True
             for p in view.parameters():  # a real copy: full fine-tuning writes every weight
                 p.data = p.data.clone()
-        else:
-            raise TypeError(f"unknown config type {type(config).__name__}")
-        self.peft_config[adapter_name] = config
-        self.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name):
+        """Remove phi `adapter_name`; wrapper layers it leaves empty are unwrapped, so the
+        module tree is what it would be had the adapter never been added."""
         self._check(adapter_name)
+        self._remove(adapter_name)
+
+    def _remove(self, adapter_name):
+        if self._merged == adapter_name:
+            self.unmerge_adapter()
         if self.full:  # back to a view of the shared base
-            self.base_model, self.full = shared_view(self._base[0]), False
-        self._layers = None
+            self.base_model, self.full, self._layers = shared_view(self._base[0]), False, None
         for layer in self._phi_layers():
             layer.remove(adapter_name)
-        del self.peft_config[adapter_name]
+        self._unwrap_empty()
+        self.peft_config.pop(adapter_name, None)
+        self.adapter_task.pop(adapter_name, None)
         if self.route.active == adapter_name:
             self.route.active = None
+        self._bump()
+
+    def _unwrap_empty(self):
+        """Put back the wrapped module wherever a phi wrapper holds no phi any more."""
+        for parent in list(self.base_model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, (LoraLinear, AdapterLayer)) and not _holds_phi(child):
+                    setattr(parent, child_name, child.get_base_layer())
+        self._layers = None
 
     def set_adapter(self, adapter_name):
-        """O(1): points the route at another phi; no tensor moves. Only it trains."""
+        """Point the route at another phi: no tensor moves, only the requires_grad flags of the
+        old and the new phi flip (a cost that does not grow with the number of phi held).
+        Only the active phi trains. A merged LoRA is unmerged first, as in HF peft."""
         self._check(adapter_name)
+        if self._merged is not None:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            self.unmerge_adapter()
         previous, self.route.active = self.route.active, adapter_name
         # invariant: only the active phi requires grad, so only two adapters need a flip
         if previous in self.peft_config and previous != adapter_name:
@@ -141,7 +209,8 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the bare base inside the block."""
+        """Run the bare base inside the block (a merged LoRA's weights are not used there:
+        they serve only their own adapter)."""
         saved = self.route.active
         self.route.active = None
         try:
@@ -204,6 +273,9 @@ class PeftModel(nn.Module):
         unknown = sorted(set(names) - set(self.peft_config) - {BASE_ROW})
         if unknown:
             raise KeyError(f"unknown adapter name(s) {unknown}; have {sorted(self.peft_config)} and {BASE_ROW!r}")
+        if self._merged is not None:  # as HF peft: a merged W would serve every row
+            raise ValueError(f"Cannot pass `adapter_names` while LoRA {self._merged!r} is merged; "
+                             "call unmerge_adapter() first.")
         self.route.rows, self.route._slots = names, {}
         try:
             with torch.no_grad():
@@ -248,7 +320,8 @@ class PeftModel(nn.Module):
         return from_pretrained(base, model_id, adapter_name)
 
     def load_adapter(self, model_id, adapter_name):
-        """Add the phi saved in directory `model_id` under `adapter_name`."""
+        """Add the phi saved in directory `model_id` under `adapter_name`, not active (as in
+        HF peft: set_adapter to use it). A refused file leaves the model exactly as it was."""
         from .serialization import load_adapter_dir
         return load_adapter_dir(self, model_id, adapter_name)
 
@@ -257,17 +330,28 @@ class PeftModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, LoraLinear)]
 
     def merge_adapter(self):
-        """Fold the active LoRA into merged copies of its weights; the shared base is untouched."""
+        """Fold the active LoRA into merged copies of its weights; the shared base is untouched.
+        Until unmerge_adapter(), set_adapter() unmerges first and mixed batches are refused."""
         name = self.route.active
         if not isinstance(self.peft_config.get(name), LoraConfig):
             raise ValueError(f"merging needs an active LoRA adapter, active is {name!r}")
+        self.unmerge_adapter()
         for layer in self._lora_layers():
             if name in layer.lora_A:
                 layer.merge(name)
+        self._merged = name
+        self._bump()
 
     def unmerge_adapter(self):
         for layer in self._lora_layers():
             layer.unmerge()
+        self._merged = None
+        self._bump()
+
+    @property
+    def merged_adapter(self):
+        """The LoRA folded into merged weights, or None."""
+        return self._merged
 
     def merge_and_unload(self):
         """A plain base-architecture model with the active LoRA folded in. Weights that
@@ -291,6 +375,10 @@ def _hf_key(parts, adapter_name):
     if out[0] == "base_model":
         out.insert(1, "model")
     return ".".join(out)
+
+
+def _holds_phi(layer):
+    return any(len(getattr(layer, attr, ())) for attr in PHI_CONTAINERS)
 
 
 def _unwrap(module, lora_name):

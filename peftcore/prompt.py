@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .config import PeftConfig, cache_key, check_range
+from .config import PeftConfig, StackCache, check_range
 
 
 @dataclass
@@ -40,6 +40,7 @@ class PromptEncoder(nn.Module):
         super().__init__()
         self.route = route
         self.prompts = nn.ModuleDict()
+        self._stack_cache = StackCache()
 
     def add(self, name, cfg: PromptTuningConfig, token_embedding, generator=None):
         self.prompts[name] = PromptEmbedding(cfg, token_embedding, generator)
@@ -48,6 +49,7 @@ class PromptEncoder(nn.Module):
         if name not in self.prompts:
             return
         del self.prompts[name]
+        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
 
     def forward(self, embeds):
         """embeds (B, T, d) -> (x, attn_mask, n): x has n positions in front of the real
@@ -61,17 +63,18 @@ class PromptEncoder(nn.Module):
 
     def _stack(self):
         """(N+1, n_max, d) right-aligned prompts, slot 0 empty, and their lengths."""
-        names = list(self.prompts)
-        key = cache_key((m, self.prompts[m].embedding) for m in names)
-        if getattr(self, "_stack_key", None) != key:
-            embs = [self.prompts[m].embedding.detach() for m in names]
-            n_max = max(e.shape[0] for e in embs)
-            stack = embs[0].new_zeros(len(names) + 1, n_max, embs[0].shape[1])
-            for i, e in enumerate(embs, start=1):
-                stack[i, n_max - e.shape[0]:] = e
-            lengths = torch.tensor([0] + [e.shape[0] for e in embs], device=stack.device)
-            self._stack_key, self._stack_val = key, (stack, lengths)
-        return self._stack_val
+        tensors = [p.embedding for p in self.prompts.values()]
+        return self._stack_cache.get(self.route.generation, tensors, lambda: self._build_stack(tensors))
+
+    @staticmethod
+    def _build_stack(tensors):
+        embs = [t.detach() for t in tensors]
+        n_max = max(e.shape[0] for e in embs)
+        stack = embs[0].new_zeros(len(embs) + 1, n_max, embs[0].shape[1])
+        for i, e in enumerate(embs, start=1):
+            stack[i, n_max - e.shape[0]:] = e
+        lengths = torch.tensor([0] + [e.shape[0] for e in embs], device=stack.device)
+        return stack, lengths
 
     def _mixed(self, embeds):
         B, T, d = embeds.shape

@@ -5,11 +5,11 @@ adapter name) and `adapter_config.json` (HF peft's config fields plus a "peftcor
 record: method, task, base fingerprint, parameter count, version). The same config also
 rides in the safetensors header, so one uploaded .safetensors file is self-contained.
 
-Loading checks everything before it touches the model and rolls back on failure, so a
-bad file never disturbs the base or any phi already loaded.
+Loading checks everything it can before it touches the model and rolls back on failure,
+so a refused file leaves the model exactly as it was: the same phi, the same active one,
+the same parameters training, the same module tree. A loaded phi is not made active.
 """
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -96,7 +96,13 @@ def _parse_config(raw):
     if not isinstance(d, dict):
         raise AdapterLoadError("adapter config must be a JSON object")
     record = d.get("peftcore") or {}
-    peft_type = record.get("method") or d.get("peft_type")
+    if not isinstance(record, dict):
+        raise AdapterLoadError("the config's \"peftcore\" record must be a JSON object")
+    method, peft_type = record.get("method"), d.get("peft_type")
+    if method and peft_type and method != peft_type:
+        raise AdapterLoadError(f"the config contradicts itself: peft_type says {peft_type!r}, "
+                               f"peftcore.method says {method!r}")
+    peft_type = method or peft_type
     if peft_type not in CONFIGS:
         raise AdapterLoadError(f"unknown method {peft_type!r}; known: {sorted(CONFIGS)}")
     cls = CONFIGS[peft_type]
@@ -111,7 +117,8 @@ def _parse_config(raw):
 
 def load_adapter(model: PeftModel, adapter_name, data: bytes, config=None):
     """Add phi `adapter_name` to `model` from safetensors bytes (config from `config`
-    or from the file's header). Raises AdapterLoadError and leaves `model` as it was."""
+    or from the file's header), not active: as HF peft's load_adapter, set_adapter to use it.
+    Raises AdapterLoadError and leaves `model` exactly as it was."""
     tensors, meta = _parse_tensors(data)
     raw = config if config is not None else meta.get("adapter_config")
     if raw is None:
@@ -126,13 +133,13 @@ def load_adapter(model: PeftModel, adapter_name, data: bytes, config=None):
     if isinstance(cfg, FullFineTuneConfig) and model.peft_config:
         raise AdapterLoadError("a full fine-tuned model needs a model of its own, not a bank")
     try:
-        model.add_adapter(adapter_name, cfg)
+        model.inject_adapter(adapter_name, cfg)  # the active phi and what trains stay as they are
     except ValueError as e:
         raise AdapterLoadError(str(e)) from None
     try:
         _copy_checked(model, adapter_name, tensors)
-    except Exception:
-        model.delete_adapter(adapter_name)  # roll back: the model is as it was
+    except BaseException:
+        model.delete_adapter(adapter_name)  # roll back, wrappers made for it included
         raise
     if record.get("task"):
         model.adapter_task[adapter_name] = record["task"]
@@ -161,6 +168,7 @@ def from_pretrained(base, model_id, adapter_name="default"):
     """PeftModel.from_pretrained(base, directory): a new PeftModel over a view of `base`."""
     model = PeftModel(base)
     load_adapter_dir(model, model_id, adapter_name)
+    model.set_adapter(adapter_name)  # its only phi: active, as in HF peft
     return model
 
 

@@ -9,6 +9,7 @@ import peftcore
 from peftcore import (AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig,
                       fingerprint, get_peft_model)
 from peftcore.base import BASE_META_PATH, BASE_PATH
+from peftcore.peft_model import shared_view
 from peftcore.pretrain import pretrain
 from peftcore.train import NonFiniteLossError
 
@@ -58,11 +59,21 @@ def test_no_op_at_init(base, batch, config):
 
 @pytest.mark.parametrize("config", PEFT_CONFIGS[4:], ids=repr)
 def test_prompt_reads_real_positions(base, batch, config):
-    model = get_peft_model(base, config)
-    out = model(batch[0])
-    assert out.shape == base(batch[0]).shape
+    """Output t is read at real token t: it sees real tokens 0..t (and the prompt), never
+    t+1. Reading the wrong slice (the prompt's positions) breaks one of the two checks."""
+    model = get_peft_model(base, config).eval()
+    x = batch[0]
+    out = model(x)
+    assert out.shape == base(x).shape
+    first, last = x.clone(), x.clone()
+    first[:, 0] = (x[:, 0] + 1) % 10  # another first token (the task token becomes a digit)
+    last[:, -1] = (x[:, -1] + 1) % 10
+    assert not torch.allclose(model(first)[:, 0], out[:, 0])  # output 0 sees real token 0
+    changed = model(last)
+    torch.testing.assert_close(changed[:, :-1], out[:, :-1], atol=1e-5, rtol=0)  # causal
+    assert not torch.allclose(changed[:, -1], out[:, -1])  # the last output sees the last token
     with model.disable_adapter():
-        assert torch.equal(model(batch[0]), base(batch[0]))
+        assert torch.equal(model(x), base(x))
 
 
 @pytest.mark.parametrize("config", PEFT_CONFIGS, ids=repr)
@@ -83,10 +94,15 @@ def test_closed_forms_by_hand(base):
 
 
 def test_print_trainable_parameters(base, capsys):
+    """HF peft's line, with figures worked out by hand: the base has 796,928 parameters;
+    LoRA r=4 on q, v is 4*(128+128)*2*4 = 8,192; an adapter of 8 is (2*128*8+8+128)*8 = 17,472."""
+    assert sum(p.numel() for p in base.parameters()) == 796_928
     model = get_peft_model(base, LoraConfig())
     model.print_trainable_parameters()
-    t, a = model.get_nb_trainable_parameters()
-    assert capsys.readouterr().out.strip() == f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / a:.4f}"
+    assert capsys.readouterr().out == "trainable params: 8,192 || all params: 805,120 || trainable%: 1.0175\n"
+    model.add_adapter("second", AdapterConfig())  # now only it trains; all counts both phi
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out == "trainable params: 17,472 || all params: 822,592 || trainable%: 2.1240\n"
 
 
 def test_full_fine_tune_is_a_trainable_copy(base, base_fp):
@@ -122,6 +138,25 @@ def test_training_changes_only_phi(base, base_fp, config):
     assert all(p.grad is None for p in frozen)
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
     assert fingerprint(base) == base_fp
+
+
+def test_views_share_no_module_state(base, batch):
+    """Two views of one base: a hook on one fires on neither the base nor the other view,
+    and train() on a view leaves the base in eval mode."""
+    a, b = shared_view(base), shared_view(base)
+    calls = []
+    a.blocks[0].attn.q.register_forward_hook(lambda m, i, o: calls.append("hook"))
+    a.blocks[1].register_forward_pre_hook(lambda m, i: calls.append("pre-hook"))
+    base(batch[0]), b(batch[0])
+    assert calls == []
+    a(batch[0])
+    assert sorted(calls) == ["hook", "pre-hook"]
+    for mine, theirs in zip(a.modules(), base.modules()):  # every hook dict, of every kind
+        for key, value in vars(theirs).items():
+            if isinstance(value, (dict, set, list)):
+                assert vars(mine)[key] is not value, key
+    a.train()
+    assert not any(m.training for m in base.modules()) and not any(m.training for m in b.modules())
 
 
 def _train_alone(base, seed, steps=8):
@@ -165,7 +200,10 @@ def test_events_carry_progress(base):
     events = list(peftcore.train(model, "add_5", steps=4, eval_every=2, device="cpu"))
     assert [e.step for e in events] == [1, 2, 3, 4]
     assert events[-1].done and events[1].eval_exact is not None and events[0].eval_exact is None
-    assert all(e.examples_per_s > 0 and e.elapsed > 0 for e in events)
+    elapsed = [e.elapsed for e in events]
+    assert elapsed == sorted(elapsed)  # a clock since the start, not per-step times
+    for e in events:  # throughput is the examples seen so far over that clock (batch 64)
+        assert e.examples_per_s == pytest.approx(e.step * 64 / e.elapsed)
 
 
 def test_seconds_budget_ends_the_run(base):

@@ -55,3 +55,22 @@ def test_we_load_hf_peft_lora_file(base, batch, tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = peftcore.PeftModel.from_pretrained(base, tmp_path)
     torch.testing.assert_close(ours(batch[0]), theirs.eval()(batch[0]), atol=1e-5, rtol=0)
+
+
+def test_merged_lora_guards_as_hf_peft(base, batch):
+    """While a LoRA is merged, both libraries refuse a mixed batch, and set_adapter warns and
+    unmerges before it switches."""
+    config = LoraConfig(r=2, target_modules=("q", "v"))
+    ours = get_peft_model(base, config)
+    ours.add_adapter("other", config)
+    theirs = hf_lora(base, config)
+    theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q", "v"]))
+    for model in (ours, theirs):
+        model.eval()
+        model.set_adapter("default")
+        model.merge_adapter()
+        with pytest.raises(ValueError, match="adapter_names.*merged"):
+            model(batch[0][:2], adapter_names=["default", "other"])
+        with pytest.warns(UserWarning, match="Unmerging the model first"):
+            model.set_adapter("other")
+        model(batch[0][:2], adapter_names=["default", "other"])  # unmerged: served again
