@@ -1,21 +1,32 @@
 """Start the app with `streamlit run` on a free port and drive it with Debian's chromium:
-shared by the browser tests and the screenshot script."""
+shared by the browser tests, the screenshot script and the classroom benchmark."""
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
+# The last three keep timers and rendering of every page at full speed: Streamlit's live panel
+# polls from the browser (st.fragment's run_every is a timer in the page), and a class of
+# headless pages must not have theirs slowed as background tabs.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+                 "--disable-backgrounding-occluded-windows"]
 READY = "[data-testid=stApp][data-test-script-state=notRunning]"
+THREAD_LOG_ENV = "PEFT_THREAD_CPU_LOG"
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def free_port():
@@ -24,14 +35,110 @@ def free_port():
         return s.getsockname()[1]
 
 
+@dataclass
+class Server:
+    """A running `streamlit run`: its URL, its process id, and what it costs in CPU."""
+    url: str
+    pid: int
+    log: object = field(repr=False)
+    thread_log: Path = None  # set when the server runs with thread_probe=True
+    _offset: int = field(default=0, repr=False)
+    _exited: dict = field(default_factory=dict, repr=False)
+
+    def log_text(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def cpu_seconds(self):
+        """User + system CPU of the whole server process: every thread, running or exited."""
+        return proc_cpu_seconds(f"/proc/{self.pid}/stat")
+
+    def thread_cpu(self):
+        """{ThreadKey: CPU seconds} of every thread the server started since it began, exited
+        or alive. Needs thread_probe=True (names then reach /proc, and exited threads are
+        logged with the Streamlit session they ran a script for)."""
+        alive = {}
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                name = Path(f"/proc/{self.pid}/task/{tid}/comm").read_text().strip()
+                alive[ThreadKey(name, int(tid))] = proc_cpu_seconds(f"/proc/{self.pid}/task/{tid}/stat")
+            except (OSError, ValueError):  # it exited meanwhile: the log has it below
+                pass
+        if self.thread_log:  # read on from where the last call stopped: the log only grows
+            with open(self.thread_log, "rb") as f:
+                f.seek(self._offset)
+                for line in f.readlines():
+                    if not line.endswith(b"\n"):
+                        break  # half written: next time
+                    self._offset += len(line)
+                    name, tid, seconds, session = line.decode(errors="replace").rstrip("\n").rsplit("\t", 3)
+                    name = name.encode()[:15].decode(errors="ignore")  # as /proc shows it
+                    alive.pop(ThreadKey(name, int(tid)), None)  # it exited after the listing above
+                    self._exited[ThreadKey(name, int(tid), session, len(self._exited))] = float(seconds)
+        return {**alive, **self._exited}
+
+
+class ThreadKey(NamedTuple):
+    name: str           # the Python thread's name, cut to 15 bytes as in /proc
+    tid: int            # native thread id (reused by later threads, hence seq)
+    session: str = ""   # for an exited ScriptRunner thread: the Streamlit session it ran for
+    seq: int = 0        # for an exited thread: its line in the log
+
+
+def proc_cpu_seconds(stat_path):
+    """utime + stime from a /proc stat file (fields 14 and 15, after the parenthesised name)."""
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _serve_with_thread_probe():
+    """`python -c` entry of a server with thread_probe=True: Streamlit's own CLI, after every
+    Python thread is given its name at the OS level (so /proc shows "run-1a2b3c4d",
+    "ScriptRunner.sc", ...) and appends "name<TAB>native id<TAB>CPU seconds<TAB>session" to
+    the file in $PEFT_THREAD_CPU_LOG when it exits (session: the Streamlit session id of a
+    ScriptRunner thread, else empty). Costs one prctl and one small write per thread."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = os.environ[THREAD_LOG_ENV]
+    lock = threading.Lock()
+    inner = threading.Thread._bootstrap_inner
+
+    def bootstrap_inner(self):
+        session = getattr(getattr(getattr(self, "_target", None), "__self__", None), "_session_id", "")
+        try:
+            libc.prctl(15, self.name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except Exception:
+            pass
+        try:
+            inner(self)
+        finally:
+            line = f"{self.name}\t{threading.get_native_id()}\t{time.thread_time():.6f}\t{session}\n"
+            with lock, open(path, "a") as f:
+                f.write(line)
+
+    threading.Thread._bootstrap_inner = bootstrap_inner
+    from streamlit.web.cli import main
+    main(prog_name="streamlit")
+
+
 @contextlib.contextmanager
-def app_server(timeout=90):
-    """Yield the base URL of a fresh `streamlit run app.py`; kill it (and only it) afterwards."""
+def streamlit_server(timeout=90, flags=(), thread_probe=False):
+    """Yield a Server for a fresh `streamlit run app.py` (extra command-line `flags` such as
+    ["--runner.postScriptGC", "true"]); kill it (and only it) afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-           "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    args = ["run", "app.py", "--server.headless", "true", "--server.port", str(port),
+            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", *flags]
+    env, thread_log = dict(os.environ), None
+    if thread_probe:
+        fd, name = tempfile.mkstemp(prefix="peft-threads-", suffix=".tsv")
+        os.close(fd)
+        thread_log = Path(name)
+        env[THREAD_LOG_ENV] = name
+        cmd = [sys.executable, "-c", "from bench.appserver import _serve_with_thread_probe as m; m()", *args]
+    else:
+        cmd = [sys.executable, "-m", "streamlit", *args]
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
@@ -47,7 +154,7 @@ def app_server(timeout=90):
             if time.time() > deadline:
                 raise TimeoutError(f"streamlit did not answer on {url} within {timeout} s")
             time.sleep(0.5)
-        yield url
+        yield Server(url, proc.pid, log, thread_log)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # its own session: this group holds only the server
         try:
@@ -56,6 +163,15 @@ def app_server(timeout=90):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        if thread_log:
+            thread_log.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def app_server(timeout=90, flags=()):
+    """Yield the base URL of a fresh `streamlit run app.py`; kill it (and only it) afterwards."""
+    with streamlit_server(timeout, flags) as server:
+        yield server.url
 
 
 def launch_chromium(playwright):
