@@ -1,32 +1,34 @@
 """Many tasks at once: the session's bank of phi over one shared base, uploads, and serving
 rows for different tasks in one mixed batch."""
+import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 import peftcore
 import ui
-from peftcore import analysis
+from peftcore import analysis, library, presets
 from peftcore.storage import human_bytes
 
 MAX_ROWS = 64
+MERGE_REPEATS = 15  # alternating pairs timed for the merge panel (as many as before: the page waits on them)
 ss = st.session_state
 
 
 def bank_table(rows, facts):
-    """Every phi: method, task, size, and its file measured against the closed form."""
-    st.dataframe([dict(name=r["name"], method=r["method"], task=r["task"], params=r["params"],
-                       phi_pct=r["phi_pct"], file=r["file_bytes"], formula=r["formula_bytes"],
-                       overhead=r["file_bytes"] - r["formula_bytes"]) for r in rows],
-                 hide_index=True, column_config={
-                     "params": st.column_config.NumberColumn("parameters", format="localized"),
-                     "phi_pct": st.column_config.NumberColumn("phi %", format="%.3f%%"),
-                     "file": st.column_config.NumberColumn("file bytes (measured)", format="localized"),
-                     "formula": st.column_config.NumberColumn(
-                         "formula bytes", format="localized", help="closed-form parameter count x bytes per parameter"),
-                     "overhead": st.column_config.NumberColumn(
-                         "header bytes", format="localized", help="file minus formula: names, shapes and config")})
+    """Every phi: method, task, size, and its file measured against the closed form. A static
+    table: every column and row in view on a projector, none behind a grid's scrollbars."""
+    table = pd.DataFrame([{"name": r["name"], "method": r["method"], "task": r["task"], "parameters": r["params"],
+                           "phi %": r["phi_pct"], "file bytes (measured)": r["file_bytes"],
+                           "formula bytes": r["formula_bytes"], "header bytes": r["file_bytes"] - r["formula_bytes"]}
+                          for r in rows])
+    numbers = ["parameters", "phi %", "file bytes (measured)", "formula bytes", "header bytes"]
+    st.table(table.style.format("{:,}", subset=numbers[:1] + numbers[2:]).format("{:.3f}%", subset=["phi %"])
+             .set_properties(subset=numbers, **{"text-align": "right"}), hide_index=True)
+    st.caption("Formula bytes: the closed-form parameter count times bytes per parameter. Header bytes: the file "
+               "minus the formula (tensor names, shapes and the config).")
     total = facts["file_bytes"] + sum(r["file_bytes"] for r in rows)
     full = len(rows) * facts["file_bytes"]
     st.markdown(f"**{len(rows)} tasks** stored as one base ({human_bytes(facts['file_bytes'])}) plus their phi: "
@@ -34,28 +36,43 @@ def bank_table(rows, facts):
                 f"A full fine-tuned copy per task would take {human_bytes(full)} ({len(rows)} base models).")
 
 
+# The bank changes in widget callbacks, which run before the page does: the bank table,
+# its count and the serving choices drawn below already show the change in the same run.
+def remove_phi():
+    name = ss.get("remove_name")
+    if name in ui.bank().peft_config:
+        ui.remove_from_bank(name)
+
+
 def remove_widget(names):
     a, b = st.columns([3, 1], vertical_alignment="bottom")
-    name = a.selectbox("Remove a phi", names, key="remove_name", help="Only from your session's bank.")
-    if b.button("Remove", key="remove", width="stretch", disabled=not names):
-        ui.remove_from_bank(name)
-        st.rerun()
+    a.selectbox("Remove a phi", names, key="remove_name", help="Only from your session's bank.")
+    b.button("Remove", key="remove", width="stretch", disabled=not names, on_click=remove_phi)
+
+
+def load_upload():
+    """Load the file just uploaded; a bad file gets a clear error and changes nothing.
+    A good one joins the phi served below, if its task is one the app can serve."""
+    f = ss.get("upload")
+    if f is None:
+        ss.pop("upload_msg", None)
+        return
+    stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(f.name).stem)[:60] or "uploaded"
+    name = ui.unique_name(stem)
+    try:
+        ui.add_to_bank(name, f.getvalue())
+    except peftcore.AdapterLoadError as e:
+        ss["upload_msg"] = ("error", f"{f.name} was not loaded: {e}")
+        return
+    ss["upload_msg"] = ("success", f"Loaded **{name}** ({f.size:,} bytes) into your bank.")
+    if ui.bank().adapter_task.get(name) in peftcore.TASKS and "serve_names" in ss:
+        ss["serve_names"] = [*ss["serve_names"], name]
 
 
 def upload_widget():
-    """Load an uploaded phi file once; a bad file gets a clear error and changes nothing."""
-    f = st.file_uploader("Upload a phi file (.safetensors)", type=["safetensors"], key="upload",
+    f = st.file_uploader("Upload a phi file (.safetensors)", type=["safetensors"], key="upload", on_change=load_upload,
                          help="A file downloaded from *Train a sliver*. It is checked before anything is loaded: "
                               "format, config, base fingerprint, tensor names, shapes and values.")
-    if f is not None and f.file_id != ss.get("upload_done"):
-        ss["upload_done"] = f.file_id  # reruns keep the widget's file; load it only once
-        stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(f.name).stem)[:60] or "uploaded"
-        name = ui.unique_name(stem)
-        try:
-            ui.add_to_bank(name, f.getvalue())
-            ss["upload_msg"] = ("success", f"Loaded **{name}** ({f.size:,} bytes) into your bank.")
-        except peftcore.AdapterLoadError as e:
-            ss["upload_msg"] = ("error", f"{f.name} was not loaded: {e}")
     if f is not None and "upload_msg" in ss:
         kind, text = ss["upload_msg"]
         (st.success if kind == "success" else st.error)(text)
@@ -93,8 +110,8 @@ def serve_panel(rows):
     except ValueError as e:
         st.error(f"Input digits: {e}")
         return
-    ss["served"] = analysis.serve_report(ui.bank(), names, [task_of[n] for n in names], per, fixed, ui.seed(),
-                                         repeats=5)
+    tasks = [task_of[n] for n in names]
+    ss["served"] = {**analysis.serve_report(ui.bank(), names, tasks, per, fixed, ui.seed(), repeats=5), "tasks": tasks}
 
 
 def served_results():
@@ -102,15 +119,52 @@ def served_results():
     if not served:
         return
     t = served["times"]
-    a, b, c = st.columns(3)
-    a.metric("one mixed batch", f"{1000 * t['mixed_s']:.1f} ms", help="every row with its own phi, in one pass per digit")
-    b.metric("swap per request", f"{1000 * t['swap_s']:.1f} ms", help="set_adapter, then one request at a time")
     ratio = t["swap_s"] / t["mixed_s"]
-    c.metric("mixed batch against swapping", f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower",
-             help="With few rows or one phi, routing rows costs more than it saves; it pays off with many tasks.")
+    with st.container(horizontal=True, gap="large"):  # each metric as wide as it needs: nothing cut off
+        st.metric("one mixed batch", f"{1000 * t['mixed_s']:.1f} ms", width="content",
+                  help="every row with its own phi, in one pass per digit")
+        st.metric("swap per request", f"{1000 * t['swap_s']:.1f} ms", width="content",
+                  help="set_adapter, then one request at a time")
+        st.metric("mixed batch against swapping", f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower",
+                  width="content",
+                  help="With few rows or one phi, routing rows costs more than it saves; it pays off with many tasks.")
     st.caption(f"Median of 5 timings each, greedy decoding of 8 digits, alternating the two on {ui.device()}. "
                f"Outputs of the mixed batch {'equal' if served['same'] else 'DIFFER FROM'} one-request-at-a-time outputs.")
     ui.predictions_table(served["rows"])
+    if "sort" in served.get("tasks", ()):
+        sort_note(served["same"])
+
+
+@st.cache_data
+def recorded_exact():
+    """{library phi name: held-out exact match it reached when it was trained} (library/index.json)."""
+    try:
+        index = json.loads((library.LIBRARY_DIR / "index.json").read_text())
+        return {name: row["eval_exact"] for name, row in index.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def sort_note(same):
+    """Why the sort rows are wrong: what was measured, from the records, never typed in."""
+    recorded = recorded_exact()
+    reached = [f"{method} {100 * recorded[f'{slug}-sort']:.1f}%" for method, slug in library.METHOD_SLUGS.items()
+               if f"{slug}-sort" in recorded]
+    seeds, robustness = [], getattr(presets, "robustness", lambda method, task: None)  # (being added)
+    for method in library.METHOD_SLUGS:
+        r = robustness(method, "sort")  # what the preset reaches over several seeds, where recorded
+        if r:
+            seeds.append(f"{method} {r['solved']} of {r['seeds']}")
+    st.info("**Why the sort rows are wrong.** No method here learns *sort* in a live training budget. Sorting is "
+            "a new algorithm, not a mix of what the base learned (copying, reversing, rotating and shifting "
+            "digits): each output digit depends on every input digit, and a small phi does not find that in a "
+            "few hundred steps. "
+            + (f"The library's sort phi reached {', '.join(reached)} held-out exact match when trained. " if reached
+               else "")
+            + (f"Seeds on which the presets solved it (recorded): {', '.join(seeds)}. " if seeds else "")
+            + ("The wrong rows are that lesson, not a serving fault: one request at a time gives the same outputs."
+               if same else "The wrong rows are that lesson."),
+            icon=":material/info:")
 
 
 def swap_panel(rows):
@@ -120,10 +174,12 @@ def swap_panel(rows):
     if name and st.button("Time a swap", key="swap_time"):
         data = peftcore.adapter_to_bytes(ui.bank(), name)
         t = analysis.swap_timings(ui.bank(), name, data)
-        a, b, c = st.columns(3)
-        a.metric("set_adapter (resident)", f"{1e6 * t['set_adapter_s']:.0f} µs", help="moves no bytes: a pointer")
-        b.metric("load from its file", f"{1000 * t['load_s']:.1f} ms", help="parse, check and copy the tensors")
-        c.metric("bytes the load moves", human_bytes(len(data)))
+        with st.container(horizontal=True, gap="large"):  # each metric as wide as it needs: nothing cut off
+            st.metric("set_adapter (resident)", f"{1e6 * t['set_adapter_s']:.0f} µs", width="content",
+                      help="moves no bytes: a pointer")
+            st.metric("load from its file", f"{1000 * t['load_s']:.1f} ms", width="content",
+                      help="parse, check and copy the tensors")
+            st.metric("bytes the load moves", human_bytes(len(data)), width="content")
 
 
 def merge_panel(rows):
@@ -133,18 +189,49 @@ def merge_panel(rows):
         st.info("No LoRA phi in your bank.")
         return
     name = st.selectbox("LoRA phi", loras, key="merge_name")
-    merged = st.toggle("Merge into the weights", key="merge_on",
-                       help="One matmul per projection instead of two, but that copy of W serves this task only.")
-    key = f"merge_times:{name}:{id(ui.bank().peft_config[name])}"  # a re-added name is a new phi
-    again = st.button("Measure again", key="merge_again", help="Timings on a shared machine vary; measure twice.")
-    if again or key not in ss:
-        prompts, _ = analysis.make_prompts(ui.bank().adapter_task[name], n=32, seed=ui.seed())
-        ss[key] = analysis.merged_vs_unmerged(ui.bank(), name, prompts)
-    t = ss[key]
-    mine, other = ("merged_s", "unmerged_s") if merged else ("unmerged_s", "merged_s")
-    st.metric(f"latency, batch of 32, {'merged' if merged else 'unmerged'}", f"{1000 * t[mine]:.2f} ms",
-              delta=f"{1000 * (t[mine] - t[other]):+.2f} ms vs {'unmerged' if merged else 'merged'}",
-              delta_color="inverse")
+    model = ui.bank()
+    # Keyed on the bank's generation (it moves on every add, delete, load and merge), never on
+    # id(): a phi removed and uploaded again under its name may get the old config's id.
+    cache = ss.setdefault("merge_times", {})
+    again = st.button("Measure again", key="merge_again",
+                      help=f"{MERGE_REPEATS} alternating repeats of each; a shared machine varies between clicks.")
+    if again or (name, getattr(model, "generation", None)) not in cache:
+        prompts, _ = analysis.make_prompts(model.adapter_task[name], n=32, seed=ui.seed())
+        t = analysis.merged_vs_unmerged(model, name, prompts, repeats=MERGE_REPEATS)
+        generation = getattr(model, "generation", None)  # after: taking the bank out of training mode moves it
+        for old in [k for k in cache if k[1] != generation]:
+            del cache[old]  # measured on a bank that has changed since
+        cache[(name, generation)] = t
+    merge_results(cache[(name, getattr(model, "generation", None))])
+
+
+def ms(seconds):
+    return f"{1000 * seconds:.2f} ms"
+
+
+def merge_results(t):
+    """Both latencies as medians with their middle half, and a verdict on the difference that
+    holds only where the spread says so (one pair of numbers flips sign between clicks)."""
+    unmerged, merged, saved = (analysis.spread(t[k]) for k in ("unmerged_all", "merged_all", "saved_all"))
+    with st.container(horizontal=True, gap="large"):
+        st.metric("unmerged: W x + B A x", ms(unmerged["median"]), width="content",
+                  help="median latency of a batch of 32 prompts, one forward pass")
+        st.metric("merged: (W + B A) x", ms(merged["median"]), width="content",
+                  help="the same batch with W + B A precomputed: one matmul per projection")
+    st.caption(f"Medians of {unmerged['n']} alternating repeats on {ui.device()}; the middle half of the repeats "
+               f"in brackets: unmerged [{ms(unmerged['q1'])} to {ms(unmerged['q3'])}], "
+               f"merged [{ms(merged['q1'])} to {ms(merged['q3'])}].")
+    middle = f"[{ms(saved['q1'])} to {ms(saved['q3'])}]"
+    if saved["q1"] > 0:  # the middle half of the repeats agrees on the sign
+        verdict = (f"Merging saves {ms(saved['median'])} per batch "
+                   f"({100 * saved['median'] / unmerged['median']:.0f}%), {middle} over the repeats.")
+    elif saved["q3"] < 0:
+        verdict = (f"Merged is slower here by {ms(-saved['median'])} per batch "
+                   f"[{ms(-saved['q3'])} to {ms(-saved['q1'])}] over the repeats.")
+    else:
+        verdict = (f"No difference beyond this machine's noise: unmerged minus merged is {ms(saved['median'])} "
+                   f"per batch, but {middle} over the middle half of the repeats.")
+    st.markdown(verdict)
     st.caption(f"Largest difference in the logits between the two: {t['max_abs_diff']:.1e} (float rounding). "
                "A merged model serves one task per copy of W; unmerged, one W serves every phi in a mixed batch.")
 
@@ -168,7 +255,6 @@ if rows:
 else:
     st.info("Your bank is empty: the library is not there yet. Save a phi on *Train a sliver* or upload one.")
 upload_widget()
-rows = ui.bank_rows()
 
 st.subheader("Serve a mixed batch")
 if rows:

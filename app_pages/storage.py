@@ -11,6 +11,7 @@ from peftcore.storage import KNOWN_BASES, break_even, full_storage, human_bytes,
 # phi as a percentage of the base: a 1-1.5-2-3-5-7 ladder per decade, fine at the low end.
 P_OPTIONS = sorted({float(round(m * 10 ** e, 4)) for e in range(-2, 2) for m in (1, 1.5, 2, 3, 5, 7)} | {100.0})
 T_OPTIONS = [10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+P_DEFAULT, T_DEFAULT = 1.0, 100
 GPU_GB = [8, 16, 24, 40, 48, 80, 141, 192]
 TOY = "Toy base (its file on disk)"
 N_POINTS = 200
@@ -39,21 +40,24 @@ def storage_figure(p, t_max, log, scale, unit, measured):
              line=dict(width=4, color="#888888"), opacity=0.45,
              hovertemplate=f"full fine-tuning: {fmt}<extra></extra>"),
     ]
-    marks, notes = marks_for(p, t_max, log, scale)
-    traces += marks
-    if measured:
-        k = np.arange(1, len(measured) + 1)
-        y = (1 + np.cumsum(measured)) * scale
+    if measured:  # the first t_max of them: the chart ends at T = t_max
+        k = np.arange(1, len(measured) + 1)[:t_max]
+        y = (1 + np.cumsum(measured))[:t_max] * scale
         traces.append(dict(type="scatter", mode="markers", name="measured: this session's phi files",
                            x=k.tolist(), y=y.tolist(), marker=dict(size=12, color="#ff7f0e", symbol="circle-open",
                                                                    line=dict(width=3)),
                            hovertemplate=f"measured, %{{x}} phi files: {fmt}<extra></extra>"))
+    marks, notes = marks_for(p, t_max, log, scale)
+    traces += marks  # drawn last: the break-even marker stays above the measured ones
     axis_type = "log" if log else "linear"
     yaxis = dict(title="storage (base models)", type=axis_type)
     if scale != 1:
         yaxis.update(title=f"storage (bytes, {unit})", **byte_ticks(scale, float(full.max()), log))
-    return ui.figure(traces, height=560, hovermode="x unified", annotations=notes,
-                     xaxis=dict(title="number of tasks T", type=axis_type, hoverformat=",d"), yaxis=yaxis)
+    xaxis = dict(title="number of tasks T", type=axis_type, hoverformat=",d")
+    if log:  # a little room past 1 and t_max: plotly hides a tick label that touches the plot's edge
+        pad = 0.03 * math.log10(t_max)
+        xaxis["range"] = [-pad, math.log10(t_max) + pad]
+    return ui.figure(traces, height=560, hovermode="x unified", annotations=notes, xaxis=xaxis, yaxis=yaxis)
 
 
 def byte_ticks(low, high, log):
@@ -73,8 +77,9 @@ def marks_for(p, t_max, log, scale):
     if t_star <= t_max:
         traces.append(dict(type="scatter", mode="markers", x=[t_star], y=[t_star * scale], showlegend=False,
                            marker=dict(size=16, color="#d62728", symbol="diamond"),
-                           hovertemplate=f"break-even: T = {ui.fmt_num(t_star)}<extra></extra>"))
-        notes.append(dict(x=pos(t_star), y=pos(t_star * scale), ax=70, ay=-70, text=f"break-even T* = {ui.fmt_num(t_star)}",
+                           hovertemplate=f"break-even: T = {t_star_text(t_star)}<extra></extra>"))
+        notes.append(dict(x=pos(t_star), y=pos(t_star * scale), ax=70, ay=-70,
+                          text=f"break-even T* = {t_star_text(t_star)}",
                           showarrow=True, arrowwidth=2, arrowcolor="#d62728", font=dict(size=18, color="#d62728"),
                           xanchor="left", bgcolor="rgba(255,255,255,0.8)"))
     top, bottom = float(full_storage(t_max)) * scale, float(peft_storage(t_max, p)) * scale
@@ -88,6 +93,11 @@ def marks_for(p, t_max, log, scale):
                           showarrow=False, xanchor="right", xshift=-10, align="right",
                           font=dict(size=18, color="#d62728"), bgcolor="rgba(255,255,255,0.8)"))
     return traces, notes
+
+
+def t_star_text(t_star):
+    """T* with the digits that tell it from 1: p = 0.01% gives 1.0001, not 1."""
+    return "∞" if math.isinf(t_star) else ui.fmt_num(t_star, near=1)
 
 
 def sentence(p, t_max, scale):
@@ -105,15 +115,48 @@ def tex_int(n):
 
 
 def formulas(p, t_max, scale):
-    st.latex(rf"\begin{{aligned}} \text{{PEFT}} &= 1 + T\,p \\ &= 1 + {tex_int(t_max)} \times {p:g} = "
-             rf"{ui.fmt_num(float(peft_storage(t_max, p)))} \end{{aligned}}")
-    st.latex(rf"\text{{full fine-tuning}} = T = {tex_int(t_max)}")
+    """The three formulas with this chart's numbers, side by side, each as wide as it needs
+    (a row that wraps where the page is narrow: KaTeX never clips or scrolls)."""
     t_star = break_even(p)
-    value = r"\infty" if math.isinf(t_star) else ui.fmt_num(t_star)
-    st.latex(rf"T^{{*}} = \frac{{1}}{{1 - p}} = {value}")
+    value = r"\infty" if math.isinf(t_star) else t_star_text(t_star)
+    with st.container(horizontal=True, gap="large", key="formulas"):
+        st.latex(rf"\begin{{aligned}} \text{{PEFT}} &= 1 + T\,p \\ &= 1 + {tex_int(t_max)} \times {p:g} \\ "
+                 rf"&= {ui.fmt_num(float(peft_storage(t_max, p)))} \end{{aligned}} \,", width="content")
+        # (the thin space covers a 2 px strut KaTeX hangs past an aligned block, which would scroll)
+        st.latex(rf"\text{{full fine-tuning}} = T = {tex_int(t_max)}", width="content")
+        st.latex(rf"T^{{*}} = \frac{{1}}{{1 - p}} = {value}", width="content")
     unit = "one base model" if scale == 1 else f"one base model, here {human_bytes(scale)}"
     st.caption(f"In units of {unit}. Below T*, PEFT stores slightly more: the shared base "
                "plus one sliver is more than one fine-tuned copy.")
+
+
+# The sliders and the toggle live in the URL. A value there that is not one of theirs
+# (?p=abc, ?T=-5) is dropped by Streamlit without a word; the page says so instead.
+# key: (what it is, the values it takes as the URL spells them, what they read as, default)
+LINKED = {"p": ("the phi size slider", [pct(v) for v in P_OPTIONS], f"{pct(P_OPTIONS[0])} to {pct(P_OPTIONS[-1])}",
+                pct(P_DEFAULT)),
+          "T": ("the number of tasks slider", [str(t) for t in T_OPTIONS], f"{T_OPTIONS[0]} to {T_OPTIONS[-1]:,}",
+                f"{T_DEFAULT:,}"),
+          "log": ("the log axes toggle", ["true", "false"], "true or false", "off")}
+
+
+def bad_link_values(params):
+    """[(key, value)] for each linked value in `params` that its widget will not take."""
+    bad = []
+    for key, (_, allowed, _, _) in LINKED.items():
+        for value in params.get_all(key):
+            if (value.lower() if key == "log" else value) not in allowed:
+                bad.append((key, value))
+                break
+    return bad
+
+
+def report_bad_link(bad):
+    """A short message per refused link value: what it was and what it was reset to."""
+    for key, value in bad:
+        what, _, takes, default = LINKED[key]
+        st.toast(f"The link's {key}={value!r} is not a value {what} takes ({takes}): reset to {default}.",
+                 icon=":material/link_off:", duration="long")
 
 
 def base_choice(facts):
@@ -133,13 +176,16 @@ def measured_fractions(facts):
 def presets_table(facts):
     """LoRA r=4 on q and v for the toy base and the well-known sizes: bytes per task and p."""
     toy_lora = LoraConfig(r=4, target_modules=("q", "v")).num_params(facts["config"]) * 4  # float32
-    rows = [dict(base="Toy base (float32, measured file)", base_size=human_bytes(facts["file_bytes"]),
-                 lora=human_bytes(toy_lora), p=f"{100 * toy_lora / facts['file_bytes']:.3g}%")]
+    rows = [{"base model": "Toy base (float32, measured file)", "one base": human_bytes(facts["file_bytes"]),
+             "LoRA r=4 on q, v": human_bytes(toy_lora), "p": f"{100 * toy_lora / facts['file_bytes']:.3g}%"}]
     for b in KNOWN_BASES.values():
-        rows.append(dict(base=f"{b.name} (16-bit)", base_size=human_bytes(b.bytes),
-                         lora=human_bytes(b.lora_qv_bytes(4)), p=f"{100 * b.lora_qv_bytes(4) / b.bytes:.3g}%"))
-    st.dataframe(rows, hide_index=True, column_config={
-        "base": "base model", "base_size": "one base", "lora": "LoRA r=4 on q, v (one task)", "p": "p"})
+        lora = b.lora_qv_bytes(4)
+        rows.append({"base model": f"{b.name} (16-bit)", "one base": human_bytes(b.bytes),
+                     "LoRA r=4 on q, v": human_bytes(lora), "p": f"{100 * lora / b.bytes:.3g}%"})
+    # A static table, not a data grid: its cells wrap to the column, so no column hides
+    # behind a scrollbar on a projector.
+    st.table(rows, hide_index=True)
+    st.caption("LoRA r=4 on q, v: one task's phi, rank 4 on the q and v projections of every layer.")
 
 
 def serving_panel(p, base_name, base_bytes):
@@ -148,14 +194,15 @@ def serving_panel(p, base_name, base_bytes):
                           help="Weights only: activations and caches need room too.")
     phi_bytes = p * base_bytes
     fit = phi_that_fit(gb * 1e9, base_bytes, phi_bytes)
-    a, b, c = st.columns(3)
     if base_bytes > gb * 1e9:
         st.warning(f"{base_name} ({human_bytes(base_bytes)}) does not fit in {gb} GB on its own.")
-    else:
-        a.metric("phi fit beside the base", f"{fit:,}", help=f"({gb} GB - base) / phi bytes")
-    b.metric("PEFT swap moves", human_bytes(phi_bytes), help="one phi, p times the base")
-    c.metric("full FT swap moves", human_bytes(base_bytes),
-             help=f"a whole model: {ui.fmt_num(1 / p)}x more" if p > 0 else None)
+    # Each metric as wide as its label and value; the row wraps rather than cut "2,506,476".
+    with st.container(horizontal=True, gap="medium", key="serving_metrics"):
+        if base_bytes <= gb * 1e9:
+            st.metric("phi fit beside the base", f"{fit:,}", help=f"({gb} GB - base) / phi bytes", width="content")
+        st.metric("PEFT swap moves", human_bytes(phi_bytes), help="one phi, p times the base", width="content")
+        st.metric("full FT swap moves", human_bytes(base_bytes), width="content",
+                  help=f"a whole model: {ui.fmt_num(1 / p)}x more" if p > 0 else None)
 
 
 st.title("One base, many tasks")
@@ -166,11 +213,12 @@ st.markdown(
     "your address bar keeps them, so you can share this exact chart.")
 
 facts = ui.base_facts(ui.device())
+report_bad_link(bad_link_values(st.query_params))  # before the widgets: they drop what they refuse
 controls, chart = st.columns([1, 2.4], gap="large")
 with controls:
-    p_pct = st.select_slider("phi size p (% of the base)", P_OPTIONS, value=1.0, format_func=pct, key="p",
+    p_pct = st.select_slider("phi size p (% of the base)", P_OPTIONS, value=P_DEFAULT, format_func=pct, key="p",
                              bind="query-params", help="How big one task's trainable module is, relative to the base.")
-    t_max = st.select_slider("Largest number of tasks T", T_OPTIONS, value=100, key="T", bind="query-params",
+    t_max = st.select_slider("Largest number of tasks T", T_OPTIONS, value=T_DEFAULT, key="T", bind="query-params",
                              help="The right end of the chart.")
     log = st.toggle("Log axes", key="log", bind="query-params",
                     help="Shows the small-T region, where the curves cross, and large T at once.")
@@ -179,17 +227,19 @@ with controls:
     base_name, base_bytes = base_choice(facts)
     p = p_pct / 100
     scale = 1 if unit == "base models" else base_bytes
-    formulas(p, t_max, scale)
 
 measured = measured_fractions(facts) if base_name == TOY else []
 with chart:
     st.markdown(f"#### {sentence(p, t_max, scale)}")
     ui.plot(storage_figure(p, t_max, log, scale, base_name, measured), key="storage_chart")
     if measured:
-        st.caption(f"Orange circles: the {len(measured)} phi files in this session's bank, stacked on the base "
+        shown = f"the first {t_max} of the {len(measured)}" if len(measured) > t_max else f"the {len(measured)}"
+        st.caption(f"Orange circles: {shown} phi files in this session's bank, stacked on the base "
                    f"at their measured sizes ({min(measured) * 100:.3g}% to {max(measured) * 100:.3g}% of the base file).")
     elif base_name == TOY:
         st.caption("No phi in this session's bank yet: train one on *Train a sliver* to see it measured here.")
+
+formulas(p, t_max, scale)
 
 left, right = st.columns(2, gap="large")
 with left:

@@ -1,9 +1,14 @@
-"""Screenshots for the README: the storage chart and a finished training race.
+"""Screenshots for the README: the storage chart and a finished training race; and every
+page as a projector shows it.
 
     python -m bench.screenshots [--steps 120] [--task add_5] [--out docs] [--all]
+    python -m bench.screenshots --projector [--out shots]
 
 Starts `streamlit run app.py`, drives it with headless chromium and writes
 docs/storage.png and docs/race.png (with --all, also serve.png and inside.png).
+With --projector: each page at 1280x720 and at 1440x900, the whole page (the window
+made as tall as the page, which changes no width), as shots/PAGE-WxH.png; shots/ is
+gitignored. tests/test_layout.py asserts what can be (nothing clipped, plain log ticks...).
 """
 import argparse
 import time
@@ -14,6 +19,9 @@ from playwright.sync_api import sync_playwright
 from bench.appserver import ROOT, app_server, launch_chromium, wait_ready
 
 VIEWPORT = {"width": 1600, "height": 1000}
+PROJECTORS = [(1280, 720), (1440, 900)]
+PAGES = {"storage": "?p=0.015%25&T=10000", "storage-log": "?p=1%25&T=100&log=true",
+         "train": "train", "serve": "serve", "inside": "inside", "class": "classroom"}
 
 
 def set_slider(page, label, clicks):
@@ -66,13 +74,47 @@ def other_pages(page, url, out):
         page.screenshot(path=out / f"{path}.png")
 
 
+def whole_page(page, path, width, height):
+    """Screenshot the whole page at this width; the window is put back afterwards."""
+    full = page.evaluate("document.querySelector('[data-testid=stMain]').scrollHeight")
+    page.set_viewport_size({"width": width, "height": max(height, full)})
+    page.wait_for_timeout(500)  # plotly redraws on resize
+    page.screenshot(path=path)
+    page.set_viewport_size({"width": width, "height": height})
+
+
+def projector(browser, url, out):
+    written = []
+    for width, height in PROJECTORS:
+        page = browser.new_page(viewport={"width": width, "height": height})
+        for name, path in PAGES.items():
+            page.goto(f"{url}/{path}")
+            wait_ready(page)
+            page.wait_for_function("document.fonts.status === 'loaded'")
+            written.append(out / f"{name}-{width}x{height}.png")
+            whole_page(page, written[-1], width, height)
+        page.close()
+    return written
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120, help="steps per method in the race (10-1000)")
     ap.add_argument("--task", default="add_5")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--all", action="store_true", help="also the serving and inside pages")
+    ap.add_argument("--projector", action="store_true",
+                    help=f"every page at {' and '.join(f'{w}x{h}' for w, h in PROJECTORS)} into --out (default shots)")
     args = ap.parse_args()
+    if args.projector:
+        out = ROOT / "shots" if args.out == ROOT / "docs" else args.out
+        out.mkdir(parents=True, exist_ok=True)
+        with app_server() as url, sync_playwright() as pw:
+            browser = launch_chromium(pw)
+            written = projector(browser, url, out)
+            browser.close()
+        print("wrote " + ", ".join(str(p) for p in written))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     with app_server() as url, sync_playwright() as pw:
         browser = launch_chromium(pw)

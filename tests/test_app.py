@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the app's own modules (ui, pages) as `streamlit run` sees them
 
 import peftcore  # noqa: E402
+from peftcore.library import LIBRARY_DIR  # noqa: E402
 
 PAGES = {"app_pages/storage.py": "One base, many tasks", "app_pages/train.py": "Train a sliver",
          "app_pages/serve.py": "Many tasks at once", "app_pages/inside.py": "Inside: why it works"}
@@ -190,3 +191,102 @@ def test_serving_a_mixed_batch():
     assert measured and len(measured[0]["x"]) == len(bank.peft_config)
     sizes = [len(peftcore.adapter_to_bytes(bank, n)) / peftcore.base_file_bytes() for n in bank.peft_config]
     assert np.allclose(measured[0]["y"], 1 + np.cumsum(sizes))
+
+
+# ------------------------------------------------------------------ storage: links, T*, the chart's marks
+def test_a_bad_value_in_a_link_is_reset_with_a_message():
+    at = new_app(query={"p": "abc", "T": "-5", "log": "maybe"})
+    toasts = [t.value for t in at.toast]
+    assert any("p='abc'" in t and "reset to 1%" in t for t in toasts), toasts
+    assert any("T='-5'" in t and "reset to 100" in t for t in toasts), toasts
+    assert any("log='maybe'" in t and "reset to off" in t for t in toasts), toasts
+    assert at.select_slider(key="p").value == 1.0 and at.select_slider(key="T").value == 100
+    assert not new_app(query={"p": "0.5%", "T": "1000", "log": "true"}).toast  # a good link: no message
+
+
+@pytest.mark.parametrize("p_pct, t_star", [(0.01, "1.0001"), (0.015, "1.00015"), (1.0, "1.01"), (50.0, "2")])
+def test_t_star_shows_the_digits_that_tell_it_from_one(p_pct, t_star):
+    at = new_app(query={"p": f"{p_pct:g}%"})
+    assert at.latex[-1].value.strip("$\n").endswith(f"= {t_star}")
+    notes = [a["text"] for a in chart(at, "storage_chart")["layout"]["annotations"]]
+    assert f"break-even T* = {t_star}" in notes
+
+
+def test_break_even_is_drawn_above_the_measured_phi_and_log_ticks_are_plain():
+    at = new_app(query={"p": "0.01%", "T": "10000", "log": "true"})
+    fig = chart(at, "storage_chart")
+    order = [t.get("name") or t.get("hovertemplate", "") for t in fig["data"]]
+    measured = next(i for i, n in enumerate(order) if n.startswith("measured"))
+    break_even = next(i for i, n in enumerate(order) if n.startswith("break-even"))
+    assert break_even > measured  # plotly draws later traces on top
+    for axis in ("xaxis", "yaxis"):
+        assert fig["layout"][axis]["ticktext"] == ["1", "10", "100", "1,000", "10,000"]
+    assert any(a["text"].startswith("saves") for a in fig["layout"]["annotations"])
+    assert len(fig["data"][measured]["x"]) <= 10_000
+
+    at = new_app(query={"p": "1%", "T": "10", "log": "true"})  # the measured phi stop where the chart does
+    fig = chart(at, "storage_chart")
+    measured = [t for t in fig["data"] if t.get("name", "").startswith("measured")][0]
+    assert max(measured["x"]) <= 10 and len(bank_of(at).peft_config) > 10
+
+
+# ------------------------------------------------------------------ serve: the bank follows, timings with spread
+def lora_file(task, r=2):
+    model = peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(r=r))
+    model.adapter_task["default"] = task
+    return peftcore.adapter_to_bytes(model)
+
+
+def tasks_line(at):
+    return next(m.value for m in at.markdown if " tasks** stored as one base" in m.value)
+
+
+def test_an_upload_updates_the_bank_and_the_serving_choices_at_once():
+    at = new_app("app_pages/serve.py")
+    n = len(bank_of(at).peft_config)
+    assert tasks_line(at).startswith(f"**{n} tasks**")
+    upload = ("new one.safetensors", lora_file("complement"), "application/octet-stream")
+    at.file_uploader(key="upload").set_value(upload)
+    at.run()  # one run: the table, its count and the choices below already hold the new phi
+    assert_clean(at)
+    assert tasks_line(at).startswith(f"**{n + 1} tasks**")
+    assert "new-one" in [row for row in at.table[0].value["name"]]
+    assert "new-one (complement)" in at.multiselect(key="serve_names").options
+    assert "new-one" in at.multiselect(key="serve_names").value  # and it is served next
+
+    at.selectbox(key="remove_name").set_value("new-one")
+    at.button(key="remove").click().run()
+    assert_clean(at)
+    assert tasks_line(at).startswith(f"**{n} tasks**")
+    assert "new-one (complement)" not in at.multiselect(key="serve_names").options
+
+
+def test_sort_rows_are_explained():
+    at = new_app("app_pages/serve.py")
+    assert "lora-sort" in at.multiselect(key="serve_names").value  # the default batch has every task
+    button(at, "serve_go").click().run()
+    assert_clean(at)
+    note = [i.value for i in at.info if "sort rows are wrong" in i.value]
+    assert note and "live training budget" in note[0]
+    recorded = json.loads((LIBRARY_DIR / "index.json").read_text())["lora-sort"]["eval_exact"]
+    assert f"LoRA {100 * recorded:.1f}%" in note[0]  # the recorded figure, not a typed one
+
+
+def test_merge_timing_is_a_median_with_its_spread_keyed_on_the_bank_generation():
+    at = new_app("app_pages/serve.py")
+    bank = bank_of(at)
+    labels = [m.label for m in at.metric]
+    assert "unmerged: W x + B A x" in labels and "merged: (W + B A) x" in labels
+    assert any(c.value.startswith("Medians of 15 alternating repeats") and "middle half" in c.value for c in at.caption)
+    assert any(m.value.startswith(("Merging saves", "Merged is slower", "No difference")) for m in at.markdown)
+    (key, t), = at.session_state["merge_times"].items()
+    assert key == (at.selectbox(key="merge_name").value, bank.generation)
+    assert len(t["unmerged_all"]) == len(t["merged_all"]) == 15
+    at.run()  # nothing changed: the same measurement, not a new one on every rerun
+    assert at.session_state["merge_times"][key] is t
+
+    at.file_uploader(key="upload").set_value(("m.safetensors", lora_file("add_5"), "application/octet-stream"))
+    at.run()  # the bank changed: its generation moved, the old timing is dropped, a new one made
+    assert_clean(at)
+    (key2, t2), = at.session_state["merge_times"].items()
+    assert key2 == (key[0], bank.generation) and key2[1] != key[1] and t2 is not t
