@@ -149,8 +149,10 @@ def lora_widgets(preset: LoraConfig):
     alpha = control("lora_alpha", preset.lora_alpha, lambda **kw: b.slider(
         "lora_alpha", 1, 128, unless_set("lora_alpha", preset.lora_alpha), key="lora_alpha",
         help="The update is scaled by lora_alpha / r.", **kw))
-    targets = control("target_modules", list(preset.target_modules), lambda **kw: st.multiselect(
-        "target_modules", TARGETABLE, default=unless_set("lora_targets", list(preset.target_modules)),
+    # pills, not a multiselect: six short names wrap in a narrow column instead of hiding
+    targets = control("target_modules", list(preset.target_modules), lambda **kw: st.pills(
+        "target_modules", TARGETABLE, selection_mode="multi",
+        default=unless_set("lora_targets", list(preset.target_modules)),
         key="lora_targets", help="Which projections of every block get a LoRA: attention q, k, v, o and MLP up, down.",
         **kw))
     dropout = control("lora_dropout", preset.lora_dropout, lambda **kw: st.slider(

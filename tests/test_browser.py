@@ -28,7 +28,7 @@ def short_run(page):
     wait_ready(page)
 
 
-def test_every_page_works_as_the_first_page_a_fresh_server_serves(new_page):
+def test_every_page_works_as_the_first_page_a_fresh_server_serves(new_page, sync_api):
     # Each page is the first a server ever runs (a page must import what it uses itself), and
     # the app is whole there (a pages/ folder would serve the bare page script, no sidebar).
     for path, title in [("train", "Train a sliver"), ("serve", "Many tasks at once"), ("inside", "Inside: why it works")]:
@@ -36,8 +36,8 @@ def test_every_page_works_as_the_first_page_a_fresh_server_serves(new_page):
             page = new_page()
             visit(page, f"{fresh}/{path}")
             assert page.get_by_role("heading", name=title).count() == 1
-            assert page.get_by_test_id("stSidebarNav").get_by_text("One base, many tasks").is_visible()
-            assert page.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session").is_visible()
+            sync_api.expect(page.get_by_test_id("stSidebarNav").get_by_text("One base, many tasks")).to_be_visible()
+            sync_api.expect(page.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session")).to_be_visible()
             if path == "train":
                 short_run(page)  # the result card used a module no page had imported yet
                 assert page.get_by_test_id("stMetricLabel").filter(has_text="phi file").is_visible()
