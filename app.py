@@ -30,7 +30,8 @@ PAGES = [
 
 
 def reset_session():
-    """Forget this session: stop its runs, empty its bank and its settings."""
+    """Forget this tab's session: stop its runs, forget its settings and its link. Saved
+    phi stay in the store (the bank link brings them back)."""
     ui.stop_session_runs()
     st.session_state.clear()
     st.query_params.clear()
@@ -45,11 +46,26 @@ def sidebar():
                           "and shared by every visitor.")
         st.number_input("Seed", min_value=0, max_value=9999, value=0, step=1, key="seed",
                         help="Same seed, same run (on CPU): the batches drawn, the initial phi, the samples shown.")
-        running = len(ui.get_manager().active())
+        manager = ui.get_manager()
         st.caption(f"Base: {ui.base_facts(ui.device())['params']:,} frozen parameters on **{ui.device()}**. "
-                   f"Runs training on this server now: {running}.")
+                   f"Training on this server now: {len(manager.active())} run(s), "
+                   f"{manager.max_concurrent} at a time.")
+        my_bank()
         st.button("Reset my session", on_click=reset_session, width="stretch",
-                  help="Stops your runs and forgets your saved phi and settings. Other visitors are not affected.")
+                  help="Stops your runs and forgets this tab's settings. Your saved phi stay in the store. "
+                       "Other visitors are not affected.")
+
+
+def my_bank():
+    """The link that brings a student's saved phi back, and a confirmed way to delete them."""
+    token = ui.bank_token()
+    if not token:
+        return
+    st.markdown(f"[Link to my bank](?bank={token}): bookmark it; your saved phi come back with it.")
+    with st.popover("Delete my saved phi", width="stretch"):
+        st.write("Deletes every phi you saved, from the store and from any class. This cannot be undone.")
+        if st.button("Yes, delete them", type="primary", key="delete_mine"):
+            st.success(f"Deleted {ui.delete_my_phi()} saved phi.")
 
 
 navigation = st.navigation(PAGES)

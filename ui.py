@@ -102,10 +102,10 @@ def bank_token(create=False):
     token = st.query_params.get("bank")
     if store_mod.valid_token(token):
         return token
-    if token and not ss.get("bad_bank_link"):
-        ss["bad_bank_link"] = True
-        st.warning("The bank token in this link (?bank=...) is not valid: it was ignored. "
-                   "A new bank link is made when you save a phi.")
+    if token:  # reported once, and taken out of the link
+        del st.query_params["bank"]
+        st.toast("The bank token in this link (?bank=...) is not valid: it was ignored. "
+                 "A new bank link is made when you save a phi.", icon="⚠️")
     if not create:
         return None
     token = ss.get("bank_token") or store_mod.new_token()
@@ -152,7 +152,18 @@ def remove_from_bank(name):
     ss["file_bytes"].pop(name, None)
     phi_id = ss["stored_ids"].pop(name, None)
     if phi_id is not None:
-        store().delete_phi(phi_id, owner=bank_token())
+        try:
+            store().delete_phi(phi_id, owner=bank_token())
+        except store_mod.StoreError:
+            pass  # already gone from the store (deleted by the teacher or another tab)
+
+
+def delete_my_phi():
+    """Delete every phi this student saved (store and bank); returns how many."""
+    n = store().delete_owner(bank_token())
+    for name in list(ss.get("stored_ids", {})):
+        remove_from_bank(name)
+    return n
 
 
 def file_bytes(name):

@@ -1,0 +1,50 @@
+"""A student's bank outlives the tab: the ?bank= token brings saved phi back into a new
+session, a bad token is reported, and "delete my saved phi" empties the store (AppTest,
+against the test session's real store file)."""
+import os
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+import peftcore
+from peftcore import library
+from peftcore.store import Store, new_token
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def open_serve(query):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update(query)
+    at.run()
+    at.switch_page("app_pages/serve.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_saved_phi_come_back_with_the_link_and_can_be_deleted(base):
+    store, token = Store(os.environ["PEFT_STORE"], base=base), new_token()
+    name, directory = library.entries()[0]
+    model = peftcore.PeftModel.from_pretrained(base, directory)
+    store.save_phi(token, "my-phi", peftcore.adapter_to_bytes(model, "default"))
+
+    at = open_serve({"bank": token})  # a new session: a refresh, a new tab, a restarted server
+    bank = at.session_state["bank:" + peftcore.resolve_device("auto")]
+    assert "my-phi" in bank.peft_config
+    assert any(f"?bank={token}" in m.value for m in at.sidebar.markdown)
+
+    at.sidebar.button(key="delete_mine").click().run()
+    assert not at.exception
+    assert store.list_phi(owner=token) == []
+    assert "my-phi" not in bank.peft_config
+    assert "my-phi" not in open_serve({"bank": token}).session_state[
+        "bank:" + peftcore.resolve_device("auto")].peft_config
+
+
+def test_a_malformed_bank_token_is_reported_not_fatal():
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params["bank"] = "not a token!"
+    at.run()
+    assert not at.exception
+    assert any("bank token in this link" in t.value for t in at.toast)
+    assert "bank" not in at.query_params
