@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import secrets
+import threading
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -20,7 +21,7 @@ from peftcore import library
 from peftcore import store as store_mod
 from peftcore.presets import PRESETS
 from peftcore.runs import QUEUED, QueueFull, RunManager
-from peftcore.train import solved_at
+from peftcore.train import solved_at, warm_up
 from peftcore.tasks import EVAL_SIZE
 
 MAX_SESSION_RUNS = 4   # runs one visitor may have training at once
@@ -51,7 +52,11 @@ def get_random_base(device):
 def get_manager():
     """One RunManager per server process: runs outlive the pages that started them; one
     training slot per core, a fair queue behind them."""
-    return RunManager()
+    manager = RunManager()
+    # the first training of a process pays ~3 s of one-time setup: at server start, in the
+    # background, not on the first student's click
+    threading.Thread(target=warm_up, args=(get_base(device()), device()), daemon=True, name="warm-up").start()
+    return manager
 
 
 @st.cache_resource

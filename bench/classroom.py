@@ -656,8 +656,10 @@ def core_alone(jobs, task):
     import torch
 
     import peftcore
+    from peftcore.train import warm_up
     torch.set_num_threads(1)
     base = peftcore.load_base(device=jobs[0][3]["device"])
+    warm_up(base, jobs[0][3]["device"])  # as the server does at its start
     models = [(peftcore.get_peft_model(base, config, seed=seed), kw) for _, config, seed, kw in jobs]
     ends, rates = [None] * len(models), [None] * len(models)
     start = threading.Barrier(len(models) + 1)
