@@ -400,18 +400,6 @@ def progress_line(run):
         st.error(f"{run.label} failed: {run.error}")
 
 
-class _BuiltFigure(go.Figure):
-    """A figure dict that st.plotly_chart takes as already validated. Plotly validates a
-    dict figure on every call (tens of ms of GIL per live update); this one is built by
-    runs_figure, not typed by a user, so there is nothing to validate."""
-
-    def __init__(self, fig):  # deliberately no go.Figure.__init__: that is the validation
-        self._fig = fig
-
-    def to_dict(self):
-        return self._fig
-
-
 MAX_POINTS = 250  # loss points per curve: enough for the eye, small to send twice a second
 
 
@@ -431,12 +419,11 @@ def runs_figure(runs):
                            y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2",
                            hovertemplate="step %{x}: %{y:.1f}% exact", **style))
     steps = max((r.steps for r in runs), default=0)
-    fig = figure(traces, height=620, hovermode="closest",
-                 xaxis=dict(title="step", anchor="y2", range=[0, steps * 1.02]),  # the whole budget from the start
-                 # log ticks at powers of ten only: labels that do not pile up as the loss falls
-                 yaxis=dict(title="training loss", type="log", domain=[0.56, 1], dtick=1, tickformat=".1~g"),
-                 yaxis2=dict(title=f"exact match %<br>({EVAL_SIZE} held-out)", domain=[0, 0.44], range=[-3, 103]))
-    return _BuiltFigure(fig)
+    return figure(traces, height=620, hovermode="closest",
+                  xaxis=dict(title="step", anchor="y2", range=[0, steps * 1.02]),  # the whole budget from the start
+                  # log ticks at powers of ten only: labels that do not pile up as the loss falls
+                  yaxis=dict(title="training loss", type="log", domain=[0.56, 1], dtick=1, tickformat=".1~g"),
+                  yaxis2=dict(title=f"exact match %<br>({EVAL_SIZE} held-out)", domain=[0, 0.44], range=[-3, 103]))
 
 
 # ------------------------------------------------------------------ charts
@@ -479,8 +466,20 @@ def log_ticks(low, high):
 
 
 def plot(fig, key=None, height=None):
-    st.plotly_chart(fig, theme=None, width="stretch", height=height or "content", key=key,
+    """Show a figure() dict. It is built by code, not typed by a user, so plotly's validation
+    of a dict (~10 ms of GIL per chart, every rerun and live refresh) is skipped."""
+    st.plotly_chart(_BuiltFigure(fig), theme=None, width="stretch", height=height or "content", key=key,
                     config={"displaylogo": False})
+
+
+class _BuiltFigure(go.Figure):
+    """A figure dict that st.plotly_chart takes as already validated."""
+
+    def __init__(self, fig):  # deliberately no go.Figure.__init__: that is the validation
+        self._fig = fig
+
+    def to_dict(self):
+        return self._fig
 
 
 def fmt_num(x, near=None):
