@@ -1,20 +1,12 @@
 """Teacher links on the train page (AppTest): a link sets controls, locks or hides them,
 a bad value is reported and reset, and the page builds such a link from its settings."""
-from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from streamlit.testing.v1 import AppTest
-
-ROOT = Path(__file__).resolve().parent.parent
+from apptest import open_page
 
 
 def open_train(query):
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.query_params.update(query)
-    at.run()
-    at.switch_page("app_pages/train.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_page("app_pages/train.py", query)
 
 
 def labels(widgets):

@@ -2,24 +2,17 @@
 session, a bad token is reported, and "delete my saved phi" empties the store (AppTest,
 against the test session's real store file)."""
 import os
-from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
 import peftcore
+from apptest import ROOT, open_page
 from peftcore import library
 from peftcore.store import Store, new_token
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def open_serve(query):
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.query_params.update(query)
-    at.run()
-    at.switch_page("app_pages/serve.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_page("app_pages/serve.py", query)
 
 
 def test_saved_phi_come_back_with_the_link_and_can_be_deleted(base):
