@@ -374,7 +374,7 @@ def live_runs(group):
                       help="Stops your runs of this group after their current step; phi keeps what it learned.")
         elif not mine:
             st.caption("Shared link: you are watching another visitor's runs (read-only).")
-        plot(runs_figure(runs), key=f"curves-{group}")
+        plot(live_figure(runs), key=f"curves-{group}")
         if polling and all(r.finished for r in runs):
             st.rerun()  # the result cards below the panel appear; polling stops
 
@@ -398,6 +398,15 @@ def progress_line(run):
     st.progress(s["step"] / s["steps"] if s["steps"] else 0.0, text=text)
     if run.error:
         st.error(f"{run.label} failed: {run.error}")
+
+
+def live_figure(runs):
+    """runs_figure, rebuilt only when a run has new events since this session's last refresh."""
+    state = tuple((r.id, len(r.events), r.status) for r in runs)
+    cached = ss.get("live_figure")
+    if not cached or cached[0] != state:
+        ss["live_figure"] = cached = (state, runs_figure(runs))
+    return cached[1]
 
 
 MAX_POINTS = 250  # loss points per curve: enough for the eye, small to send twice a second
