@@ -1,49 +1,121 @@
 """Each method really learns within its default preset's budget (on CPU), and pretraining
 matters. Budgets are steps, not seconds: the results do not depend on machine speed.
-The thresholds sit a little below what bench/presets.py measured (BENCHMARKS.md)."""
-import functools
+
+Float rounding differs between CPUs and thread counts, and a run that sits on a knife edge
+on one machine falls the other way on another. So each claim here is one that held for
+every one of 5 seeds in `python -m bench.presets --seeds 5` (peftcore/preset_table.json),
+asserted with a margin; the seed-fragile rows (the compositions reverse_add_1 and
+rotate_right_add_2, where the outcome depends on the seed) are not asserted run by run:
+the recorded table says how often they solve, and a test checks that the table is current.
+The runs go two at a time in worker processes (one torch thread each), started as soon
+as the module's first test asks.
+"""
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
 
 import pytest
+import torch
 
 import peftcore
-from peftcore.presets import PRESETS
+from bench.presets import one_run
+from peftcore.presets import PRESETS, SOLVED, robustness
 
-# (method, task) -> (min held-out exact match, min held-out token accuracy). Where a method
-# does not solve a task within budget, the token accuracy it does reach is still checked;
-# an untrained phi sits near 0.2. Prompt tuning learns only rotate_right_add_2 here: the
-# other new tasks need a new digit map, and a soft prompt can only steer what the frozen
-# base already computes (Lester et al. find prompt tuning catches up only at billions of
-# parameters). That lesson is shown in the app, not asserted away.
-SOLVED = (0.9, 0.95)
-EXPECTED = {
-    ("LoRA", "add_5"): SOLVED, ("LoRA", "complement"): SOLVED, ("LoRA", "reverse_add_1"): SOLVED,
-    ("LoRA", "rotate_right_add_2"): SOLVED, ("LoRA", "sort"): (0.0, 0.5),
-    ("Adapter", "add_5"): SOLVED, ("Adapter", "complement"): SOLVED, ("Adapter", "reverse_add_1"): (0.0, 0.7),
-    ("Adapter", "rotate_right_add_2"): SOLVED, ("Adapter", "sort"): (0.0, 0.45),
-    ("Prompt tuning", "rotate_right_add_2"): SOLVED,
-    ("Full fine-tuning", "add_5"): SOLVED, ("Full fine-tuning", "complement"): SOLVED,
-    ("Full fine-tuning", "reverse_add_1"): SOLVED, ("Full fine-tuning", "rotate_right_add_2"): (0.0, 0.8),
-    ("Full fine-tuning", "sort"): (0.0, 0.65),
+SEED = 0
+# (method, task): held-out exact match at least this. Every seed of 5 reached 1.000.
+SOLVES = {
+    ("LoRA", "add_5"): 0.9, ("LoRA", "complement"): 0.9,
+    ("Adapter", "add_5"): 0.9, ("Adapter", "complement"): 0.9,
+    ("Full fine-tuning", "add_5"): 0.9, ("Full fine-tuning", "complement"): 0.9,
 }
+# (method, task): held-out exact match at most this. Sorting is a new algorithm no method
+# learns in a live budget; a soft prompt can only steer what the frozen base computes, so
+# it cannot learn a new digit map (Lester et al. find prompt tuning catches up only at
+# billions of parameters). Ceilings sit well above the worst seed's figure and far below
+# SOLVED, so they hold on any CPU and still fail if a "failure" starts to solve the task.
+STAYS_LOW = {
+    ("LoRA", "sort"): 0.2, ("Adapter", "sort"): 0.2, ("Full fine-tuning", "sort"): 0.3,
+    ("Prompt tuning", "add_5"): 0.1,
+}
+# Checked in the recorded table only (no run here): every method's worst and best seed.
+RECORDED_LOW = {**{(m, "sort"): 0.1 for m in PRESETS}, ("Prompt tuning", "complement"): 0.05}
+# method -> (task, how much lower the same phi scores on a random frozen base, and on what).
+# Prompt tuning solves no task on every seed, so its gap is in token accuracy.
+RANDOM_BASE = {"LoRA": ("add_5", "exact", 0.5), "Adapter": ("add_5", "exact", 0.5),
+               "Prompt tuning": ("rotate_right_add_2", "token", 0.25)}
 
-# method -> task where the same phi on a random frozen base must lose at least half the exact match
-RANDOM_BASE = {"LoRA": "add_5", "Adapter": "add_5", "Prompt tuning": "rotate_right_add_2"}
+_executor = None
+_futures = {}
 
 
-@functools.lru_cache(maxsize=None)
+def _runs_of(item):
+    """The (method, task, random base) runs a collected test of this module needs."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    name = getattr(item, "originalname", item.name)
+    if name in ("test_preset_solves", "test_preset_stays_low"):
+        return [(params["method"], params["task"], False)]
+    if name == "test_pretraining_matters":
+        task = RANDOM_BASE[params["method"]][0]
+        return [(params["method"], task, False), (params["method"], task, True)]
+    if name == "test_lora_matches_full_fine_tuning_on_new_digit_maps":
+        return [(m, t, False) for m in ("LoRA", "Full fine-tuning") for t in ("add_5", "complement")]
+    return []
+
+
+def _submit(key):
+    global _executor
+    if _executor is None:
+        jobs = max(1, min(2, os.cpu_count() or 1))
+        _executor = cf.ProcessPoolExecutor(jobs, mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                           initargs=(1,))
+    if key not in _futures:
+        method, task, random_base = key
+        _futures[key] = _executor.submit(one_run, (method, task, SEED, random_base, {}, {}))
+    return _futures[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _runs_in_parallel(request):
+    """Start every run the selected tests of this module need, in test order, so both
+    cores work while the first tests wait for their results."""
+    for item in request.session.items:
+        if item.module is request.module:
+            for key in _runs_of(item):
+                _submit(key)
+    yield
+    if _executor is not None:
+        _executor.shutdown(cancel_futures=True)
+
+
 def result(method, task, random_base=False):
-    base = peftcore.random_base() if random_base else peftcore.load_base()
-    preset = PRESETS[method]
-    model = peftcore.get_peft_model(base, preset.config, seed=0)
-    last = peftcore.run(model, task, device="cpu", **preset.train)
-    return last.eval_exact, last.eval_token, model.get_nb_trainable_parameters()[0]
+    """dict(exact, token, ...) of the preset's run with SEED (see bench.presets.one_run)."""
+    return _submit((method, task, random_base)).result()
 
 
-@pytest.mark.parametrize("method, task", list(EXPECTED), ids="-".join)
-def test_preset_learns(method, task):
-    exact, token, _ = result(method, task)
-    min_exact, min_token = EXPECTED[method, task]
-    assert exact >= min_exact and token >= min_token, (exact, token)
+@pytest.mark.parametrize("method, task", list(SOLVES), ids=[f"{m} {t}" for m, t in SOLVES])
+def test_preset_solves(method, task):
+    r = result(method, task)
+    assert r["exact"] >= SOLVES[method, task], r
+
+
+@pytest.mark.parametrize("method, task", list(STAYS_LOW), ids=[f"{m} {t}" for m, t in STAYS_LOW])
+def test_preset_stays_low(method, task):
+    r = result(method, task)
+    assert r["exact"] <= STAYS_LOW[method, task], r
+
+
+@pytest.mark.parametrize("method", list(RANDOM_BASE))
+def test_pretraining_matters(method):
+    """The same phi on a randomly initialised frozen base learns clearly less."""
+    task, metric, gap = RANDOM_BASE[method]
+    pretrained, random = result(method, task), result(method, task, random_base=True)
+    assert random[metric] <= pretrained[metric] - gap, (pretrained, random)
+
+
+def test_lora_matches_full_fine_tuning_on_new_digit_maps():
+    for task in ("add_5", "complement"):
+        lora, full = result("LoRA", task), result("Full fine-tuning", task)
+        assert lora["exact"] >= 0.9 * full["exact"], (task, lora, full)
 
 
 def test_phi_sizes_of_the_presets(base):
@@ -52,15 +124,25 @@ def test_phi_sizes_of_the_presets(base):
         assert PRESETS[method].config.num_params(base.config) <= limit * n, method
 
 
-def test_lora_reaches_90_percent_of_full_fine_tuning_on_3_of_4_tasks():
-    tasks = [t for t in peftcore.TASKS if t != "sort"]
-    close = [t for t in tasks if result("LoRA", t)[0] >= 0.9 * result("Full fine-tuning", t)[0]]
-    assert len(close) >= 3, close
-
-
-@pytest.mark.parametrize("method", list(RANDOM_BASE))
-def test_pretraining_matters(method):
-    """The same phi on a randomly initialised frozen base learns clearly less."""
-    task = RANDOM_BASE[method]
-    pretrained, random = result(method, task), result(method, task, random_base=True)
-    assert random[0] <= pretrained[0] - 0.5, (pretrained, random)
+def test_the_recorded_table_is_current_and_backs_these_claims():
+    """Every preset has a row of at least 5 seeds for every task, measured with the preset
+    as it is now (else: python -m bench.presets --seeds 5 --jobs 2 --write), and the rows
+    agree with what the tests above assert for one seed."""
+    for method in PRESETS:
+        for task in peftcore.TASKS:
+            r = robustness(method, task)
+            assert r is not None and r["seeds"] >= 5, (method, task, "not recorded for this preset")
+            assert r["min"] <= r["median"] <= r["max"] and 0 <= r["solved"] <= r["seeds"]
+    for (method, task), floor in SOLVES.items():
+        r = robustness(method, task)
+        assert r["solved"] == r["seeds"] and r["min"] >= max(floor, SOLVED), (method, task, r)
+    for (method, task), ceiling in STAYS_LOW.items():
+        assert robustness(method, task)["max"] <= ceiling / 2, (method, task)
+    for (method, task), ceiling in RECORDED_LOW.items():
+        assert robustness(method, task)["max"] <= ceiling, (method, task)
+    for method, (task, metric, gap) in RANDOM_BASE.items():
+        pre, rnd = robustness(method, task), robustness(method, task, "random base")
+        assert rnd is not None, (method, task, "no random-base row for this preset")
+        worst_pretrained = pre["min"] if metric == "exact" else pre["token_min"]
+        best_random = rnd["max"] if metric == "exact" else rnd["token_max"]
+        assert best_random <= worst_pretrained - gap, (method, pre, rnd)
