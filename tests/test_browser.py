@@ -46,15 +46,16 @@ def test_every_page_works_as_the_first_page_a_fresh_server_serves(new_page, sync
 
 @pytest.mark.parametrize("path, title, content", [
     ("", "One base, many tasks", ".js-plotly-plot"),
-    ("train", "Train a sliver", "button:has-text('Train')"),
+    ("train", "Train a sliver", "role=button[name=/^Train$/]"),
     ("serve", "Many tasks at once", "text=Upload a phi file"),
     ("inside", "Inside: why it works", "svg"),
 ])
-def test_page_renders(page, url, path, title, content):
+def test_page_renders(page, url, path, title, content, sync_api):
     visit(page, f"{url}/{path}")
     assert page.get_by_role("heading", name=title).count() == 1
-    assert page.locator(content).first.is_visible()
-    assert page.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session").is_visible()
+    # widgets' code loads lazily in a new browser context: wait for them, not just the script
+    sync_api.expect(page.locator(content).first).to_be_visible(timeout=30_000)
+    sync_api.expect(page.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session")).to_be_visible()
 
 
 def test_navigation_keeps_the_sidebar(page, url):

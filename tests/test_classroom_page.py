@@ -38,7 +38,7 @@ def assert_clean(at):
 
 def texts(at):
     return " ".join(m.value for kind in ("markdown", "caption", "success", "error", "warning", "info", "subheader")
-                    for m in at.get(kind))
+                    for m in at.get(kind)) + " " + " ".join(t.value for t in at.toast)
 
 
 def student_saves(code, author, phi):
