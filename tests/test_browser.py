@@ -95,7 +95,9 @@ def test_a_shared_link_shows_the_run_read_only(new_page, url):
     visit(owner, f"{url}/train")
     steps = owner.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider")
     steps.focus()
-    owner.keyboard.press("End")  # a long run: 1000 steps
+    owner.keyboard.press("End")  # a long run: 1000 steps...
+    wait_ready(owner)
+    owner.get_by_text("Stop when solved").click()  # ...that does not end early when solved
     wait_ready(owner)
     owner.get_by_role("button", name="Train", exact=True).click()
     stop = owner.get_by_role("button", name="Stop", exact=True)
