@@ -233,7 +233,8 @@ def identify():
     ctx = get_script_run_ctx()
     if ctx is not None:
         sessions_of_owner().setdefault(me, set()).add(ctx.session_id)
-    if st.context.cookies.get(OWNER_COOKIE) != me:
+    if st.context.cookies.get(OWNER_COOKIE) != me and not ss.get("cookie_sent"):
+        ss["cookie_sent"] = True  # once per session: the script sets the cookie in the browser
         st.html(f"<script>document.cookie = '{OWNER_COOKIE}={me}; path=/; max-age=31536000; SameSite=Strict'"
                 "</script>", unsafe_allow_javascript=True)
 

@@ -100,6 +100,7 @@ class RunManager:
         self._queue = collections.deque()
         self._running = set()
         self._orphaned = {}  # run id -> when it was first seen with no owner connected
+        self._last_reap = 0.0
         self.runs = {}
 
     # ------------------------------------------------------------ starting and joining
@@ -164,8 +165,12 @@ class RunManager:
 
     def reap(self, connected):
         """Stop runs none of whose owners is `connected(owner)` for `grace_s` seconds: a
-        closed tab frees its slot, a refresh (back within the grace) keeps its run."""
+        closed tab frees its slot, a refresh (back within the grace) keeps its run. Every
+        session's live panel calls it; at most one pass a second does the work."""
         now = time.time()
+        if now - self._last_reap < 1.0:
+            return
+        self._last_reap = now
         with self._lock:
             for run in list(self._queue) + list(self._running):
                 if any(connected(o) for o in run.owners):
