@@ -95,9 +95,11 @@ class LoraLinear(nn.Module):
         name = self.route.active
         if name in self.lora_A:
             h = self.lora_A[name](self.lora_dropout[name](x))
-            # out + scaling * B h as one fused addmm (fewer kernels: this model is tiny)
-            out = torch.addmm(out.flatten(0, -2), h.flatten(0, -2), self.lora_B[name].weight.t(),
-                              alpha=self.scaling[name]).view(out.shape)
+            # out + h (scaling B)^T as one fused addmm (fewer kernels: this model is tiny). The
+            # scaling goes on B, as in the stacks of mixed batches and cohorts: then a run
+            # trained in a cohort rounds exactly as it does alone
+            scaled_B = self.lora_B[name].weight * self.scaling[name]
+            out = torch.addmm(out.flatten(0, -2), h.flatten(0, -2), scaled_B.t()).view(out.shape)
         return out
 
     # --- mixed batches: each row its own adapter, as batched gathers + bmm (Punica's idea)

@@ -8,6 +8,12 @@ refresh only re-reads `run.events`. The manager is built for a class on one serv
   in line and an estimate of the wait; beyond `max_waiting` a start is refused;
 - identical runs computed once: a start whose `key` equals a queued or training run's
   joins it, so thirty students pressing Train on the defaults cost one computation;
+- cohorts: a slot is a lane, a thread that steps its runs together (peftcore.cohort: one
+  forward and backward for all). A run that can ride in a training lane of its cohort
+  (same base, method family, batch size and device) joins it at the next step instead of
+  waiting for a slot, up to `max_cohort` runs per lane. On a GPU that is nearly free; on
+  a CPU it is not (the step's cost grows with its rows, BENCHMARKS.md), so there a lane
+  holds one run and the rest queue: more runs than cores wait rather than all crawl;
 - owners: a run belongs to the owners who started or joined it. Only an owner may stop
   it; a stop detaches that owner, and the run stops when no owner is left, or when
   `reap()` finds none of its owners still connected.
@@ -22,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .train import train
+from .cohort import Cohort, cohort_key
+from .train import Trainer, resolve_device
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
 
@@ -38,6 +45,7 @@ class Run:
     label: str = ""
     kwargs: dict = field(default_factory=dict)
     key: object = None  # runs with equal keys are the same computation
+    cohort: object = None  # runs with equal cohort keys may train together (None: alone)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     status: str = QUEUED
     events: list = field(default_factory=list)  # TrainEvents, appended by the worker
@@ -47,7 +55,7 @@ class Run:
     created: float = field(default_factory=time.time)
     started: float = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
-    _thread: threading.Thread = field(default=None, repr=False)
+    _ended: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def finished(self):
@@ -66,14 +74,21 @@ class Run:
         return self.kwargs.get("steps", 0)
 
     def wait(self, timeout=None):
-        deadline = None if timeout is None else time.time() + timeout
-        while self._thread is None and not self.finished:  # still queued
-            if deadline is not None and time.time() > deadline:
-                return self
-            time.sleep(0.05)
-        if self._thread is not None:
-            self._thread.join(None if deadline is None else max(0.0, deadline - time.time()))
+        self._ended.wait(timeout)
         return self
+
+
+@dataclass(eq=False)
+class Lane:
+    """A training slot: one thread stepping its runs together as a Cohort."""
+    cohort: object  # the runs' cohort key; None: a lane of one run
+    runs: list = field(default_factory=list)  # placed here; a new one starts at the next step
+
+
+def default_cohort_size():
+    """Runs one lane steps together: 32 on a GPU (a step of 32 costs little more than one);
+    1 on a CPU, where a step's time grows with its rows (K=32: ~30x one run's step)."""
+    return 32 if torch.cuda.is_available() else 1
 
 
 def default_concurrency():
@@ -87,18 +102,21 @@ class RunManager:
     """Starts runs in daemon threads through a first-come, first-served queue; keeps at
     most `max_kept` runs, dropping the oldest finished ones first."""
 
-    def __init__(self, max_concurrent=None, max_waiting=60, max_kept=256, torch_threads=1, grace_s=20.0):
+    def __init__(self, max_concurrent=None, max_waiting=60, max_kept=256, torch_threads=1, grace_s=20.0,
+                 max_cohort=None):
         # Many small runs at once: parallel across runs, one thread inside each op. Two
         # OpenMP threads per tiny matmul on busy cores run several times slower (BENCHMARKS.md).
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.max_concurrent = max_concurrent or default_concurrency()
+        self.max_concurrent = max_concurrent or default_concurrency()  # lanes
+        self.max_cohort = max_cohort or default_cohort_size()  # runs per lane
         self.max_waiting = max_waiting
         self.max_kept = max_kept
         self.grace_s = grace_s  # how long a run outlives its last connected owner (a refresh)
         self._lock = threading.Lock()
         self._queue = collections.deque()
-        self._running = set()
+        self._running = set()  # runs placed in a lane, until they end
+        self._lanes = []
         self._orphaned = {}  # run id -> when it was first seen with no owner connected
         self._last_reap = 0.0
         self.runs = {}
@@ -118,6 +136,8 @@ class RunManager:
                                 f"{self.max_concurrent} training slots. Try again in a minute.")
             run = Run(model() if callable(model) and not isinstance(model, torch.nn.Module) else model,
                       task, label, train_kwargs, key=key, owners={owner})
+            run.cohort = cohort_key(run.model, train_kwargs.get("batch_size", 64),
+                                    resolve_device(train_kwargs.get("device", "auto")))
             self._forget_finished()
             self.runs[run.id] = run
             self._queue.append(run)
@@ -130,13 +150,20 @@ class RunManager:
         return next((r for r in self.runs.values() if r.key == key and not r.finished and not r._stop.is_set()), None)
 
     def _dispatch(self):
-        """Start queued runs, oldest first, while slots are free. Holds the lock."""
-        while self._queue and len(self._running) < self.max_concurrent:
-            run = self._queue.popleft()
-            self._running.add(run)
-            run.status, run.started = RUNNING, time.time()
-            run._thread = threading.Thread(target=self._work, args=(run,), daemon=True, name=f"run-{run.id}")
-            run._thread.start()
+        """Place queued runs, oldest first: into a training lane of their cohort with room,
+        else into a free slot (a new lane); the others keep their place. Holds the lock."""
+        for run in list(self._queue):
+            lane = next((ln for ln in self._lanes if run.cohort is not None and ln.cohort == run.cohort
+                         and len(ln.runs) < self.max_cohort), None)
+            if lane is None and len(self._lanes) < self.max_concurrent:
+                lane = Lane(run.cohort)
+                self._lanes.append(lane)
+                threading.Thread(target=self._work, args=(lane,), daemon=True, name=f"run-{run.id}").start()
+            if lane is not None:
+                self._queue.remove(run)
+                lane.runs.append(run)
+                self._running.add(run)
+                run.status, run.started = RUNNING, time.time()
 
     def _forget_finished(self):
         """Bound the server's memory: drop the oldest finished runs beyond max_kept."""
@@ -162,6 +189,7 @@ class RunManager:
         if run in self._queue:  # never started: it leaves the line at once
             self._queue.remove(run)
             run.status = STOPPED
+            run._ended.set()
 
     def reap(self, connected):
         """Stop runs none of whose owners is `connected(owner)` for `grace_s` seconds: a
@@ -215,22 +243,52 @@ class RunManager:
         return slots[0] * per_step
 
     # ------------------------------------------------------------ the worker
-    def _work(self, run):
-        try:
-            for event in train(run.model, run.task, **run.kwargs):
-                run.events.append(event)
-                if run._stop.is_set():
-                    run.status = STOPPED
-                    break
-            else:
-                run.status = DONE
-        except Exception as e:  # shown on the page; the server and other runs carry on
-            run.error = f"{type(e).__name__}: {e}"
-            run.status = FAILED
-            traceback.print_exc()
-        finally:
-            run.model.eval()
+    def _work(self, lane):
+        """Step the lane's runs together until none is left; new runs join between steps."""
+        cohort, run_of = Cohort(), {}  # Trainer -> Run
+        while True:
             with self._lock:
-                self._running.discard(run)
-                self._orphaned.pop(run.id, None)
-                self._dispatch()
+                joining = [r for r in lane.runs if r not in run_of.values()]
+                if not lane.runs:
+                    self._lanes.remove(lane)
+                    self._dispatch()
+                    return
+            for run in joining:
+                try:
+                    trainer = Trainer(run.model, run.task, **run.kwargs)
+                except Exception as e:  # bad settings: shown on the page; the lane carries on
+                    self._end(lane, run, FAILED, e)
+                    continue
+                cohort.add(trainer)
+                run_of[trainer] = run
+            if not cohort.trainers:
+                continue
+            try:
+                results = cohort.step()
+            except Exception as e:  # the whole step failed: every run in it ends
+                results = [(t, e) for t in cohort.trainers]
+            for trainer, result in results:
+                run = run_of[trainer]
+                if isinstance(result, Exception):
+                    self._end(lane, run, FAILED, result, cohort, trainer)
+                    continue
+                run.events.append(result)
+                if result.done:
+                    self._end(lane, run, DONE, None, cohort, trainer)
+                elif run._stop.is_set():
+                    self._end(lane, run, STOPPED, None, cohort, trainer)
+
+    def _end(self, lane, run, status, error=None, cohort=None, trainer=None):
+        if error is not None:  # shown on the page; the server and the other runs carry on
+            run.error = f"{type(error).__name__}: {error}"
+            traceback.print_exception(error)
+        if trainer is not None and trainer in cohort.trainers:
+            cohort.remove(trainer)
+        run.model.eval()
+        run.status = status
+        with self._lock:
+            lane.runs.remove(run)
+            self._running.discard(run)
+            self._orphaned.pop(run.id, None)
+            self._dispatch()  # its place in the lane, or the lane itself, may go to a waiting run
+        run._ended.set()

@@ -65,10 +65,76 @@ def solved_at(events, target=SOLVED):
     return next((a for a, b in zip(evals, evals[1:]) if a.eval_exact >= target and b.eval_exact >= target), None)
 
 
-def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed=0,
-          weight_decay=0.0, eval_every=25, device="auto", clip=1.0, stop_when_solved=False):
+class Trainer:
+    """One run's training state: its data stream, optimizer, schedule and step count.
+
+    `train()` steps one Trainer through its own model; peftcore.cohort steps several over
+    one frozen base in a single forward and backward. A step is: `next_batch()`, a forward,
+    `loss()`, a backward of that loss (zero_grad first), then `update()` for the event.
+    Arguments as train()'s."""
+
+    def __init__(self, model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed=0,
+                 weight_decay=0.0, eval_every=25, device="auto", clip=1.0, stop_when_solved=False):
+        self.model, self.task, self.device = model, get_task(task), resolve_device(device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        if self.params[0].device.type != torch.device(self.device).type:
+            raise ValueError(f"model is on {self.params[0].device}, training asked for {self.device}")
+        self.steps, self.max_seconds, self.batch_size = steps, max_seconds, batch_size
+        self.eval_every, self.clip, self.stop_when_solved = eval_every, clip, stop_when_solved
+        self.generator = torch.Generator().manual_seed(seed)  # private: concurrent runs never share an RNG
+        if hasattr(model, "adapter_task") and getattr(model, "active_adapter", None):
+            model.adapter_task[model.active_adapter] = self.task.name  # recorded in saved files
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        warmup = max(1, steps // 10)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
+            self.opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        self.step, self.streak, self.done = 0, 0, False  # streak: evaluations in a row at SOLVED
+        model.train()
+        self.t0 = time.perf_counter()
+
+    def next_batch(self):
+        """The next step's (inputs, targets) from this run's own stream."""
+        self.step += 1
+        return self.task.batch(self.batch_size, self.generator, self.device)
+
+    def loss(self, logits, y):
+        """This step's loss; a non-finite one raises before any optimizer step."""
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} at step {self.step}; "
+                                     "phi keeps its last finite value (try a lower learning rate)")
+        return loss
+
+    def update(self, loss, logits, y):
+        """After the backward: clip, step, evaluate when due; the step's TrainEvent."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"gradient became {grad_norm.item()} at step {self.step}; "
+                                     "phi keeps its last finite value (try a lower learning rate)")
+        self.opt.step()
+        self.sched.step()
+        elapsed = time.perf_counter() - self.t0
+        last = self.step >= self.steps or (self.max_seconds is not None and elapsed >= self.max_seconds)
+        ev_exact = ev_token = None
+        if last or self.step % self.eval_every == 0:
+            ev_exact, ev_token = evaluate(self.model, self.task, self.device)
+            self.model.train()
+            self.streak = self.streak + 1 if ev_exact >= SOLVED else 0
+            last = last or (self.stop_when_solved and self.streak >= 2)
+        self.done = last
+        if last:
+            self.model.eval()
+        return TrainEvent(self.step, self.steps, loss.item(), answer_metrics(logits.detach(), y)[0],
+                          ev_exact, ev_token, elapsed, self.step * self.batch_size / max(elapsed, 1e-9), last)
+
+
+def train(model, task, steps=300, **kwargs):
     """Train `model`'s trainable parameters on `task`; yield a TrainEvent per step.
 
+    Keywords: max_seconds=None, lr=1e-2, batch_size=64, seed=0, weight_decay=0.0,
+    eval_every=25, device="auto", clip=1.0, stop_when_solved=False.
     `seed` fixes the data stream; phi's initial values are fixed by get_peft_model's seed.
 
     Budget: `steps`, and optionally `max_seconds` of wall time, whichever ends first;
@@ -77,52 +143,17 @@ def train(model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed
     A non-finite loss raises NonFiniteLossError before the optimizer step, so phi keeps
     its last finite value.
     """
-    task = get_task(task)
-    device = resolve_device(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    if params[0].device.type != torch.device(device).type:
-        raise ValueError(f"model is on {params[0].device}, training asked for {device}")
-    g = torch.Generator().manual_seed(seed)  # private: concurrent runs never share an RNG
-    if hasattr(model, "adapter_task") and getattr(model, "active_adapter", None):
-        model.adapter_task[model.active_adapter] = task.name  # recorded in saved files
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    t0 = time.perf_counter()
-    streak = 0  # evaluations in a row at SOLVED or above
-    for step in range(1, steps + 1):
-        x, y = task.batch(batch_size, g, device)
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss became {loss.item()} at step {step}; "
-                                     "phi keeps its last finite value (try a lower learning rate)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"gradient became {grad_norm.item()} at step {step}; "
-                                     "phi keeps its last finite value (try a lower learning rate)")
-        opt.step()
-        sched.step()
-        elapsed = time.perf_counter() - t0
-        last = step == steps or (max_seconds is not None and elapsed >= max_seconds)
-        ev_exact = ev_token = None
-        if last or step % eval_every == 0:
-            ev_exact, ev_token = evaluate(model, task, device)
-            model.train()
-            streak = streak + 1 if ev_exact >= SOLVED else 0
-            if stop_when_solved and streak >= 2:
-                last = True
-        yield TrainEvent(step, steps, loss.item(), answer_metrics(logits.detach(), y)[0],
-                         ev_exact, ev_token, elapsed, step * batch_size / max(elapsed, 1e-9), last)
-        if last:
-            break
-    model.eval()
+    trainer = Trainer(model, task, steps, **kwargs)
+    try:
+        while not trainer.done:
+            x, y = trainer.next_batch()
+            logits = model(x)
+            loss = trainer.loss(logits, y)
+            trainer.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            yield trainer.update(loss, logits, y)
+    finally:
+        model.eval()
 
 
 def run(model, task, **kwargs):

@@ -1,0 +1,126 @@
+"""The whole class in one step: runs stepped together train as they would alone.
+
+Tolerance: 1e-5 on every phi tensor and on every loss. On the CPU this was written on
+(Xeon, AVX-512, torch 2.13 CPU) a run in a cohort is bit-identical to the run alone: the
+base's matmuls give each row the same result whatever the batch, and LoRA's scaling is
+folded into B on both paths. The tolerance leaves room for another machine's kernels;
+a row routed through the wrong run's phi misses it by 1e-2 or more."""
+import pytest
+import torch
+
+import peftcore
+from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig
+from peftcore.cohort import Cohort, cohort_key
+from peftcore.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, RunManager
+from peftcore.train import NonFiniteLossError, Trainer, train
+
+TOL = 1e-5
+LORA_RUNS = [  # config, task, seed, steps, lr: ranks, scalings, tasks and budgets all differ
+    (LoraConfig(r=3), "add_5", 1, 16, 1e-2),
+    (LoraConfig(r=2), "complement", 2, 9, 3e-2),
+    (LoraConfig(r=8, lora_alpha=12), "add_5", 3, 16, 1e-2),
+    (LoraConfig(r=4), "sort", 4, 5, 1e-3),
+]
+ADAPTER_RUNS = [(AdapterConfig(8), "add_5", 1, 12, 1e-2), (AdapterConfig(3), "complement", 2, 7, 1e-2)]
+
+
+def phi(model):
+    return [p.detach().clone() for _, p in model.named_adapter_parameters()]
+
+
+def alone(base, runs):
+    out = []
+    for cfg, task, seed, steps, lr in runs:
+        model = peftcore.get_peft_model(base, cfg, seed=seed)
+        events = list(train(model, task, steps, lr=lr, seed=seed, batch_size=16, eval_every=4))
+        out.append((phi(model), events))
+    return out
+
+
+def together(base, runs):
+    models = [peftcore.get_peft_model(base, cfg, seed=seed) for cfg, _, seed, _, _ in runs]
+    trainers = [Trainer(m, task, steps, lr=lr, seed=seed, batch_size=16, eval_every=4)
+                for m, (_, task, seed, steps, lr) in zip(models, runs)]
+    cohort, events = Cohort(trainers), {t: [] for t in trainers}
+    while cohort.trainers:
+        for t, event in cohort.step():
+            events[t].append(event)
+    return [(phi(m), events[t]) for m, t in zip(models, trainers)]
+
+
+def assert_same(a, b):
+    for (phi_a, events_a), (phi_b, events_b) in zip(a, b):
+        assert len(events_a) == len(events_b)
+        for x, y in zip(phi_a, phi_b):
+            assert torch.allclose(x, y, rtol=0, atol=TOL), (x - y).abs().max()
+        for e, f in zip(events_a, events_b):
+            assert abs(e.loss - f.loss) <= TOL and e.eval_exact == f.eval_exact
+
+
+@pytest.mark.parametrize("runs", [LORA_RUNS, ADAPTER_RUNS], ids=["lora", "adapter"])
+def test_a_run_in_a_cohort_trains_as_it_would_alone(base, runs):
+    assert_same(together(base, runs), alone(base, runs))
+
+
+def test_a_wrong_route_would_be_caught(base):
+    """The check has teeth: two runs of one config that differ only in seed end far more
+    than TOL apart, so a row sent through the other run's phi could not pass."""
+    runs = [(LoraConfig(r=2), "add_5", seed, 9, 1e-2) for seed in (1, 2)]
+    a, b = together(base, runs), alone(base, runs[::-1])
+    assert max((x - y).abs().max().item() for x, y in zip(a[0][0], b[0][0])) > 100 * TOL
+
+
+def test_a_run_that_breaks_leaves_the_others_untouched(base):
+    models = [peftcore.get_peft_model(base, cfg, seed=seed) for cfg, _, seed, _, _ in LORA_RUNS[:2]]
+    with torch.no_grad():
+        next(p for _, p in models[1].named_adapter_parameters()).fill_(float("nan"))
+    trainers = [Trainer(m, task, 6, lr=lr, seed=seed, batch_size=16, eval_every=4)
+                for m, (_, task, seed, _, lr) in zip(models, LORA_RUNS[:2])]
+    cohort = Cohort(trainers)
+    first = dict(cohort.step())
+    assert isinstance(first[trainers[1]], NonFiniteLossError) and cohort.trainers == trainers[:1]
+    while cohort.trainers:
+        cohort.step()
+    expected = alone(base, [(*LORA_RUNS[0][:3], 6, LORA_RUNS[0][4])])[0][0]
+    assert all(torch.allclose(x, y, rtol=0, atol=TOL) for x, y in zip(phi(models[0]), expected))
+
+
+def test_who_may_ride_together(base):
+    key = lambda cfg, **kw: cohort_key(peftcore.get_peft_model(base, cfg, seed=0), **kw)
+    assert key(LoraConfig(r=2)) == key(LoraConfig(r=8, lora_alpha=4))  # ranks pad to the largest
+    assert key(LoraConfig(target_modules=("q",))) != key(LoraConfig(target_modules=("q", "v")))
+    assert key(LoraConfig()) != key(LoraConfig(), batch_size=32)
+    assert key(AdapterConfig(3)) == key(AdapterConfig(16)) != key(LoraConfig())
+    other_base = peftcore.random_base(seed=1)
+    assert cohort_key(peftcore.get_peft_model(other_base, LoraConfig(), seed=0)) != key(LoraConfig())
+    for alone_only in (LoraConfig(lora_dropout=0.1), PromptTuningConfig(), FullFineTuneConfig()):
+        assert key(alone_only) is None
+
+
+def test_the_manager_lets_a_cohort_ride_in_one_slot(base):
+    manager = RunManager(max_concurrent=1, max_cohort=3, torch_threads=None)
+    start = lambda cfg, seed, steps=12, owner="a": manager.start(
+        lambda: peftcore.get_peft_model(base, cfg, seed=seed), "add_5", owner=owner, steps=steps,
+        seed=seed, batch_size=16, eval_every=4, device="cpu")
+    runs = [start(LoraConfig(r=2), seed, owner=f"s{seed}") for seed in range(4)]
+    prompt = start(PromptTuningConfig(), 9)
+    assert [r.status for r in runs] == [RUNNING] * 3 + [QUEUED]  # 3 share the slot; the 4th waits
+    assert prompt.status == QUEUED and manager.place_in_line(prompt) == 2
+    manager.stop(runs[1], owner="s1")
+    for r in runs + [prompt]:
+        r.wait(120)
+    assert [r.status for r in runs] == [DONE, STOPPED, DONE, DONE] and prompt.status == DONE
+    assert len(runs[1].events) < 12 and all(len(r.events) == 12 for r in (runs[0], runs[2], runs[3]))
+    assert runs[3].started >= runs[1].started  # it took the place the stop freed, or the next lane
+    expected = alone(base, [(LoraConfig(r=2), "add_5", 0, 12, 1e-2)])[0][0]
+    assert all(torch.allclose(x, y, rtol=0, atol=TOL) for x, y in zip(phi(runs[0].model), expected))
+
+
+def test_bad_settings_fail_one_run_not_its_lane(base):
+    manager = RunManager(max_concurrent=1, max_cohort=2, torch_threads=None)
+    good = manager.start(peftcore.get_peft_model(base, LoraConfig(), seed=0), "add_5", steps=6,
+                         batch_size=16, eval_every=3, device="cpu")
+    bad = manager.start(peftcore.get_peft_model(base, LoraConfig(), seed=1), "no_such_task", steps=6,
+                        batch_size=16, eval_every=3, device="cpu")
+    assert good.wait(60).status == DONE and bad.wait(60).status == FAILED
+    assert "no_such_task" in bad.error
