@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, StackCache, check_range
+from .config import PeftConfig, StackCache, check_range, pad_to
 
 
 @dataclass
@@ -99,6 +99,27 @@ class AdapterLayer(nn.Module):
         # padded bottleneck units have zero weights and bias: gelu(0) = 0, so they add nothing
         z = F.gelu(torch.bmm(h, Wd[slots].transpose(1, 2)) + bd[slots, None])
         return torch.bmm(z, Wu[slots].transpose(1, 2)) + bu[slots, None]
+
+
+# --- cohorts (peftcore.cohort): K runs' rows in one batch, each through its own phi, with gradients
+class CohortAdapter(nn.Module):
+    """A sublayer plus K runs' bottlenecks: row group k goes through run k's."""
+
+    def __init__(self, sublayer, bottlenecks):
+        super().__init__()
+        self.sublayer = sublayer
+        self.bottlenecks = [(b.down.weight, b.down.bias, b.up.weight, b.up.bias) for b in bottlenecks]
+        self.b = max(wd.shape[0] for wd, _, _, _ in self.bottlenecks)
+
+    def forward(self, x, *args):
+        h = self.sublayer(x, *args)
+        Wd = torch.stack([pad_to(wd, self.b, 0) for wd, _, _, _ in self.bottlenecks])  # (K, b, d)
+        bd = torch.stack([pad_to(bd, self.b, 0) for _, bd, _, _ in self.bottlenecks])  # (K, b)
+        Wu = torch.stack([pad_to(wu, self.b, 1) for _, _, wu, _ in self.bottlenecks])  # (K, d, b)
+        bu = torch.stack([bu for _, _, _, bu in self.bottlenecks])  # (K, d)
+        hs = h.reshape(len(self.bottlenecks), -1, h.shape[-1])
+        z = F.gelu(torch.baddbmm(bd[:, None], hs, Wd.transpose(1, 2)))
+        return h + torch.baddbmm(bu[:, None], z, Wu.transpose(1, 2)).view(h.shape)
 
 
 def add_adapter_layers(view, name, cfg: AdapterConfig, route, generator=None):

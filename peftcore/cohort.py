@@ -14,11 +14,9 @@ LoRA (without dropout) and bottleneck adapters can ride together; runs of other 
 or on another base, batch size or device, train alone (a cohort of one is plain train()).
 """
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from .adapter import AdapterConfig, AdapterLayer
-from .lora import LoraConfig, LoraLinear
+from .adapter import AdapterConfig, AdapterLayer, CohortAdapter
+from .lora import CohortLora, LoraConfig, LoraLinear
 from .peft_model import PeftModel, shared_view
 from .train import NonFiniteLossError, TrainEvent
 
@@ -35,54 +33,6 @@ def cohort_key(model, batch_size=64, device="cpu"):
     else:
         return None
     return id(model._base[0]), kind, batch_size, str(device)
-
-
-def _pad_to(t, size, dim):
-    """`t` zero-padded along `dim` to `size`: a run with a smaller r or bottleneck beside a
-    larger one (zero rank rows add nothing; zero bottleneck units give gelu(0) = 0)."""
-    if t.shape[dim] == size:
-        return t
-    shape = list(t.shape)
-    shape[dim] = size - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim)
-
-
-class CohortLora(nn.Module):
-    """A frozen Linear plus K runs' LoRA: row group k goes through run k's B A."""
-
-    def __init__(self, base_layer, loras):
-        super().__init__()
-        self.base_layer = base_layer
-        self.loras = [(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
-                      for layer, name in loras]  # plain lists: the runs' Parameters are not ours
-        self.r = max(a.shape[0] for a, _, _ in self.loras)
-
-    def forward(self, x):
-        out = self.base_layer(x)
-        A = torch.stack([_pad_to(a, self.r, 0) for a, _, _ in self.loras])  # (K, r, d_in)
-        B = torch.stack([_pad_to(b, self.r, 1) * s for _, b, s in self.loras])  # (K, d_out, r), scaled
-        h = torch.bmm(x.reshape(len(self.loras), -1, x.shape[-1]), A.transpose(1, 2))
-        return out + torch.bmm(h, B.transpose(1, 2)).view(out.shape)
-
-
-class CohortAdapter(nn.Module):
-    """A sublayer plus K runs' bottlenecks: row group k goes through run k's."""
-
-    def __init__(self, sublayer, bottlenecks):
-        super().__init__()
-        self.sublayer = sublayer
-        self.bottlenecks = [(b.down.weight, b.down.bias, b.up.weight, b.up.bias) for b in bottlenecks]
-        self.b = max(wd.shape[0] for wd, _, _, _ in self.bottlenecks)
-
-    def forward(self, x, *args):
-        h = self.sublayer(x, *args)
-        Wd = torch.stack([_pad_to(wd, self.b, 0) for wd, _, _, _ in self.bottlenecks])  # (K, b, d)
-        bd = torch.stack([_pad_to(bd, self.b, 0) for _, bd, _, _ in self.bottlenecks])  # (K, b)
-        Wu = torch.stack([_pad_to(wu, self.b, 1) for _, _, wu, _ in self.bottlenecks])  # (K, d, b)
-        bu = torch.stack([bu for _, _, _, bu in self.bottlenecks])  # (K, d)
-        hs = h.reshape(len(self.bottlenecks), -1, h.shape[-1])
-        z = F.gelu(torch.baddbmm(bd[:, None], hs, Wd.transpose(1, 2)))
-        return h + torch.baddbmm(bu[:, None], z, Wu.transpose(1, 2)).view(h.shape)
 
 
 def carrier(models):

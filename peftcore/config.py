@@ -1,6 +1,8 @@
 """What every method shares: a config with a peft_type and a round trip through JSON, and
-the cache of its phi stacked for mixed batches."""
+the helpers for stacking many phi (the cache of mixed batches, padding to one size)."""
 from dataclasses import asdict, dataclass, fields
+
+import torch
 
 
 @dataclass
@@ -53,3 +55,13 @@ class StackCache:
             self.value = build()
             self._tensors, self._state = tensors, state
         return self.value
+
+
+def pad_to(t, size, dim):
+    """`t` zero-padded along `dim` to `size`: a run with a smaller r or bottleneck beside a
+    larger one (zero rank rows add nothing; zero bottleneck units give gelu(0) = 0)."""
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)

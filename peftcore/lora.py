@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, StackCache, check_range
+from .config import PeftConfig, StackCache, check_range, pad_to
 
 TARGETABLE = ("q", "k", "v", "o", "up", "down")
 
@@ -126,6 +126,25 @@ class LoraLinear(nn.Module):
         slots = self.route.slots(list(self.lora_A), x.device)
         h = torch.bmm(x, A[slots].transpose(1, 2))  # (batch, T, r_max)
         return torch.bmm(h, B[slots].transpose(1, 2))  # (batch, T, d_out)
+
+
+# --- cohorts (peftcore.cohort): K runs' rows in one batch, each through its own phi, with gradients
+class CohortLora(nn.Module):
+    """A frozen Linear plus K runs' LoRA: row group k goes through run k's B A."""
+
+    def __init__(self, base_layer, loras):
+        super().__init__()
+        self.base_layer = base_layer
+        self.loras = [(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+                      for layer, name in loras]  # plain lists: the runs' Parameters are not ours
+        self.r = max(a.shape[0] for a, _, _ in self.loras)
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        A = torch.stack([pad_to(a, self.r, 0) for a, _, _ in self.loras])  # (K, r, d_in)
+        B = torch.stack([pad_to(b, self.r, 1) * s for _, b, s in self.loras])  # (K, d_out, r), scaled
+        h = torch.bmm(x.reshape(len(self.loras), -1, x.shape[-1]), A.transpose(1, 2))
+        return out + torch.bmm(h, B.transpose(1, 2)).view(out.shape)
 
 
 def add_lora(view, name, cfg: LoraConfig, route, generator=None):
