@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import threading
+import weakref
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -323,13 +324,20 @@ def stop_session_runs():
         get_manager().stop(run, owner())
 
 
+@st.cache_resource
+def _run_results():
+    return weakref.WeakKeyDictionary(), threading.Lock()  # a run's entry goes when the manager drops it
+
+
 def run_cache(run, what, compute):
-    """Per-run results computed once (trainable count; after the run: file bytes, fingerprint...)."""
-    cache = ss.setdefault("run_cache", {})
-    key = (run.id, what)
-    if key not in cache:
-        cache[key] = compute()
-    return cache[key]
+    """Per-run results computed once for every session that shows the run (a class on the
+    defaults shares one run: its file, fingerprint and sample outputs are computed once)."""
+    results, lock = _run_results()
+    with lock:
+        cache = results.setdefault(run, {})
+    if what not in cache:
+        cache[what] = compute()
+    return cache[what]
 
 
 def run_summary(run):

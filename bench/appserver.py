@@ -44,6 +44,7 @@ class Server:
     thread_log: Path = None  # set when the server runs with thread_probe=True
     _offset: int = field(default=0, repr=False)
     _exited: dict = field(default_factory=dict, repr=False)
+    script_runs: list = field(default_factory=list)  # (session, epoch s at exit, wall s) per exited thread
 
     def log_text(self):
         self.log.flush()
@@ -72,7 +73,9 @@ class Server:
                     if not line.endswith(b"\n"):
                         break  # half written: next time
                     self._offset += len(line)
-                    name, tid, seconds, session = line.decode(errors="replace").rstrip("\n").rsplit("\t", 3)
+                    name, tid, seconds, wall, ended, session = line.decode(errors="replace").rstrip("\n").rsplit("\t", 5)
+                    if session:
+                        self.script_runs.append((session, float(ended), float(wall)))
                     name = name.encode()[:15].decode(errors="ignore")  # as /proc shows it
                     alive.pop(ThreadKey(name, int(tid)), None)  # it exited after the listing above
                     self._exited[ThreadKey(name, int(tid), session, len(self._exited))] = float(seconds)
@@ -95,9 +98,10 @@ def proc_cpu_seconds(stat_path):
 def _serve_with_thread_probe():
     """`python -c` entry of a server with thread_probe=True: Streamlit's own CLI, after every
     Python thread is given its name at the OS level (so /proc shows "run-1a2b3c4d",
-    "ScriptRunner.sc", ...) and appends "name<TAB>native id<TAB>CPU seconds<TAB>session" to
-    the file in $PEFT_THREAD_CPU_LOG when it exits (session: the Streamlit session id of a
-    ScriptRunner thread, else empty). Costs one prctl and one small write per thread."""
+    "ScriptRunner.sc", ...) and appends "name, native id, CPU s, wall s, epoch at exit,
+    session" (tab-separated) to the file in $PEFT_THREAD_CPU_LOG when it exits. session: the
+    Streamlit session id of a ScriptRunner thread, else empty; its wall seconds are a script
+    run's server time. Costs one prctl and one small write per thread."""
     libc = ctypes.CDLL(None, use_errno=True)
     path = os.environ[THREAD_LOG_ENV]
     lock = threading.Lock()
@@ -109,10 +113,12 @@ def _serve_with_thread_probe():
             libc.prctl(15, self.name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
         except Exception:
             pass
+        began = time.perf_counter()
         try:
             inner(self)
         finally:
-            line = f"{self.name}\t{threading.get_native_id()}\t{time.thread_time():.6f}\t{session}\n"
+            line = (f"{self.name}\t{threading.get_native_id()}\t{time.thread_time():.6f}\t"
+                    f"{time.perf_counter() - began:.6f}\t{time.time():.3f}\t{session}\n")
             with lock, open(path, "a") as f:
                 f.write(line)
 

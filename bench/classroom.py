@@ -31,10 +31,11 @@ thread's CPU, and a script thread's Streamlit session, when it exits):
                          quiet gaps between); scripts = the students' own script and fragment
                          runs (their script threads). The whole class's figures, the clicks
                          and result cards included, are printed below the table.
-  storage rerun          the storage page's script runs while the class trains: from the
-                         app's data-test-script-state turning "running" to "notRunning" after
-                         an arrow key on the p slider (p50/p95); key -> redrawn headline, and
-                         the same page with nothing else running, are printed below the table.
+  storage rerun          the storage page's script runs while the class trains, after an
+                         arrow key on the p slider: the server wall time of each (its script
+                         thread's life, p50/p95). Printed below the table: the same runs as the
+                         page saw them (data-test-script-state "running" -> "notRunning"), key
+                         -> redrawn headline, and the page with nothing else running.
 Core alone: the same configs, seeds, steps and eval_every, peftcore.run, every distinct run
 at once in its own thread; "ratio" = last click -> result in the app over the last
 core-alone run's seconds. Identical runs are one computation (the app shares them), so
@@ -367,6 +368,14 @@ class StorageProbe:
         return out
 
 
+def script_walls(server, sessions, start, end):
+    """Server wall seconds of the script runs of `sessions` that began and ended in [start, end]:
+    each is a script thread's life (bench.appserver's thread probe)."""
+    server.thread_cpu()  # reads the probe's log on
+    return [wall for session, ended, wall in server.script_runs
+            if session in sessions and start <= ended - wall and ended <= end]
+
+
 def cpu_sample(server, sessions=()):
     """(epoch s, then CPU s since the server started: the whole server, its training threads,
     the script runs of the Streamlit `sessions`, the script runs of all other sessions).
@@ -460,9 +469,11 @@ class ClassResult:
     storage_cpu_each: float = 0.0    # server CPU s per storage rerun, measured with nothing else running
     storage_script_cpu_each: float = 0.0  # of which its script run (the storage session's thread)
     storage_quiet: list = None       # (epoch s, epoch s) without a storage rerun; None: no storage page
-    storage_idle_s: list = field(default_factory=list)    # its script runs then, s
+    storage_idle_s: list = field(default_factory=list)    # its script runs then, server wall s
+    storage_idle_client_s: list = field(default_factory=list)  # the same runs as the page saw them
     storage_moved: list = field(default_factory=list)     # (epoch s, key -> headline s) while the class trains
-    storage_script_s: list = field(default_factory=list)  # script runs while the class trains, s
+    storage_script_s: list = field(default_factory=list)  # script runs while the class trains, server wall s
+    storage_client_s: list = field(default_factory=list)  # the same as the page saw them (script state)
     core: dict = None                # core-alone timings
     server_errors: list = field(default_factory=list)    # lines of the server's log
     foreign: list = field(default_factory=list)          # requests to hosts other than the app's
@@ -564,12 +575,14 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
                 result.phases["seating"] = time.time() - t0 - result.phases["server start"]
                 if probe:  # the CPU of one storage rerun with nothing else running
                     _, total0, _, script0, _ = cpu_sample(server, sessions)
+                    idle_from = time.time()
                     k = await probe.moves(n=IDLE_MOVES)
                     await asyncio.sleep(0.5)  # its last script thread exits and logs its CPU
                     _, total1, _, script1, _ = cpu_sample(server, sessions)
                     result.storage_cpu_each = (total1 - total0) / k
                     result.storage_script_cpu_each = (script1 - script0) / k
-                    result.storage_idle_s = await probe.script_seconds()
+                    result.storage_idle_s = script_walls(server, sessions, idle_from, time.time())
+                    result.storage_idle_client_s = await probe.script_seconds()
                 go, stop = asyncio.Event(), asyncio.Event()
                 deadline = time.time() + timeout
                 watchers = [press_and_watch(p, s, go, deadline) for p, s in zip(pages, students)]
@@ -588,7 +601,9 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
                 if storage_task:
                     await storage_task
                     result.storage_moved, result.storage_quiet = probe.moved[IDLE_MOVES:], probe.quiet
-                    result.storage_script_s = await probe.script_seconds()
+                    await asyncio.sleep(0.5)  # its last script thread exits and logs
+                    result.storage_script_s = script_walls(server, sessions, t1, time.time())
+                    result.storage_client_s = await probe.script_seconds()
             finally:
                 await browser.close()
         log = re.sub(r"\x1b\[[0-9;]*m", "", server.log_text())  # no colours
@@ -726,10 +741,12 @@ def row(r: ClassResult):
 def details(r: ClassResult, students=True):
     keys = [dt for _, dt in r.storage_moved]
     whole = r.whole
-    lines = [f"\nN = {r.n}: storage page alone: script p50 {ms(r.storage_idle_s, .5)} ms, server CPU per rerun "
+    lines = [f"\nN = {r.n}: storage page alone: script p50 {ms(r.storage_idle_s, .5)} ms in the server "
+             f"({ms(r.storage_idle_client_s, .5)} ms as the page saw it), server CPU per rerun "
              f"{1000 * r.storage_cpu_each:.0f} ms ({1000 * r.storage_script_cpu_each:.0f} ms in its script thread; "
              f"{len(r.storage_idle_s)} reruns). "
-             f"While the class trained: {len(keys)} reruns, key -> redrawn headline p50 / p95 "
+             f"While the class trained: {len(keys)} reruns, script p50 / p95 as the page saw it "
+             f"{ms(r.storage_client_s, .5)} / {ms(r.storage_client_s, .95)} ms, key -> redrawn headline "
              f"{ms(keys, .5)} / {ms(keys, .95)} ms."]
     if whole:
         lines.append(f"server CPU over the class (click -> last result): {whole['server']:.1f} s: training "
