@@ -44,7 +44,6 @@ without --distinct-seeds the core alone trains one run (or one race) whatever N 
 import argparse
 import asyncio
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -647,20 +646,17 @@ def core_jobs(n, race=False, distinct=False, steps=None, device=None):
     """(label, config, seed, train kwargs) of every distinct run the class starts (identical
     runs are one computation), as the train page starts them: the preset's config and
     budget, steps and seed as set, the app's eval_every (ui.eval_every), and "Stop when
-    solved" as the page's default (on) where train() has it."""
+    solved" as the page's default (on)."""
     from peftcore.presets import PRESETS
-    from peftcore.train import resolve_device, train
+    from peftcore.train import resolve_device
     steps, device = steps or default_steps(race), device or resolve_device("auto")
     methods = list(PRESETS) if race else ["LoRA"]
-    solved = "stop_when_solved" in inspect.signature(train).parameters
     jobs = []
     for i in range(n if distinct else 1):
         seed = i + 1 if distinct else 0
         for m in methods:
-            kw = dict(PRESETS[m].train, steps=steps, seed=seed, device=device,
+            kw = dict(PRESETS[m].train, steps=steps, seed=seed, device=device, stop_when_solved=True,
                       eval_every=max(5, min(25, steps // 10)))  # as ui.eval_every
-            if solved:
-                kw["stop_when_solved"] = True
             jobs.append((m, PRESETS[m].config, seed, kw))
     return jobs
 
