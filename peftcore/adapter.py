@@ -81,17 +81,9 @@ class AdapterLayer(nn.Module):
         return self._stack_cache.get(self.route.generation, tensors, lambda: self._build_stacks(names))
 
     def _build_stacks(self, names):
-        like = next(self.sublayer.parameters())
-        b_max = max((self.adapters[n].down.out_features for n in names), default=1)
-        n, d = len(names) + 1, self.d_model
-        Wd, bd = like.new_zeros(n, b_max, d), like.new_zeros(n, b_max)
-        Wu, bu = like.new_zeros(n, d, b_max), like.new_zeros(n, d)
-        for i, name in enumerate(names, start=1):
-            a = self.adapters[name]
-            b = a.down.out_features
-            Wd[i, :b], bd[i, :b] = a.down.weight.detach(), a.down.bias.detach()
-            Wu[i, :, :b], bu[i] = a.up.weight.detach(), a.up.bias.detach()
-        return Wd, bd, Wu, bu
+        like, d = next(self.sublayer.parameters()), self.d_model
+        none = (like.new_zeros(1, d), like.new_zeros(1), like.new_zeros(d, 1), like.new_zeros(d))  # slot 0
+        return stack_bottlenecks([none] + [tuple(t.detach() for t in _tensors(self.adapters[n])) for n in names])
 
     def _mixed(self, h):
         Wd, bd, Wu, bu = self._stacks()
@@ -101,6 +93,21 @@ class AdapterLayer(nn.Module):
         return torch.bmm(z, Wu[slots].transpose(1, 2)) + bu[slots, None]
 
 
+def _tensors(bottleneck):
+    return bottleneck.down.weight, bottleneck.down.bias, bottleneck.up.weight, bottleneck.up.bias
+
+
+def stack_bottlenecks(bottlenecks):
+    """[(W_down, b_down, W_up, b_up)] -> the same four stacked (K, ...), zero-padded to the
+    largest bottleneck (zero units give gelu(0) = 0: they add nothing). The stacks of mixed
+    batches and of cohorts."""
+    b = max(wd.shape[0] for wd, _, _, _ in bottlenecks)
+    return (torch.stack([pad_to(wd, b, 0) for wd, _, _, _ in bottlenecks]),
+            torch.stack([pad_to(bd, b, 0) for _, bd, _, _ in bottlenecks]),
+            torch.stack([pad_to(wu, b, 1) for _, _, wu, _ in bottlenecks]),
+            torch.stack([bu for _, _, _, bu in bottlenecks]))
+
+
 # --- cohorts (peftcore.cohort): K runs' rows in one batch, each through its own phi, with gradients
 class CohortAdapter(nn.Module):
     """A sublayer plus K runs' bottlenecks: row group k goes through run k's."""
@@ -108,15 +115,11 @@ class CohortAdapter(nn.Module):
     def __init__(self, sublayer, bottlenecks):
         super().__init__()
         self.sublayer = sublayer
-        self.bottlenecks = [(b.down.weight, b.down.bias, b.up.weight, b.up.bias) for b in bottlenecks]
-        self.b = max(wd.shape[0] for wd, _, _, _ in self.bottlenecks)
+        self.bottlenecks = [_tensors(b) for b in bottlenecks]
 
     def forward(self, x, *args):
         h = self.sublayer(x, *args)
-        Wd = torch.stack([pad_to(wd, self.b, 0) for wd, _, _, _ in self.bottlenecks])  # (K, b, d)
-        bd = torch.stack([pad_to(bd, self.b, 0) for _, bd, _, _ in self.bottlenecks])  # (K, b)
-        Wu = torch.stack([pad_to(wu, self.b, 1) for _, _, wu, _ in self.bottlenecks])  # (K, d, b)
-        bu = torch.stack([bu for _, _, _, bu in self.bottlenecks])  # (K, d)
+        Wd, bd, Wu, bu = stack_bottlenecks(self.bottlenecks)  # every step: the runs' phi change
         hs = h.reshape(len(self.bottlenecks), -1, h.shape[-1])
         z = F.gelu(torch.baddbmm(bd[:, None], hs, Wd.transpose(1, 2)))
         return h + torch.baddbmm(bu[:, None], z, Wu.transpose(1, 2)).view(h.shape)

@@ -112,20 +112,23 @@ class LoraLinear(nn.Module):
 
     def _build_stacks(self, names):
         w = self.base_layer.weight
-        r_max = max((self.lora_A[n].weight.shape[0] for n in names), default=1)
-        A = w.new_zeros(len(names) + 1, r_max, w.shape[1])
-        B = w.new_zeros(len(names) + 1, w.shape[0], r_max)
-        for i, n in enumerate(names, start=1):
-            r = self.lora_A[n].weight.shape[0]
-            A[i, :r] = self.lora_A[n].weight.detach()
-            B[i, :, :r] = self.lora_B[n].weight.detach() * self.scaling[n]
-        return A, B
+        none = (w.new_zeros(1, w.shape[1]), w.new_zeros(w.shape[0], 1), 1.0)  # slot 0: no LoRA here
+        return stack_lora([none] + [(self.lora_A[n].weight.detach(), self.lora_B[n].weight.detach(),
+                                     self.scaling[n]) for n in names])
 
     def _mixed(self, x):
         A, B = self._stacks()
         slots = self.route.slots(list(self.lora_A), x.device)
         h = torch.bmm(x, A[slots].transpose(1, 2))  # (batch, T, r_max)
         return torch.bmm(h, B[slots].transpose(1, 2))  # (batch, T, d_out)
+
+
+def stack_lora(loras):
+    """[(A, B, scaling)] -> A (K, r_max, d_in), B (K, d_out, r_max), scaling folded into B and
+    zero-padded to the largest rank: the stacks of mixed batches and of cohorts."""
+    r = max(a.shape[0] for a, _, _ in loras)
+    return (torch.stack([pad_to(a, r, 0) for a, _, _ in loras]),
+            torch.stack([pad_to(b, r, 1) * s for _, b, s in loras]))
 
 
 # --- cohorts (peftcore.cohort): K runs' rows in one batch, each through its own phi, with gradients
@@ -137,12 +140,10 @@ class CohortLora(nn.Module):
         self.base_layer = base_layer
         self.loras = [(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
                       for layer, name in loras]  # plain lists: the runs' Parameters are not ours
-        self.r = max(a.shape[0] for a, _, _ in self.loras)
 
     def forward(self, x):
         out = self.base_layer(x)
-        A = torch.stack([pad_to(a, self.r, 0) for a, _, _ in self.loras])  # (K, r, d_in)
-        B = torch.stack([pad_to(b, self.r, 1) * s for _, b, s in self.loras])  # (K, d_out, r), scaled
+        A, B = stack_lora(self.loras)  # every step: the runs' phi change
         h = torch.bmm(x.reshape(len(self.loras), -1, x.shape[-1]), A.transpose(1, 2))
         return out + torch.bmm(h, B.transpose(1, 2)).view(out.shape)
 
