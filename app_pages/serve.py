@@ -150,9 +150,9 @@ def sort_note(same):
     recorded = recorded_exact()
     reached = [f"{method} {100 * recorded[f'{slug}-sort']:.1f}%" for method, slug in library.METHOD_SLUGS.items()
                if f"{slug}-sort" in recorded]
-    seeds, robustness = [], getattr(presets, "robustness", lambda method, task: None)  # (being added)
+    seeds = []
     for method in library.METHOD_SLUGS:
-        r = robustness(method, "sort")  # what the preset reaches over several seeds, where recorded
+        r = presets.robustness(method, "sort")  # what the preset reaches over several seeds, where recorded
         if r:
             seeds.append(f"{method} {r['solved']} of {r['seeds']}")
     st.info("**Why the sort rows are wrong.** No method here learns *sort* in a live training budget. Sorting is "

@@ -4,12 +4,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import streamlit as st
 
 import peftcore
-import peftcore.presets
 import ui
 from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig
 from peftcore.analysis import sample_predictions
 from peftcore.lora import TARGETABLE
-from peftcore.presets import PRESETS
+from peftcore.presets import PRESETS, SOLVES_AT, robustness
 from peftcore.storage import human_bytes
 from peftcore.tasks import EVAL_SIZE
 from peftcore.train import SOLVED
@@ -257,11 +256,11 @@ def restore_setup(runs):
 
 def seed_note(method, task):
     """How reliably the preset solves the task, from the recorded multi-seed table."""
-    robustness = getattr(peftcore.presets, "robustness", None)
-    rec = robustness(method, task) if robustness else None
+    rec = robustness(method, task)
     if rec:
-        st.caption(f"{method}'s preset solves {task} in **{rec['solved']} of {rec['seeds']} seeds** "
-                   f"(held-out exact match {100 * rec['min']:.0f}-{100 * rec['max']:.0f}%, measured over seeds).")
+        st.caption(f"{method}'s preset solves {task} ({100 * SOLVES_AT:.0f}% held-out exact match or more) in "
+                   f"**{rec['solved']} of {rec['seeds']} seeds** (held-out exact match "
+                   f"{100 * rec['min']:.0f}-{100 * rec['max']:.0f}%, measured over seeds).")
 
 
 def result_card(run):

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 import peftcore
-from peftcore.presets import PRESETS, SOLVED, TABLE_PATH, preset_record
+from peftcore.presets import PRESETS, SOLVES_AT, TABLE_PATH, preset_record
 
 from .common import machine
 
@@ -69,7 +69,7 @@ def one_run(job):
 def summarize(runs):
     exact = [r["exact"] for r in runs]
     return dict(min=min(exact), median=statistics.median(exact), max=max(exact),
-                solved=sum(e >= SOLVED for e in exact), seeds=len(runs),
+                solved=sum(e >= SOLVES_AT for e in exact), seeds=len(runs),
                 token_median=statistics.median(r["token"] for r in runs), token_min=min(r["token"] for r in runs),
                 token_max=max(r["token"] for r in runs), token=[r["token"] for r in runs],
                 seconds_median=statistics.median(r["seconds"] for r in runs),
@@ -115,7 +115,7 @@ def main():
           f"seeds {seeds.start}..{seeds.stop - 1}; {args.jobs} job(s)")
     if train_over or config_over:
         print(f"overrides: {train_over} {config_over}")
-    print(f"| method | phi % | task | exact min | median | max | solved (>= {SOLVED}) | token acc median "
+    print(f"| method | phi % | task | exact min | median | max | solved (>= {SOLVES_AT}) | token acc median "
           f"| seconds median |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     if args.jobs > 1:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .peft_model import PeftModel
-from .presets import PRESETS, SOLVED, robustness
+from .presets import PRESETS, SOLVES_AT, robustness
 from .serialization import AdapterLoadError, saved_bytes
 
 LIBRARY_DIR = Path(__file__).parent / "library"
@@ -39,7 +39,7 @@ def load_library(base):
 
 def _library_seed(table):
     """The first seed that solved the task in the recorded table, else 0."""
-    solving = [s for s, exact in enumerate(table["exact"]) if exact >= SOLVED] if table else []
+    solving = [s for s, exact in enumerate(table["exact"]) if exact >= SOLVES_AT] if table else []
     return solving[0] if solving else 0
 
 

@@ -19,7 +19,7 @@ import torch
 
 import peftcore
 from bench.presets import one_run
-from peftcore.presets import PRESETS, SOLVED, robustness
+from peftcore.presets import PRESETS, SOLVES_AT, robustness
 
 SEED = 0
 # (method, task): held-out exact match at least this. Every seed of 5 reached 1.000.
@@ -32,7 +32,7 @@ SOLVES = {
 # learns in a live budget; a soft prompt can only steer what the frozen base computes, so
 # it cannot learn a new digit map (Lester et al. find prompt tuning catches up only at
 # billions of parameters). Ceilings sit well above the worst seed's figure and far below
-# SOLVED, so they hold on any CPU and still fail if a "failure" starts to solve the task.
+# SOLVES_AT, so they hold on any CPU and still fail if a "failure" starts to solve the task.
 STAYS_LOW = {
     ("LoRA", "sort"): 0.2, ("Adapter", "sort"): 0.2, ("Full fine-tuning", "sort"): 0.3,
     ("Prompt tuning", "add_5"): 0.1,
@@ -135,7 +135,7 @@ def test_the_recorded_table_is_current_and_backs_these_claims():
             assert r["min"] <= r["median"] <= r["max"] and 0 <= r["solved"] <= r["seeds"]
     for (method, task), floor in SOLVES.items():
         r = robustness(method, task)
-        assert r["solved"] == r["seeds"] and r["min"] >= max(floor, SOLVED), (method, task, r)
+        assert r["solved"] == r["seeds"] and r["min"] >= max(floor, SOLVES_AT), (method, task, r)
     for (method, task), ceiling in STAYS_LOW.items():
         assert robustness(method, task)["max"] <= ceiling / 2, (method, task)
     for (method, task), ceiling in RECORDED_LOW.items():
