@@ -17,14 +17,39 @@ def visit(page, url):
     assert page.locator(EXCEPTION).count() == 0
 
 
+def see(page, text, timeout=30_000, exact=False):
+    """Wait until `text` is on the page. When it never comes, say what the page showed instead:
+    a browser test that fails in CI must explain itself from the log alone."""
+    try:
+        page.get_by_text(text, exact=exact).first.wait_for(state="attached", timeout=timeout)
+    except pytest.importorskip("playwright.sync_api").TimeoutError:
+        errors = page.locator(EXCEPTION).all_inner_texts()
+        raise AssertionError(f"{text!r} never showed at {page.url}; exceptions: {errors}; "
+                             f"the page said:\n{page.inner_text('body')[:3000]}") from None
+
+
+def press(page, slider, key):
+    """Press `key` on a slider until its value moves: a key pressed while the widget is still
+    mounting is lost."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    before = slider.get_attribute("aria-valuenow")
+    for attempt in range(3):
+        slider.focus()
+        page.keyboard.press(key)
+        try:
+            playwright.expect(slider).not_to_have_attribute("aria-valuenow", before, timeout=5_000)
+            return
+        except AssertionError:
+            pass
+    raise AssertionError(f"the slider stayed at {before} through three presses of {key}")
+
+
 def short_run(page):
     """Press Train on the fewest steps (10) and wait for the result card."""
-    steps = page.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider")
-    steps.focus()
-    page.keyboard.press("Home")
+    press(page, page.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider"), "Home")
     wait_ready(page)
     page.get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text("Results on add_5").wait_for(timeout=120_000)  # the fragment's polling ended the run
+    see(page, "Results on add_5", timeout=120_000)  # the fragment's polling ended the run
     wait_ready(page)
 
 
@@ -72,8 +97,7 @@ def test_storage_sliders_live_in_the_url(page, url, sync_api):
     visit(page, f"{url}/?p=0.5%25&T=1000")
     headline = page.locator("h4").first
     assert headline.inner_text() == "With 1,000 tasks at 0.5%, PEFT stores 6 base models; full fine-tuning stores 1,000."
-    page.get_by_test_id("stSlider").first.get_by_role("slider").focus()
-    page.keyboard.press("ArrowRight")  # one step up the ladder: 0.5% -> 0.7%
+    press(page, page.get_by_test_id("stSlider").first.get_by_role("slider"), "ArrowRight")  # 0.5% -> 0.7%
     expect(headline).to_contain_text("at 0.7%", timeout=30_000)
     expect(page).to_have_url(re.compile(r"p=0\.7%25"), timeout=10_000)
 
@@ -87,15 +111,14 @@ def test_a_short_training_run_goes_live_and_finishes(page, url):
     assert page.locator(EXCEPTION).count() == 0
     page.reload()
     wait_ready(page)
-    assert page.get_by_text("Results on add_5").is_visible()
+    see(page, "Results on add_5")
 
 
 def test_a_shared_link_shows_the_run_read_only(new_page, url):
     owner, visitor = new_page(), new_page()  # two browsers: two visitors
     visit(owner, f"{url}/train")
     steps = owner.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider")
-    steps.focus()
-    owner.keyboard.press("End")  # a long run: 1000 steps...
+    press(owner, steps, "End")  # a long run: 1000 steps...
     wait_ready(owner)
     owner.get_by_text("Stop when solved").click()  # ...that does not end early when solved
     wait_ready(owner)
@@ -103,7 +126,7 @@ def test_a_shared_link_shows_the_run_read_only(new_page, url):
     stop = owner.get_by_role("button", name="Stop", exact=True)
     stop.wait_for(timeout=60_000)
     visitor.goto(owner.url)  # the link the owner would share
-    visitor.get_by_text("read-only").wait_for(timeout=60_000)
+    see(visitor, "read-only", timeout=60_000)
     assert visitor.get_by_role("button", name="Stop", exact=True).count() == 0
     visitor.get_by_test_id("stSidebar").get_by_role("button", name="Reset my session").click()
     wait_ready(visitor)
@@ -112,7 +135,7 @@ def test_a_shared_link_shows_the_run_read_only(new_page, url):
     assert "running" in owner.get_by_test_id("stProgress").first.inner_text()
     stop = owner.get_by_role("button", name="Stop", exact=True)
     stop.click()
-    owner.get_by_text("Results on add_5").wait_for(timeout=60_000)
+    see(owner, "Results on add_5", timeout=60_000)
     assert "stopped" in owner.get_by_test_id("stProgress").first.inner_text()
 
 
@@ -138,7 +161,7 @@ def test_a_class_end_to_end_and_a_saved_phi_outlives_the_tab(new_page, url):
     visit(teacher, f"{url}/classroom")
     teacher.get_by_role("textbox", name="Class name").fill("Period 3")
     teacher.get_by_role("button", name="Start a class").click()
-    teacher.get_by_text("teacher key").first.wait_for(timeout=60_000)
+    see(teacher, "teacher key", timeout=60_000)
     code = re.search(r"class=([A-Z0-9]+)", teacher.url).group(1)
     for student, phi in [("Ada", "lora-add_5"), ("Grace", "adapter-complement")]:
         page = new_page()
@@ -148,15 +171,15 @@ def test_a_class_end_to_end_and_a_saved_phi_outlives_the_tab(new_page, url):
         wait_ready(page)
         choose(page, "phi from your bank", phi)
         page.get_by_role("button", name="Save into the class").click()
-        page.get_by_text(f"Saved {phi}").wait_for(timeout=60_000)
+        see(page, f"Saved {phi}", timeout=60_000)
         assert page.locator(EXCEPTION).count() == 0
     teacher.reload()
     wait_ready(teacher)
-    assert teacher.get_by_text("2 phi in the class").is_visible()  # the board (a canvas grid) has both
+    see(teacher, "2 phi in the class")  # the board (a canvas grid) has both
     teacher.get_by_role("button", name=re.compile(r"Serve all 2 phi")).click()
     wait_ready(teacher)
     for task in ("add_5", "complement"):
-        assert teacher.get_by_text(task).count() > 0
+        see(teacher, task)
     assert teacher.locator(EXCEPTION).count() == 0
 
 
@@ -164,18 +187,19 @@ def test_a_saved_phi_survives_a_refresh(page, url):
     visit(page, f"{url}/train")
     short_run(page)
     page.get_by_role("button", name="Save to my bank").click()
-    page.get_by_text("Saved lora-add_5-2").wait_for(timeout=30_000)  # the library holds lora-add_5
+    see(page, "Saved lora-add_5-2")  # the library holds lora-add_5
     assert "bank=" in page.url  # the link to this bank
     page.goto(re.sub(r"/train\?.*", "/serve?", page.url) + re.search(r"bank=[^&]+", page.url).group(0))
     wait_ready(page)
-    assert page.get_by_text("lora-add_5-2").count() > 0
+    see(page, "lora-add_5-2")
+    assert page.locator(EXCEPTION).count() == 0
 
 
 def test_a_teacher_link_hides_what_it_says_on_a_fresh_server(new_page):
     with app_server() as fresh:
         page = new_page()
         visit(page, f"{fresh}/train?task=sort&method=LoRA&r=2&only=r&hide=lr,steps")
-        assert page.get_by_text("An exercise from your teacher").is_visible()
+        see(page, "An exercise from your teacher")
         sliders = page.get_by_test_id("stSlider")
         assert sliders.filter(has_text="Steps").count() == 0
         assert page.get_by_test_id("stSelectSlider").filter(has_text="Learning rate").count() == 0
