@@ -26,7 +26,7 @@ def cohort_key(model, batch_size=64, device="cpu"):
     if not isinstance(model, PeftModel) or model.full or model._merged is not None:
         return None
     cfg = model.peft_config.get(model.active_adapter)
-    if isinstance(cfg, LoraConfig) and not cfg.lora_dropout:  # dropout draws from the global RNG
+    if isinstance(cfg, LoraConfig) and not cfg.lora_dropout:  # CohortLora has no dropout: those train alone
         kind = ("LORA", tuple(sorted(cfg.target_modules)))
     elif isinstance(cfg, AdapterConfig):
         kind = ("BOTTLENECK_ADAPTER",)

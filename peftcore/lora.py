@@ -40,6 +40,23 @@ class LoraConfig(PeftConfig):
         return per_layer * base_config.n_layer
 
 
+class LoraDropout(nn.Dropout):
+    """nn.Dropout whose masks come from the run's own generator (`route.generator`, set by the
+    Trainer), so that runs in other threads never shift this run's stream and a seed repeats
+    its run. Without one (a loop of your own), torch's global generator, as nn.Dropout."""
+
+    def __init__(self, p, route):
+        super().__init__(p)
+        self.route = route
+
+    def forward(self, x):
+        generator = self.route.generator
+        if not self.training or generator is None:
+            return super().forward(x)
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=generator)
+        return x * keep / (1 - self.p)
+
+
 class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, route):
         super().__init__()
@@ -60,7 +77,7 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Linear(cfg.r, d_out, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B[name].weight)
-        self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout else nn.Identity()
+        self.lora_dropout[name] = LoraDropout(cfg.lora_dropout, self.route) if cfg.lora_dropout else nn.Identity()
         self.scaling[name] = cfg.lora_alpha / cfg.r
 
     def remove(self, name):

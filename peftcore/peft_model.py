@@ -45,6 +45,7 @@ class Route:
     active: Optional[str] = None
     rows: Optional[list] = None
     generation: int = 0
+    generator: Optional[torch.Generator] = None  # the training run's own stream, for dropout
     _slots: dict = field(default_factory=dict, repr=False)
 
     def slots(self, names, device):

@@ -84,6 +84,8 @@ class Trainer:
         self.steps, self.max_seconds, self.batch_size = steps, max_seconds, batch_size
         self.eval_every, self.clip, self.stop_when_solved = eval_every, clip, stop_when_solved
         self.generator = torch.Generator().manual_seed(seed)  # private: concurrent runs never share an RNG
+        if hasattr(model, "route"):  # dropout's masks: a stream of their own, so dropout on or off
+            model.route.generator = torch.Generator(self.device).manual_seed(seed + 1)  # keeps the data order
         if hasattr(model, "adapter_task") and getattr(model, "active_adapter", None):
             model.adapter_task[model.active_adapter] = self.task.name  # recorded in saved files
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
@@ -135,7 +137,8 @@ def train(model, task, steps=300, **kwargs):
 
     Keywords: max_seconds=None, lr=1e-2, batch_size=64, seed=0, weight_decay=0.0,
     eval_every=25, device="auto", clip=1.0, stop_when_solved=False.
-    `seed` fixes the data stream; phi's initial values are fixed by get_peft_model's seed.
+    `seed` fixes the data stream and LoRA dropout's masks; phi's initial values are fixed by
+    get_peft_model's seed.
 
     Budget: `steps`, and optionally `max_seconds` of wall time, whichever ends first;
     with `stop_when_solved`, also the step at which the task counts as solved (solved_at).

@@ -195,6 +195,21 @@ def test_same_seed_same_curve(base):
     assert curves[0] == curves[1]
 
 
+def test_dropout_draws_from_the_run_not_the_process(base):
+    """A run with LoRA dropout repeats from its seed while other code (another run in another
+    thread of the server) draws from torch's global generator between its steps."""
+    def phi_after_training(dropout, disturb=False):
+        model = get_peft_model(base, LoraConfig(lora_dropout=dropout), seed=5)
+        for _ in peftcore.train(model, "add_5", steps=4, seed=5, device="cpu"):
+            if disturb:
+                torch.rand(1000)  # what a neighbour's nn.Dropout would draw
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    alone = phi_after_training(0.3)
+    assert all(torch.equal(a, b) for a, b in zip(alone, phi_after_training(0.3, disturb=True)))
+    assert not all(torch.equal(a, b) for a, b in zip(alone, phi_after_training(0.0)))  # dropout drops
+
+
 def test_events_carry_progress(base):
     model = get_peft_model(base, AdapterConfig())
     events = list(peftcore.train(model, "add_5", steps=4, eval_every=2, device="cpu"))
