@@ -20,9 +20,21 @@ GROUP = "train"
 ss = st.session_state
 
 
+def set_control(key, value):
+    """Set a control's value from code (a link, a reopened run) before its widget is drawn."""
+    ss[key] = value
+    ss.setdefault("just_set", set()).add(key)
+
+
 def unless_set(key, default):
-    """A widget's default, or None when a link already set its value (Streamlit warns when both do)."""
-    return None if key in st.session_state else default
+    """A widget's default, or None in the run where code set its value (Streamlit warns when
+    both come in one run). Always the default otherwise: a widget the browser draws afresh
+    starts from its default, which must be the preset, never empty."""
+    just_set = ss.get("just_set", set())
+    if key in just_set:
+        just_set.discard(key)
+        return None
+    return default
 
 
 # ------------------------------------------------------------------ exercises: teacher links
@@ -99,7 +111,7 @@ def exercise():
         hidden = _names(q.get("hide", ""), problems, "hide")
         method = values.get("method", "LoRA")
         for name, value in values.items():
-            ss[CONTROLS[name][0].format(method=method)] = value
+            set_control(CONTROLS[name][0].format(method=method), value)
         ss["exercise"] = dict(values=values, locked=locked, hidden=hidden, problems=problems)
     return ss["exercise"]
 
@@ -246,21 +258,33 @@ def restore_setup(runs):
     """A reopened link shows the setup its runs were started with, not today's defaults."""
     if not runs or "mode" in ss:
         return
-    ss["task"] = runs[0].task
+    set_control("task", runs[0].task)
     if len(runs) > 1:
-        ss["mode"], ss["race_methods"], ss["race_steps"] = "Race", [r.label for r in runs], runs[0].steps
+        setup = {"mode": "Race", "race_methods": [r.label for r in runs], "race_steps": runs[0].steps}
     else:
-        ss["mode"], ss["method"] = "One method", runs[0].label
-        ss[f"steps-{runs[0].label}"] = runs[0].steps
+        setup = {"mode": "One method", "method": runs[0].label, f"steps-{runs[0].label}": runs[0].steps}
+    for key, value in setup.items():
+        set_control(key, value)
+
+
+# Why a preset that never solves a task does not: the lesson in a 0-of-5 row
+NEVER_SOLVED_WHY = {
+    "sort": "Sorting compares every digit with every other; the base learned digit maps and routings "
+            "only, and no method (full fine-tuning included) finds sorting in a live budget.",
+    "Prompt tuning": "A soft prompt steers the frozen model only through its input, and on a model this small "
+                     "that is rarely enough: in Lester et al. (2021) prompt tuning caught up with full fine-tuning "
+                     "only at billions of parameters.",
+}
 
 
 def seed_note(method, task):
     """How reliably the preset solves the task, from the recorded multi-seed table."""
     rec = robustness(method, task)
     if rec:
+        why = (NEVER_SOLVED_WHY.get(task) or NEVER_SOLVED_WHY.get(method)) if rec["solved"] == 0 else None
         st.caption(f"{method}'s preset solves {task} ({100 * SOLVES_AT:.0f}% held-out exact match or more) in "
                    f"**{rec['solved']} of {rec['seeds']} seeds** (held-out exact match "
-                   f"{100 * rec['min']:.0f}-{100 * rec['max']:.0f}%, measured over seeds).")
+                   f"{100 * rec['min']:.0f}-{100 * rec['max']:.0f}%, measured over seeds)." + (f" {why}" if why else ""))
 
 
 def result_card(run):

@@ -290,3 +290,17 @@ def test_merge_timing_is_a_median_with_its_spread_keyed_on_the_bank_generation()
     assert_clean(at)
     (key2, t2), = at.session_state["merge_times"].items()
     assert key2 == (key[0], bank.generation) and key2[1] != key[1] and t2 is not t
+
+
+@pytest.mark.parametrize("method, task, why", [("LoRA", "add_5", None), ("Prompt tuning", "add_5", "Lester"),
+                                               ("LoRA", "sort", "Sorting compares")])
+def test_the_seed_note_is_the_recorded_table_and_says_why_a_row_never_solves(method, task, why):
+    from peftcore.presets import robustness
+    at = new_app("app_pages/train.py")
+    at.selectbox(key="method").set_value(method).run()
+    at.selectbox(key="task").set_value(task).run()
+    assert_clean(at)
+    rec = robustness(method, task)
+    note = [c.value for c in at.caption if "seeds**" in c.value]
+    assert len(note) == 1 and f"**{rec['solved']} of {rec['seeds']} seeds**" in note[0]
+    assert (why in note[0]) if why else (rec["solved"] > 0 and "Lester" not in note[0] and "Sorting" not in note[0])
