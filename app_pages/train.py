@@ -138,8 +138,10 @@ def exercise_notes():
 def class_link(task, method, config, lr, steps):
     """Build an exercise link from this page's current settings, for a teacher to share."""
     with st.expander("Copy link for the class"):
-        free = st.multiselect("Students may change", list(CONTROLS), default=list(CONTROLS), key="link_only")
-        hidden = st.multiselect("Hidden from students", list(CONTROLS), key="link_hide")
+        # pills that wrap: a multiselect cuts names such as num_virtual_tokens short in a column
+        free = st.pills("Students may change", list(CONTROLS), selection_mode="multi", default=list(CONTROLS),
+                        key="link_only", wrap=True)
+        hidden = st.pills("Hidden from students", list(CONTROLS), selection_mode="multi", key="link_hide", wrap=True)
         settings = {k: ",".join(v) if isinstance(v, (list, tuple)) else v
                     for k, v in config.to_dict().items() if k in CONTROLS}
         params = dict(task=task, method=method, **settings, lr=f"{lr:g}", steps=steps)
@@ -148,7 +150,8 @@ def class_link(task, method, config, lr, steps):
         if hidden:
             params["hide"] = ",".join(hidden)
         here = urlsplit(st.context.url or "http://localhost:8501/train")
-        st.code(urlunsplit((here.scheme, here.netloc, here.path, urlencode(params, safe=","), "")), language=None)
+        link = urlunsplit((here.scheme, here.netloc, here.path, urlencode(params, safe=","), ""))
+        st.code(link, language=None, wrap_lines=True)  # the whole link in view, not behind a scrollbar
         st.caption("The copy button is at the code's right. A hidden control still takes its value from the link.")
 
 
@@ -160,9 +163,9 @@ def lora_widgets(preset: LoraConfig):
     alpha = control("lora_alpha", preset.lora_alpha, lambda **kw: b.slider(
         "lora_alpha", 1, 128, unless_set("lora_alpha", preset.lora_alpha), key="lora_alpha",
         help="The update is scaled by lora_alpha / r.", **kw))
-    # pills, not a multiselect: six short names wrap in a narrow column instead of hiding
+    # pills, not a multiselect, told to wrap: in a column all six stay in view
     targets = control("target_modules", list(preset.target_modules), lambda **kw: st.pills(
-        "target_modules", TARGETABLE, selection_mode="multi",
+        "target_modules", TARGETABLE, selection_mode="multi", wrap=True,
         default=unless_set("lora_targets", list(preset.target_modules)),
         key="lora_targets", help="Which projections of every block get a LoRA: attention q, k, v, o and MLP up, down.",
         **kw))
@@ -282,9 +285,11 @@ def seed_note(method, task):
     rec = robustness(method, task)
     if rec:
         why = (NEVER_SOLVED_WHY.get(task) or NEVER_SOLVED_WHY.get(method)) if rec["solved"] == 0 else None
+        low, high = round(100 * rec["min"]), round(100 * rec["max"])
+        spread = f"{low}%" if low == high else f"{low}-{high}%"
         st.caption(f"{method}'s preset solves {task} ({100 * SOLVES_AT:.0f}% held-out exact match or more) in "
-                   f"**{rec['solved']} of {rec['seeds']} seeds** (held-out exact match "
-                   f"{100 * rec['min']:.0f}-{100 * rec['max']:.0f}%, measured over seeds)." + (f" {why}" if why else ""))
+                   f"**{rec['solved']} of {rec['seeds']} seeds** (held-out exact match {spread}, measured over "
+                   "seeds)." + (f" {why}" if why else ""))
 
 
 def result_card(run):

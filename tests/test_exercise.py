@@ -38,8 +38,8 @@ def test_bad_values_in_a_link_are_reported_and_reset():
 def test_the_page_builds_a_link_that_reopens_the_same_exercise():
     at = open_train({})
     at.slider(key="lora_r").set_value(3).run()
-    at.multiselect(key="link_only").set_value(["r"]).run()
-    at.multiselect(key="link_hide").set_value(["steps"]).run()
+    at.pills(key="link_only").set_value(["r"]).run()
+    at.pills(key="link_hide").set_value(["steps"]).run()
     link = [c.value for c in at.code if "/train?" in c.value][0]
     query = dict(parse_qsl(urlsplit(link).query))
     assert query["r"] == "3" and query["only"] == "r" and query["hide"] == "steps"
