@@ -210,11 +210,12 @@ def test_inside_page_is_whole(new_page, url, size):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
-def test_train_page_is_whole(new_page, url, size):
+def test_train_page_is_whole(new_page, url, size, sync_api):
     """Every control in view, "down" among the target_modules pills included (in a column,
     pills scroll sideways unless told to wrap), and the seed note in full."""
     page = open_page(new_page, url, "train?task=sort", size)
-    assert page.get_by_role("toolbar", name="target_modules").get_by_role("button").count() == 6
+    # a widget's code loads lazily in a new browser context: wait for it, not just the script
+    sync_api.expect(page.get_by_role("toolbar", name="target_modules").get_by_role("button")).to_have_count(6)
     assert page.get_by_text("Sorting compares").count() == 1
     path = shoot(page, "train", size)
     assert not cut_off(page, WHOLE + ["[data-testid=stButtonGroup]"]), f"{cut_off(page)} (see {path})"
