@@ -222,9 +222,10 @@ def one_method(task):
 
 def race():
     """Widgets for a race: several methods, each with its preset, the same steps."""
-    methods = st.multiselect("Methods", list(PRESETS), default=unless_set("race_methods", list(PRESETS)),
-                             key="race_methods", max_selections=4,
-                             help="They train side by side on the same task and seed.")
+    # pills that wrap: a multiselect in this column hid "Full fine-tuning" behind the others
+    methods = st.pills("Methods", list(PRESETS), selection_mode="multi", wrap=True, key="race_methods",
+                       default=unless_set("race_methods", list(PRESETS)),
+                       help="They train side by side on the same task and seed.")
     steps = st.slider("Steps (each method)", value=unless_set("race_steps", PRESETS["LoRA"].train["steps"]),
                       key="race_steps",
                       help="The same number of batches for every method: a fair race.", **STEPS)
@@ -280,16 +281,21 @@ NEVER_SOLVED_WHY = {
 }
 
 
-def seed_note(method, task):
-    """How reliably the preset solves the task, from the recorded multi-seed table."""
-    rec = robustness(method, task)
-    if rec:
-        why = (NEVER_SOLVED_WHY.get(task) or NEVER_SOLVED_WHY.get(method)) if rec["solved"] == 0 else None
+def seed_note(methods, task):
+    """How reliably each preset solves the task, from the recorded multi-seed table: one
+    caption for all the methods, and each reason a row never solves said once."""
+    recs = {m: r for m in methods if (r := robustness(m, task))}
+    lines, whys = [], []
+    for method, rec in recs.items():
         low, high = round(100 * rec["min"]), round(100 * rec["max"])
         spread = f"{low}%" if low == high else f"{low}-{high}%"
-        st.caption(f"{method}'s preset solves {task} ({100 * SOLVES_AT:.0f}% held-out exact match or more) in "
-                   f"**{rec['solved']} of {rec['seeds']} seeds** (held-out exact match {spread}, measured over "
-                   "seeds)." + (f" {why}" if why else ""))
+        lines.append(f"{method}'s preset: **{rec['solved']} of {rec['seeds']} seeds** (held-out exact match {spread})")
+        why = NEVER_SOLVED_WHY.get(task) or NEVER_SOLVED_WHY.get(method)
+        if rec["solved"] == 0 and why and why not in whys:
+            whys.append(why)
+    if lines:
+        st.caption(f"How often the preset solves {task} ({100 * SOLVES_AT:.0f}% held-out exact match or more), "
+                   "measured over seeds: " + "; ".join(lines) + "." + "".join(f" {w}" for w in whys))
 
 
 def result_card(run):
@@ -337,18 +343,25 @@ def save_and_download(run, data):
                       help="One self-contained file: tensors plus config in its header. Upload it on *Many tasks at once*.")
 
 
+def solved_text(run, summary):
+    """The race table's "solved at step": the step, "not solved" once the run is over, else "-"."""
+    if summary["solved_step"]:
+        return str(summary["solved_step"])
+    return "not solved" if run.finished else "-"
+
+
 def results(runs):
     if len(runs) > 1:
         rows = [ui.run_summary(r) for r in runs]
         st.dataframe([dict(method=s["method"], status=s["status"], params=s["trainable"], phi_pct=s["phi_pct"],
                            exact=None if s["exact"] is None else 100 * s["exact"],
-                           solved=s["solved_step"], seconds=s["seconds"])
-                      for s in rows],
+                           solved=solved_text(run, s), seconds=s["seconds"])
+                      for run, s in zip(runs, rows)],
                      hide_index=True, column_config={
                          "params": st.column_config.NumberColumn("trainable params", format="localized"),
                          "phi_pct": st.column_config.NumberColumn("phi %", format="%.3g%%"),
                          "exact": st.column_config.NumberColumn("exact match", format="%.1f%%"),
-                         "solved": st.column_config.NumberColumn(
+                         "solved": st.column_config.TextColumn(
                              "solved at step", help=f"{100 * SOLVED:.0f}% exact match at two evaluations in a row"),
                          "seconds": st.column_config.NumberColumn("seconds", format="%.1f")})
     tabs = st.tabs([r.label for r in runs])
@@ -380,8 +393,7 @@ with setup:
         "Task", list(peftcore.TASKS), key="task", help="Downstream tasks the base was not pretrained on.", **kw))
     st.caption(peftcore.TASKS[task].description)
     specs = one_method(task) if mode == "One method" or in_exercise else race()
-    for label, _, _ in specs:
-        seed_note(label, task)
+    seed_note([label for label, _, _ in specs], task)
     errors = check(specs, facts)
     until_solved = st.checkbox("Stop when solved", value=True, key="until_solved",
                                help=f"End a run once its held-out exact match is {100 * SOLVED:.0f}% or more at "

@@ -18,12 +18,14 @@ refresh only re-reads `run.events`. The manager is built for a class on one serv
   it; a stop detaches that owner, and the run stops when no owner is left, or when
   `reap()` finds none of its owners still connected.
 """
+import atexit
 import collections
 import os
 import threading
 import time
 import traceback
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +85,7 @@ class Lane:
     """A training slot: one thread stepping its runs together as a Cohort."""
     cohort: object  # the runs' cohort key; None: a lane of one run
     runs: list = field(default_factory=list)  # placed here; a new one starts at the next step
+    thread: threading.Thread = None
 
 
 def default_cohort_size():
@@ -96,6 +99,17 @@ def default_concurrency():
     more: its runs are bound by kernel launches, not by the device)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores) + (4 if torch.cuda.is_available() else 0)
+
+
+_MANAGERS = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_every_run():
+    """Stop the runs before the interpreter exits: a daemon thread still inside a torch op
+    while the process tears torch down aborts it ("terminate called...", exit code 134)."""
+    for manager in list(_MANAGERS):
+        manager.shutdown()
 
 
 class RunManager:
@@ -120,6 +134,7 @@ class RunManager:
         self._orphaned = {}  # run id -> when it was first seen with no owner connected
         self._last_reap = 0.0
         self.runs = {}
+        _MANAGERS.add(self)
 
     # ------------------------------------------------------------ starting and joining
     def start(self, model, task, label="", owner=None, key=None, **train_kwargs) -> Run:
@@ -158,7 +173,8 @@ class RunManager:
             if lane is None and len(self._lanes) < self.max_concurrent:
                 lane = Lane(run.cohort)
                 self._lanes.append(lane)
-                threading.Thread(target=self._work, args=(lane,), daemon=True, name=f"run-{run.id}").start()
+                lane.thread = threading.Thread(target=self._work, args=(lane,), daemon=True, name=f"run-{run.id}")
+                lane.thread.start()
             if lane is not None:
                 self._queue.remove(run)
                 lane.runs.append(run)
@@ -190,6 +206,16 @@ class RunManager:
             self._queue.remove(run)
             run.status = STOPPED
             run._ended.set()
+
+    def shutdown(self, timeout=10.0):
+        """Stop every run, waiting ones first, and wait up to `timeout` s for the lanes' threads to end."""
+        with self._lock:
+            for run in list(self._queue) + list(self._running):
+                self._cancel(run)
+            threads = [lane.thread for lane in self._lanes]
+        deadline = time.time() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.time()))
 
     def reap(self, connected):
         """Stop runs none of whose owners is `connected(owner)` for `grace_s` seconds: a

@@ -304,3 +304,14 @@ def test_the_seed_note_is_the_recorded_table_and_says_why_a_row_never_solves(met
     note = [c.value for c in at.caption if "seeds**" in c.value]
     assert len(note) == 1 and f"**{rec['solved']} of {rec['seeds']} seeds**" in note[0]
     assert (why in note[0]) if why else (rec["solved"] > 0 and "Lester" not in note[0] and "Sorting" not in note[0])
+
+
+def test_the_race_table_says_not_solved_instead_of_none():
+    at = new_app("app_pages/train.py")
+    at.radio(key="mode").set_value("Race").run()
+    at.pills(key="race_methods").set_value(["LoRA", "Prompt tuning"]).run()
+    start_training(at, "race_steps", 10)
+    wait_for(at, results_shown)
+    solved = list(at.dataframe[0].value["solved"])
+    assert "not solved" in solved  # 10 steps of prompt tuning solve nothing
+    assert all(s == "not solved" or s.isdigit() for s in solved), solved

@@ -51,11 +51,11 @@ def test_the_page_builds_a_link_that_reopens_the_same_exercise():
 def test_a_reopened_race_link_shows_the_race_setup():
     at = open_train({})
     at.radio(key="mode").set_value("Race").run()
-    at.multiselect(key="race_methods").set_value(["LoRA", "Adapter"]).run()
+    at.pills(key="race_methods").set_value(["LoRA", "Adapter"]).run()
     at.slider(key="race_steps").set_value(10).run()
     at.button(key="train_go").click().run()
     ids = at.session_state["groups"]["train"]
     reopened = open_train({"train": ",".join(ids)})  # another session opens the link
     assert reopened.radio(key="mode").value == "Race"
-    assert reopened.multiselect(key="race_methods").value == ["LoRA", "Adapter"]
+    assert reopened.pills(key="race_methods").value == ["LoRA", "Adapter"]
     assert reopened.slider(key="race_steps").value == 10

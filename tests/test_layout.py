@@ -218,4 +218,11 @@ def test_train_page_is_whole(new_page, url, size, sync_api):
     sync_api.expect(page.get_by_role("toolbar", name="target_modules").get_by_role("button")).to_have_count(6)
     assert page.get_by_text("Sorting compares").count() == 1
     path = shoot(page, "train", size)
-    assert not cut_off(page, WHOLE + ["[data-testid=stButtonGroup]"]), f"{cut_off(page)} (see {path})"
+    whole = WHOLE + ["[data-testid=stButtonGroup]"]
+    assert not cut_off(page, whole), f"{cut_off(page, whole)} (see {path})"
+    page.get_by_test_id("stRadio").get_by_text("Race", exact=True).click()  # the race: every method named
+    wait_ready(page)
+    sync_api.expect(page.get_by_role("toolbar", name="Methods").get_by_role("button", name="Full fine-tuning")
+                    ).to_be_visible()
+    path = shoot(page, "train-race", size)
+    assert not cut_off(page, whole), f"{cut_off(page, whole)} (see {path})"

@@ -128,3 +128,22 @@ def test_stop_when_solved_ends_the_run_at_the_confirming_evaluation(base):
     first = solved_at(events)
     assert first is not None, [e.eval_exact for e in events if e.eval_exact is not None]
     assert events[-1].step == first.step + 10 < 300 and events[-1].done
+
+
+EXIT_WHILE_TRAINING = """
+import time, peftcore
+from peftcore.runs import RUNNING, RunManager
+run = RunManager().start(peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(), seed=0), "add_5",
+                         steps=100_000, device="cpu")
+while run.status != RUNNING or not run.events:
+    time.sleep(0.01)
+"""  # and exit, the run mid-training
+
+
+def test_a_process_that_exits_while_a_run_trains_exits_cleanly():
+    import subprocess
+    import sys
+    from pathlib import Path
+    done = subprocess.run([sys.executable, "-c", EXIT_WHILE_TRAINING], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
