@@ -24,7 +24,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
                  "--disable-backgrounding-occluded-windows"]
-READY = "[data-testid=stApp][data-test-script-state=notRunning]"
+# A script run has ended and the page's title is drawn: every page starts with st.title, so a
+# page still waiting for its first run (slow on a loaded machine) never counts as ready.
+READY = "[data-testid=stApp][data-test-script-state=notRunning] [data-testid=stMain] h1"
 THREAD_LOG_ENV = "PEFT_THREAD_CPU_LOG"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
