@@ -135,11 +135,16 @@ def board(info, records):
                        phi_pct=100 * r.num_params / facts["params"], bytes=r.bytes,
                        exact=None if r.eval_exact is None else 100 * r.eval_exact,
                        yours=r.owned_by(token)) for r in records],
+                 # widths in pixels for the free-text columns (names run to 40 and 64 characters):
+                 # the whole board fits a 1280-pixel projector beside the sidebar, no sideways scroll
                  hide_index=True, key="class_board", column_config={
+                     "id": st.column_config.NumberColumn("id", width=40),
+                     "student": st.column_config.TextColumn("student", width=120),
+                     "name": st.column_config.TextColumn("name", width=170),
                      "phi_pct": st.column_config.NumberColumn("phi %", format="%.3f%%"),
                      "bytes": st.column_config.NumberColumn("file bytes", format="localized"),
                      "exact": st.column_config.NumberColumn(
-                         "held-out exact match", format="%.1f%%", help="measured when it was saved"),
+                         "exact match", format="%.1f%%", help="held-out exact match, measured when it was saved"),
                      "yours": st.column_config.CheckboxColumn("yours")})
     mine = [r for r in records if r.owned_by(token)]
     deletable = records if key else mine

@@ -226,3 +226,26 @@ def test_train_page_is_whole(new_page, url, size, sync_api):
                     ).to_be_visible()
     path = shoot(page, "train-race", size)
     assert not cut_off(page, whole), f"{cut_off(page, whole)} (see {path})"
+
+
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
+def test_class_page_is_whole(new_page, url, size, base):
+    """The board of a class with a phi of every kind, its chart and its serving panel, as a
+    student who opens the class link sees them (the class made in the server's own store)."""
+    import os
+
+    import peftcore
+    from peftcore import library
+    from peftcore.store import Store, new_token
+    store = Store(os.environ["PEFT_STORE"], base=base)
+    code, _ = store.create_class("Period 3")
+    for i, (name, directory) in enumerate(library.entries()[:6]):
+        model = peftcore.PeftModel.from_pretrained(base, directory)
+        exact = peftcore.evaluate(model, model.adapter_task["default"])[0]  # as the page measures it
+        store.save_phi(new_token(), name, peftcore.adapter_to_bytes(model, "default"), class_code=code,
+                       eval_exact=exact, author=f"Student number {i}")
+    page = open_page(new_page, url, f"classroom?class={code}", size)
+    page.get_by_text("6 phi in the class").wait_for()
+    path = shoot(page, "class", size)
+    whole = WHOLE + ["[data-testid=stButtonGroup]"]
+    assert not cut_off(page, whole), f"{cut_off(page, whole)} (see {path})"
