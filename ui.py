@@ -333,12 +333,14 @@ def _run_results():
 
 def run_cache(run, what, compute):
     """Per-run results computed once for every session that shows the run (a class on the
-    defaults shares one run: its file, fingerprint and sample outputs are computed once)."""
+    defaults shares one run: its file, fingerprint and sample outputs are computed once,
+    the other sessions wait for them rather than compute them again)."""
     results, lock = _run_results()
     with lock:
-        cache = results.setdefault(run, {})
-    if what not in cache:
-        cache[what] = compute()
+        cache, run_lock = results.setdefault(run, ({}, threading.RLock()))  # re-entrant: a compute may ask another
+    with run_lock:
+        if what not in cache:
+            cache[what] = compute()
     return cache[what]
 
 

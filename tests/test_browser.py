@@ -17,12 +17,17 @@ def visit(page, url):
     assert page.locator(EXCEPTION).count() == 0
 
 
+def playwright():
+    """Playwright's sync API (the browser tests skip where it is missing)."""
+    return pytest.importorskip("playwright.sync_api")
+
+
 def see(page, text, timeout=30_000, exact=False):
     """Wait until `text` is on the page. When it never comes, say what the page showed instead:
     a browser test that fails in CI must explain itself from the log alone."""
     try:
         page.get_by_text(text, exact=exact).first.wait_for(state="attached", timeout=timeout)
-    except pytest.importorskip("playwright.sync_api").TimeoutError:
+    except playwright().TimeoutError:
         errors = page.locator(EXCEPTION).all_inner_texts()
         raise AssertionError(f"{text!r} never showed at {page.url}; exceptions: {errors}; "
                              f"the page said:\n{page.inner_text('body')[:3000]}") from None
@@ -31,13 +36,12 @@ def see(page, text, timeout=30_000, exact=False):
 def press(page, slider, key):
     """Press `key` on a slider until its value moves: a key pressed while the widget is still
     mounting is lost."""
-    playwright = pytest.importorskip("playwright.sync_api")
     before = slider.get_attribute("aria-valuenow")
     for attempt in range(3):
         slider.focus()
         page.keyboard.press(key)
         try:
-            playwright.expect(slider).not_to_have_attribute("aria-valuenow", before, timeout=5_000)
+            playwright().expect(slider).not_to_have_attribute("aria-valuenow", before, timeout=5_000)
             return
         except AssertionError:
             pass
@@ -148,7 +152,7 @@ def choose(page, label, option):
         try:
             page.get_by_role("option", name=option).first.click(timeout=10_000)
             break
-        except pytest.importorskip("playwright.sync_api").TimeoutError:
+        except playwright().TimeoutError:
             page.keyboard.press("Escape")
             wait_ready(page)
     else:
