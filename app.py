@@ -29,12 +29,17 @@ PAGES = [
 ]
 
 
+KEPT_ON_RESET = ("bank_token", "class_code", "teacher_keys")  # who the visitor is, not their settings
+
+
 def reset_session():
-    """Forget this tab's session: stop its runs, forget its settings and its link. Saved
-    phi stay in the store (the bank link brings them back)."""
+    """Forget this tab's settings and runs: stop its runs, clear its state and its link.
+    The visitor's bank, class and teacher keys stay (and come back into the link)."""
     ui.stop_session_runs()
+    kept = {k: st.session_state[k] for k in KEPT_ON_RESET if k in st.session_state}
     st.session_state.clear()
     st.query_params.clear()
+    st.session_state.update(kept)
 
 
 def sidebar():
@@ -68,7 +73,13 @@ def my_bank():
             st.success(f"Deleted {ui.delete_my_phi()} saved phi.")
 
 
+# Less of Streamlit's empty band above the title (6rem): on a 720-pixel laptop screen or a
+# projector, a page's controls and live curve start that much higher.
+TOP_PADDING = "<style>[data-testid=stMainBlockContainer] {padding-top: 2.5rem}</style>"
+
 navigation = st.navigation(PAGES)
+st.html(TOP_PADDING)
 ui.identify()
+ui.follow_visitor()
 sidebar()
 navigation.run()

@@ -8,6 +8,7 @@ the runs themselves live in the manager, so a rerun or a page switch never loses
 import functools
 import json
 import os
+import re
 import secrets
 import threading
 import weakref
@@ -22,7 +23,8 @@ from peftcore import library
 from peftcore import store as store_mod
 from peftcore.presets import PRESETS
 from peftcore.runs import QUEUED, QueueFull, RunManager
-from peftcore.train import solved_at, warm_up
+from peftcore.storage import human_bytes
+from peftcore.train import solved_at, start_warm_up
 from peftcore.tasks import EVAL_SIZE
 
 MAX_SESSION_RUNS = 4   # runs one visitor may have training at once
@@ -55,11 +57,21 @@ def get_random_base(device):
 def get_manager():
     """One RunManager per server process: runs outlive the pages that started them; one
     training slot per core, a fair queue behind them."""
-    manager = RunManager()
+    manager = RunManager(max_per_owner=MAX_SESSION_RUNS)  # across tabs; and per address (the default)
     # the first training of a process pays ~3 s of one-time setup: at server start, in the
     # background, not on the first student's click
-    threading.Thread(target=warm_up, args=(get_base(device()), device()), daemon=True, name="warm-up").start()
+    start_warm_up(get_base(device()), device())  # stopped and joined at exit: no abort mid torch op
     return manager
+
+
+# The bases a run may train on, by name: a run's identity includes which (the random-base
+# control must never be joined to the pretrained run with the same config).
+BASES = {"pretrained": get_base, "random": get_random_base}
+
+
+@st.cache_resource
+def base_fingerprint(which, device):
+    return peftcore.fingerprint(BASES[which](device))
 
 
 @st.cache_resource
@@ -104,22 +116,49 @@ def store():
     return get_store(store_path())
 
 
+BANK_COOKIE = "peft_bank"
+
+
 def bank_token(create=False):
-    """This student's bank token, kept in the URL (?bank=...) so that a refresh, a bookmark
-    or a server restart finds the same saved phi. A new one only when something is saved."""
+    """This student's bank token, kept in the URL (?bank=...) so that a refresh or a bookmark
+    finds the same saved phi, in the session (the sidebar's page links drop the URL's query)
+    and in a cookie (a new tab of the same browser). A new one only when something is saved."""
     token = st.query_params.get("bank")
-    if store_mod.valid_token(token):
-        return token
-    if token:  # reported once, and taken out of the link
+    if token and not store_mod.valid_token(token):  # reported once, and taken out of the link
         del st.query_params["bank"]
         st.toast("The bank token in this link (?bank=...) is not valid: it was ignored. "
                  "A new bank link is made when you save a phi.", icon="⚠️")
-    if not create:
-        return None
-    token = ss.get("bank_token") or store_mod.new_token()
-    ss["bank_token"] = token
-    st.query_params["bank"] = token
+        token = None
+    cookie = st.context.cookies.get(BANK_COOKIE)
+    token = token or ss.get("bank_token") or (cookie if store_mod.valid_token(cookie) else None)
+    if token is None and create:
+        token = store_mod.new_token()
+    if token and token != ss.get("bank_token"):
+        if ss.get("bank_token"):
+            ss.pop(f"bank:{device()}", None)  # another bank than this session's: load its saved phi afresh
+        ss["bank_token"] = token
+    if token and st.query_params.get("bank") != token:
+        st.query_params["bank"] = token
     return token
+
+
+def follow_visitor():
+    """Called on every script run by app.py: the visitor's bank and class stay in the link
+    across page switches, refreshes and a reset, and the bank cookie is set."""
+    token = bank_token()
+    if token:
+        set_cookie(BANK_COOKIE, token)
+    code = st.query_params.get("class")
+    if code:
+        ss["class_code"] = code  # checked by the Class page
+    elif ss.get("class_code"):
+        st.query_params["class"] = ss["class_code"]
+
+
+def forget_class():
+    ss.pop("class_code", None)
+    if "class" in st.query_params:
+        del st.query_params["class"]
 
 
 # ------------------------------------------------------------------ this session's bank
@@ -236,10 +275,19 @@ def identify():
     ctx = get_script_run_ctx()
     if ctx is not None:
         sessions_of_owner().setdefault(me, set()).add(ctx.session_id)
-    if st.context.cookies.get(OWNER_COOKIE) != me and not ss.get("cookie_sent"):
-        ss["cookie_sent"] = True  # once per session: the script sets the cookie in the browser
-        st.html(f"<script>document.cookie = '{OWNER_COOKIE}={me}; path=/; max-age=31536000; SameSite=Strict'"
-                "</script>", unsafe_allow_javascript=True)
+    set_cookie(OWNER_COOKIE, me)
+
+
+def set_cookie(name, value):
+    """Set a cookie in this browser for a year, by a script sent once per session and value.
+    Only tokens travel this way (letters, digits, '_' and '-'): nothing to escape."""
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", name + value)
+    sent = ss.setdefault("cookies_sent", {})
+    if st.context.cookies.get(name) == value or sent.get(name) == value:
+        return
+    sent[name] = value
+    st.html(f"<script>document.cookie = '{name}={value}; path=/; max-age=31536000; SameSite=Strict'</script>",
+            unsafe_allow_javascript=True)
 
 
 def connected(token):
@@ -271,26 +319,28 @@ def active_session_runs():
     return [r for g in ss.get("groups", {}) for r in group_runs(g) if not r.finished and owns(r)]
 
 
-def run_key(config, task, kwargs):
-    """What makes two runs the same computation: base, method config, task and every
-    training argument (seed, steps, lr, batch...). Equal keys train bit-identical phi."""
-    return (base_facts(kwargs["device"])["fingerprint"], json.dumps(config.to_dict(), sort_keys=True), task,
+def run_key(which, config, task, kwargs):
+    """What makes two runs the same computation: the base they train on (its fingerprint),
+    method config, task and every training argument (seed, steps, lr, batch...). Equal
+    keys train bit-identical phi."""
+    return (base_fingerprint(which, kwargs["device"]), json.dumps(config.to_dict(), sort_keys=True), task,
             json.dumps(kwargs, sort_keys=True))
 
 
 def start_group(group, jobs, task, url=False, **train_kwargs):
     """Start (or join) one run per job (label, config, extra train kwargs) as group `group`,
-    replacing the group's previous runs. Returns an error message instead when over a limit."""
-    busy = len(active_session_runs()) + len(jobs)
-    if busy > MAX_SESSION_RUNS:
-        return f"At most {MAX_SESSION_RUNS} runs per visitor train at once; stop or wait for a run first."
-    manager, base, ids = get_manager(), get_base(train_kwargs["device"]), []
+    replacing the group's previous runs. A job trains on the pretrained base unless its
+    extra kwargs say `base="random"`. Returns an error message instead when over a limit."""
+    manager, ids = get_manager(), []
     for label, config, extra in jobs:
         kwargs = {**train_kwargs, **extra}
+        which = kwargs.pop("base", "pretrained")
         kwargs.setdefault("eval_every", eval_every(kwargs.get("steps", 300)))
+        base = BASES[which](kwargs["device"])
         make = functools.partial(peftcore.get_peft_model, base, config, seed=kwargs.get("seed", 0))
         try:
-            run = manager.start(make, task, label=label, owner=owner(), key=run_key(config, task, kwargs), **kwargs)
+            run = manager.start(make, task, label=label, owner=owner(), client=st.context.ip_address,
+                                key=run_key(which, config, task, kwargs), **kwargs)
         except QueueFull as e:
             for i in ids:  # all of the group or none of it
                 manager.stop(manager.runs[i], owner())
@@ -400,7 +450,8 @@ def live_runs(group):
 def progress_line(run):
     s = run_summary(run)
     exact = "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%"
-    shared = f" · shared with {run.joined} other start{'s' * (run.joined > 1)}" if run.shared else ""
+    others = run.other_owners(owner())  # this visitor's own other tabs are not others
+    shared = f" · shared with {others} other visitor{'s' * (others > 1)}" if others else ""
     if run.status == QUEUED:
         place, wait = get_manager().place_in_line(run), get_manager().estimated_wait(run)
         if place is not None:
@@ -442,13 +493,13 @@ def runs_figure(runs):
                            hovertemplate="step %{x}: loss %{y:.3g}", **style))
         traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in evals],
                            y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2",
-                           hovertemplate="step %{x}: %{y:.1f}% exact", **style))
+                           hovertemplate=f"step %{{x}}: %{{y:.1f}}% exact on {EVAL_SIZE} held-out", **style))
     steps = max((r.steps for r in runs), default=0)
-    return figure(traces, height=620, hovermode="closest",
+    return figure(traces, height=460, hovermode="closest",
                   xaxis=dict(title="step", anchor="y2", range=[0, steps * 1.02]),  # the whole budget from the start
-                  # log ticks at powers of ten only: labels that do not pile up as the loss falls
-                  yaxis=dict(title="training loss", type="log", domain=[0.56, 1], dtick=1, tickformat=".1~g"),
-                  yaxis2=dict(title=f"exact match %<br>({EVAL_SIZE} held-out)", domain=[0, 0.44], range=[-3, 103]))
+                  # plain-number log ticks from the curves' own range (log_ticks): 10, not 1e+1
+                  yaxis=dict(title="training loss", type="log", domain=[0.58, 1]),
+                  yaxis2=dict(title="exact match (%)", domain=[0, 0.42], range=[-3, 103]))
 
 
 # ------------------------------------------------------------------ charts
@@ -466,6 +517,10 @@ def figure(traces, **layout):
     without tickvals or dtick of its own gets log_ticks over its traces' values."""
     for axis in [k for k in layout if k.startswith(("xaxis", "yaxis"))]:
         layout[axis] = {**GRID, **layout[axis]}
+        if isinstance(layout[axis].get("title"), str):
+            # plotly.js reads an axis title from title.text only: without plotly's validation
+            # (skipped, see plot()) a plain string would draw no title at all
+            layout[axis]["title"] = dict(text=layout[axis]["title"])
         if layout[axis].get("type") == "log" and not {"tickvals", "dtick"} & set(layout[axis]):
             values = _axis_values(traces, axis)
             layout[axis].update(log_ticks(min(values), max(values)) if values else dict(nticks=6))
@@ -507,6 +562,50 @@ class _BuiltFigure(go.Figure):
         return self._fig
 
 
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$=])")
+
+
+def plain(text, limit=60):
+    """User-given text (a name, a link's value) for a markdown string: every markdown
+    character escaped, so `__x__` stays `__x__` and `![](http://...)` fetches nothing;
+    cut to `limit` characters."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def serving_metrics(times, n_rows):
+    """The mixed batch against swapping phi per request, both for the same n_rows requests."""
+    mixed, swap = times["mixed_s"], times["swap_s"]
+    with st.container(horizontal=True, gap="large"):  # each metric as wide as it needs: nothing cut off
+        st.metric(f"{n_rows} requests in one mixed batch", f"{1000 * mixed:.1f} ms", width="content",
+                  help="every row with its own phi, in one pass per output digit")
+        st.metric(f"{n_rows} requests, swapping phi", f"{1000 * swap:.1f} ms", width="content",
+                  help=f"set_adapter, then one request at a time: {1000 * swap / n_rows:.2f} ms per request")
+        ratio = swap / mixed
+        st.metric("mixed batch against swapping", f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower",
+                  width="content",
+                  help="With few rows or one phi, routing rows costs more than it saves; it pays off with many tasks.")
+
+
+def link_value(value, limit=40):
+    """A value from the page's link, as a page echoes it: quoted, cut short, plain text."""
+    value = str(value)
+    return plain(repr(value if len(value) <= limit else value[:limit] + "…"), limit + 10)
+
+
+def storage_sentence(phi_bytes, tasks, base_bytes):
+    """What a bank or a class stores, counted plainly: n phi over k tasks on one base, against
+    the same n fine-tunes kept as whole models (like with like: one model per phi)."""
+    n, k = len(phi_bytes), len(set(tasks))
+    total = base_bytes + sum(phi_bytes)
+    return (f"**{n} phi** for {k} task{'s' * (k != 1)}, stored as one base ({human_bytes(base_bytes)}) plus their "
+            f"files: **{human_bytes(total)}**, {total / base_bytes:.3f} base models. The same {n} fine-tunes "
+            f"as whole models (full fine-tuning, one copy each) would take {human_bytes(n * base_bytes)} "
+            f"({n} base models).")
+
+
 def fmt_num(x, near=None):
     """Short numbers for sentences: 1.5, 100, 1.005, 12,345. With `near`, as many digits
     as it takes not to read as `near`: fmt_num(1.00010001, near=1) is 1.0001, not 1."""
@@ -525,5 +624,6 @@ def predictions_table(rows):
     lines = ["| task | input | target | output | |", "|---|---|---|---|---|"]
     for r in rows:
         out = "".join(f":red-background[**{c}**]" if bad else c for c, bad in zip(r["output"], r["wrong"]))
-        lines.append(f"| {r['task']} | {r['input']} | {r['target']} | {out} | {right if r['correct'] else wrong} |")
+        lines.append(f"| {plain(r['task'], 80)} | {r['input']} | {r['target']} | {out} | "
+                     f"{right if r['correct'] else wrong} |")
     st.markdown("\n".join(lines))

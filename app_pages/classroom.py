@@ -28,12 +28,27 @@ def current_class():
     try:
         return ui.store().class_info(raw)
     except StoreError as e:
+        ui.forget_class()  # said once; the link no longer carries it
         st.error(f"The class in this link cannot be opened: {e}.")
         return None
 
 
+def teacher_cookie(code):
+    return f"peft_teacher_{code}"
+
+
 def teacher_key(code):
-    return ss.get("teacher_keys", {}).get(code)
+    """The teacher key this browser proved for class `code`: in the session, or in a cookie
+    (checked once per session), so a reload keeps teacher mode."""
+    keys = ss.setdefault("teacher_keys", {})
+    if code not in keys:
+        cookie = st.context.cookies.get(teacher_cookie(code))
+        keys[code] = cookie if cookie and ui.store().is_teacher(code, cookie) else None
+    return keys[code]
+
+
+def become_teacher(code, key):
+    ss.setdefault("teacher_keys", {})[code] = key
 
 
 # ------------------------------------------------------------------ starting and joining
@@ -48,7 +63,7 @@ def start_or_join():
             except StoreError as e:
                 st.error(str(e))
             else:
-                ss.setdefault("teacher_keys", {})[code] = key
+                become_teacher(code, key)
                 ss["show_key"] = code
                 st.query_params["class"] = code
                 st.rerun()
@@ -69,7 +84,9 @@ def start_or_join():
 
 
 def class_header(info):
-    st.subheader(f"{info.name} · join code {info.code}" + ("" if info.is_open else " · closed"))
+    st.subheader(f"{ui.plain(info.name)} · join code {info.code}" + ("" if info.is_open else " · closed"))
+    if teacher_key(info.code):
+        ui.set_cookie(teacher_cookie(info.code), teacher_key(info.code))  # a reload keeps teacher mode
     if ss.get("show_key") == info.code:
         st.success(f"Class started. Students open this page and type the join code **{info.code}** "
                    f"(or open a link ending in `?class={info.code}`).")
@@ -82,7 +99,7 @@ def class_header(info):
     a, b = st.columns([3, 1], vertical_alignment="bottom")
     a.caption(f"{info.n_phi} phi in the class, {human_bytes(info.bytes)}.")
     if b.button("Leave this class", key="leave_class", width="stretch"):
-        del st.query_params["class"]
+        ui.forget_class()
         st.rerun()
 
 
@@ -121,7 +138,7 @@ def save_panel(info):
         except StoreError as e:
             st.error(f"Not saved: {e}")
         else:
-            st.success(f"Saved **{rec.name}** into {info.name} ({rec.bytes:,} bytes).")
+            st.success(f"Saved `{rec.name}` into {ui.plain(info.name)} ({rec.bytes:,} bytes).")
     if not info.is_open:
         st.caption("This class is closed: it takes no new phi.")
 
@@ -165,13 +182,17 @@ def board(info, records):
 def teacher_panel(info):
     key = teacher_key(info.code)
     if key is None:
-        with st.expander("I am the teacher of this class"):
+        wrong = ss.pop("wrong_teacher_key", False)
+        with st.expander("I am the teacher of this class", expanded=wrong):
             typed = st.text_input("Teacher key", key="typed_teacher_key", type="password")
             if st.button("Use this key", key="use_teacher_key"):
                 if ui.store().is_teacher(info.code, typed.strip()):
-                    ss.setdefault("teacher_keys", {})[info.code] = typed.strip()
-                    st.rerun()
-                st.error("That is not this class's teacher key.")
+                    become_teacher(info.code, typed.strip())
+                else:
+                    ss["wrong_teacher_key"] = True  # the rerun keeps the expander open over the message
+                st.rerun()
+            if wrong:
+                st.error("That is not this class's teacher key: it was shown once, when the class was started.")
         return
     if info.is_open and st.button("Close the class", key="close_class",
                                   help="No more phi can be saved into it; the board stays."):
@@ -205,11 +226,7 @@ def storage_section(records):
     facts = ui.base_facts(ui.device())
     base_bytes = facts["file_bytes"]
     ui.plot(storage_figure(records, base_bytes), key="class_storage")
-    total = base_bytes + sum(r.bytes for r in records)
-    t = len(records)
-    st.markdown(f"**{t} tasks** on one base ({human_bytes(base_bytes)}) plus the class's phi files: "
-                f"**{human_bytes(total)}**, {total / base_bytes:.3f} base models. "
-                f"A full fine-tuned copy per task would take {human_bytes(t * base_bytes)} ({t} base models).")
+    st.markdown(ui.storage_sentence([r.bytes for r in records], [r.task for r in records], base_bytes))
 
 
 # ------------------------------------------------------------------ one mixed batch
@@ -250,12 +267,7 @@ def serve_section(records):
     _, report, errors = served
     for e in errors:
         st.warning(f"Skipped: {e}")
-    t = report["times"]
-    a, b, c = st.columns(3)
-    a.metric("one mixed batch", f"{1000 * t['mixed_s']:.1f} ms", help="every row with its own phi, one pass per digit")
-    b.metric("swap per request", f"{1000 * t['swap_s']:.1f} ms", help="set_adapter, then one request at a time")
-    ratio = t["swap_s"] / t["mixed_s"]
-    c.metric("mixed batch against swapping", f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower")
+    ui.serving_metrics(report["times"], len(report["rows"]))
     right = sum(r["correct"] for r in report["rows"])
     st.caption(f"One request per phi ({len(report['rows'])} rows, {right} answered right), greedy decoding of "
                f"8 digits on {ui.device()}, median of 3 timings each. Outputs of the mixed batch "

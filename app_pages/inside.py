@@ -101,8 +101,7 @@ def spectrum_section(facts):
                      help=f"learning rate {preset.train['lr']:g}, batch {preset.train['batch_size']}")
     runs = ui.group_runs("spectrum")
     if c.button("Fine-tune fully", key="spectrum_go", disabled=any(not r.finished for r in runs), width="stretch"):
-        model = peftcore.get_peft_model(ui.get_base(ui.device()), preset.config, seed=ui.seed())
-        start("spectrum", [("Full fine-tuning", model, {})], task, **{**preset.train, "steps": steps})
+        start("spectrum", [("Full fine-tuning", preset.config, {})], task, **{**preset.train, "steps": steps})
     ui.live_runs("spectrum")
     runs = ui.group_runs("spectrum")
     if runs and all(r.finished for r in runs) and runs[0].status != "failed":
@@ -128,7 +127,7 @@ def show_spectrum(run):
                    marker=dict(size=16, color=ui.COLORS["LoRA"], symbol="diamond"))]
     left, right = st.columns([2, 1], gap="large")
     with left:
-        st.markdown(f"**{name}**: share of ‖Delta W‖² in the top k singular directions")
+        st.markdown(f"`{name}`: share of ‖Delta W‖² in the top k singular directions")
         ui.plot(ui.figure(traces, height=460, margin=dict(l=70, r=30, t=20, b=60),
                           legend=dict(x=0.98, y=0.05, xanchor="right", yanchor="bottom", font=ui.FONT,
                                       bgcolor="rgba(255,255,255,0.8)"),
@@ -159,10 +158,7 @@ def pretraining_section():
                      help=f"learning rate {preset.train['lr']:g}, batch {preset.train['batch_size']}, on both bases")
     runs = ui.group_runs("pretraining")
     if d.button("Train both", key="pretrain_go", disabled=any(not r.finished for r in runs), width="stretch"):
-        dev = ui.device()
-        bases = {"pretrained base": ui.get_base(dev), "random base": ui.get_random_base(dev)}
-        jobs = [(f"{method}, {which}", peftcore.get_peft_model(base, preset.config, seed=ui.seed()), {})
-                for which, base in bases.items()]
+        jobs = [(f"{method}, {which} base", preset.config, {"base": which}) for which in ("pretrained", "random")]
         start("pretraining", jobs, task, **{**preset.train, "steps": steps})
     ui.live_runs("pretraining")
     runs = ui.group_runs("pretraining")

@@ -29,11 +29,7 @@ def bank_table(rows, facts):
              .set_properties(subset=numbers, **{"text-align": "right"}), hide_index=True)
     st.caption("Formula bytes: the closed-form parameter count times bytes per parameter. Header bytes: the file "
                "minus the formula (tensor names, shapes and the config).")
-    total = facts["file_bytes"] + sum(r["file_bytes"] for r in rows)
-    full = len(rows) * facts["file_bytes"]
-    st.markdown(f"**{len(rows)} tasks** stored as one base ({human_bytes(facts['file_bytes'])}) plus their phi: "
-                f"**{human_bytes(total)}**, {total / facts['file_bytes']:.3f} base models. "
-                f"A full fine-tuned copy per task would take {human_bytes(full)} ({len(rows)} base models).")
+    st.markdown(ui.storage_sentence([r["file_bytes"] for r in rows], [r["task"] for r in rows], facts["file_bytes"]))
 
 
 # The bank changes in widget callbacks, which run before the page does: the bank table,
@@ -45,9 +41,20 @@ def remove_phi():
 
 
 def remove_widget(names):
+    """A library phi leaves this session only; one the visitor saved is deleted for good,
+    once they confirm."""
     a, b = st.columns([3, 1], vertical_alignment="bottom")
-    a.selectbox("Remove a phi", names, key="remove_name", help="Only from your session's bank.")
-    b.button("Remove", key="remove", width="stretch", disabled=not names, on_click=remove_phi)
+    name = a.selectbox("Remove a phi", names, key="remove_name",
+                       help="A library phi leaves this session's bank only. A phi you saved is deleted from the "
+                            "store for good, after you confirm.")
+    if name in ss.get("stored_ids", {}):
+        with b.popover("Delete…", width="stretch"):
+            st.write(f"Deletes {ui.plain(name)} from the store for good: your bank link will not bring it back. "
+                     "A copy you saved into a class stays in the class.")
+            st.button("Yes, delete it", key="remove", type="primary", on_click=remove_phi)
+    else:
+        b.button("Remove", key="remove", width="stretch", disabled=not names, on_click=remove_phi,
+                 help="From this session's bank only: a new session brings the shipped library back.")
 
 
 def load_upload():
@@ -64,7 +71,7 @@ def load_upload():
     except peftcore.AdapterLoadError as e:
         ss["upload_msg"] = ("error", f"{f.name} was not loaded: {e}")
         return
-    ss["upload_msg"] = ("success", f"Loaded **{name}** ({f.size:,} bytes) into your bank.")
+    ss["upload_msg"] = ("success", f"Loaded `{name}` ({f.size:,} bytes) into your bank.")
     if ui.bank().adapter_task.get(name) in peftcore.TASKS and "serve_names" in ss:
         ss["serve_names"] = [*ss["serve_names"], name]
 
@@ -79,9 +86,12 @@ def upload_widget():
 
 
 def default_serving(rows):
-    """One phi per task, preferring LoRA: a mixed batch with every task in it."""
+    """One phi per task, preferring the visitor's own (newest first), then LoRA: a mixed
+    batch with every task in it, and the phi they just trained among them."""
+    mine = list(ss.get("stored_ids", {}))[::-1]
     chosen = {}
-    for r in sorted(rows, key=lambda r: r["method"] != "LoRA"):
+    for r in sorted(rows, key=lambda r: (mine.index(r["name"]) if r["name"] in mine else len(mine),
+                                         r["method"] != "LoRA")):
         chosen.setdefault(r["task"], r["name"])
     return list(chosen.values())
 
@@ -119,15 +129,7 @@ def served_results():
     if not served:
         return
     t = served["times"]
-    ratio = t["swap_s"] / t["mixed_s"]
-    with st.container(horizontal=True, gap="large"):  # each metric as wide as it needs: nothing cut off
-        st.metric("one mixed batch", f"{1000 * t['mixed_s']:.1f} ms", width="content",
-                  help="every row with its own phi, in one pass per digit")
-        st.metric("swap per request", f"{1000 * t['swap_s']:.1f} ms", width="content",
-                  help="set_adapter, then one request at a time")
-        st.metric("mixed batch against swapping", f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower",
-                  width="content",
-                  help="With few rows or one phi, routing rows costs more than it saves; it pays off with many tasks.")
+    ui.serving_metrics(t, len(served["rows"]))
     st.caption(f"Median of 5 timings each, greedy decoding of 8 digits, alternating the two on {ui.device()}. "
                f"Outputs of the mixed batch {'equal' if served['same'] else 'DIFFER FROM'} one-request-at-a-time outputs.")
     ui.predictions_table(served["rows"])
@@ -161,7 +163,8 @@ def sort_note(same):
             "few hundred steps. "
             + (f"The library's sort phi reached {', '.join(reached)} held-out exact match when trained. " if reached
                else "")
-            + (f"Seeds on which the presets solved it (recorded): {', '.join(seeds)}. " if seeds else "")
+            + (f"Seeds on which the presets reached {100 * presets.SOLVES_AT:.0f}% (recorded): {', '.join(seeds)}. "
+               if seeds else "")
             + ("The wrong rows are that lesson, not a serving fault: one request at a time gives the same outputs."
                if same else "The wrong rows are that lesson."),
             icon=":material/info:")

@@ -43,7 +43,7 @@ def storage_figure(p, t_max, log, scale, unit, measured):
     if measured:  # the first t_max of them: the chart ends at T = t_max
         k = np.arange(1, len(measured) + 1)[:t_max]
         y = (1 + np.cumsum(measured))[:t_max] * scale
-        traces.append(dict(type="scatter", mode="markers", name="measured: this session's phi files",
+        traces.append(dict(type="scatter", mode="markers", name="measured: your bank's phi files",
                            x=k.tolist(), y=y.tolist(), marker=dict(size=12, color="#ff7f0e", symbol="circle-open",
                                                                    line=dict(width=3)),
                            hovertemplate=f"measured, %{{x}} phi files: {fmt}<extra></extra>"))
@@ -155,7 +155,7 @@ def report_bad_link(bad):
     """A short message per refused link value: what it was and what it was reset to."""
     for key, value in bad:
         what, _, takes, default = LINKED[key]
-        st.toast(f"The link's {key}={value!r} is not a value {what} takes ({takes}): reset to {default}.",
+        st.toast(f"The link's {key}={ui.link_value(value)} is not a value {what} takes ({takes}): reset to {default}.",
                  icon=":material/link_off:", duration="long")
 
 
@@ -234,8 +234,10 @@ with chart:
     ui.plot(storage_figure(p, t_max, log, scale, base_name, measured), key="storage_chart")
     if measured:
         shown = f"the first {t_max} of the {len(measured)}" if len(measured) > t_max else f"the {len(measured)}"
-        st.caption(f"Orange circles: {shown} phi files in this session's bank, stacked on the base "
-                   f"at their measured sizes ({min(measured) * 100:.3g}% to {max(measured) * 100:.3g}% of the base file).")
+        saved = len(st.session_state.get("stored_ids", {}))
+        st.caption(f"Orange circles: {shown} phi files in your bank ({len(measured) - saved} from the library "
+                   f"shipped with the app, {saved} you saved), stacked on the base at their measured sizes "
+                   f"({min(measured) * 100:.3g}% to {max(measured) * 100:.3g}% of the base file).")
     elif base_name == TOY:
         st.caption("No phi in this session's bank yet: train one on *Train a sliver* to see it measured here.")
 

@@ -6,7 +6,7 @@ import streamlit as st
 import peftcore
 import ui
 from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig
-from peftcore.analysis import sample_predictions
+from peftcore.analysis import changed_weights, sample_predictions
 from peftcore.lora import TARGETABLE
 from peftcore.presets import PRESETS, SOLVES_AT, robustness
 from peftcore.storage import human_bytes
@@ -90,7 +90,7 @@ def _names(text, problems, what):
     names = [n for n in text.split(",") if n]
     unknown = [n for n in names if n not in CONTROLS]
     if unknown:
-        problems.append(f"{what}={text!r}: no control named {', '.join(unknown)}; ignored")
+        problems.append(f"{what}={ui.link_value(text)}: no control named {ui.link_value(', '.join(unknown))}; ignored")
     return {n for n in names if n in CONTROLS}
 
 
@@ -104,7 +104,7 @@ def exercise():
                 try:
                     values[name] = parse(q[name])
                 except ValueError as e:
-                    problems.append(f"{name}={q[name]!r} {e}; reset to the default")
+                    problems.append(f"{name}={ui.link_value(q[name])} {e}; reset to the default")
         locked = _names(q.get("lock", ""), problems, "lock")
         if "only" in q:
             locked |= set(CONTROLS) - _names(q["only"], problems, "only")
@@ -149,10 +149,19 @@ def class_link(task, method, config, lr, steps):
             params["only"] = ",".join(free)
         if hidden:
             params["hide"] = ",".join(hidden)
-        here = urlsplit(st.context.url or "http://localhost:8501/train")
+        here = urlsplit(page_url())
         link = urlunsplit((here.scheme, here.netloc, here.path, urlencode(params, safe=","), ""))
         st.code(link, language=None, wrap_lines=True)  # the whole link in view, not behind a scrollbar
         st.caption("The copy button is at the code's right. A hidden control still takes its value from the link.")
+
+
+def page_url():
+    """This page's address as the teacher's browser has it (the students use the same host)."""
+    if st.context.url:
+        return st.context.url
+    headers = st.context.headers
+    origin = headers.get("Origin") or (f"http://{headers['Host']}" if headers.get("Host") else "http://localhost:8501")
+    return f"{origin}/train"
 
 
 def lora_widgets(preset: LoraConfig):
@@ -271,7 +280,7 @@ def restore_setup(runs):
         set_control(key, value)
 
 
-# Why a preset that never solves a task does not: the lesson in a 0-of-5 row
+# Why a preset that never reaches SOLVES_AT on a task does not: the lesson in a 0-of-5 row
 NEVER_SOLVED_WHY = {
     "sort": "Sorting compares every digit with every other; the base learned digit maps and routings "
             "only, and no method (full fine-tuning included) finds sorting in a live budget.",
@@ -282,19 +291,19 @@ NEVER_SOLVED_WHY = {
 
 
 def seed_note(methods, task):
-    """How reliably each preset solves the task, from the recorded multi-seed table: one
-    caption for all the methods, and each reason a row never solves said once."""
+    """How reliably each preset reaches SOLVES_AT on the task, from the recorded multi-seed
+    table: one caption for all the methods, and each reason a row never does said once."""
     recs = {m: r for m in methods if (r := robustness(m, task))}
     lines, whys = [], []
     for method, rec in recs.items():
         low, high = round(100 * rec["min"]), round(100 * rec["max"])
         spread = f"{low}%" if low == high else f"{low}-{high}%"
-        lines.append(f"{method}'s preset: **{rec['solved']} of {rec['seeds']} seeds** (held-out exact match {spread})")
+        lines.append(f"{method}'s preset: **{rec['solved']} of {rec['seeds']} seeds** (reached {spread})")
         why = NEVER_SOLVED_WHY.get(task) or NEVER_SOLVED_WHY.get(method)
         if rec["solved"] == 0 and why and why not in whys:
             whys.append(why)
     if lines:
-        st.caption(f"How often the preset solves {task} ({100 * SOLVES_AT:.0f}% held-out exact match or more), "
+        st.caption(f"How often the preset reaches {100 * SOLVES_AT:.0f}% held-out exact match or more on {task}, "
                    "measured over seeds: " + "; ".join(lines) + "." + "".join(f" {w}" for w in whys))
 
 
@@ -309,7 +318,7 @@ def result_card(run):
     if s["solved_step"]:
         st.success(f"Solved at step {s['solved_step']} ({s['solved_s']:.1f} s): held-out exact match of "
                    f"{100 * SOLVED:.0f}% or more at two evaluations in a row.")
-    cols = st.columns(6)
+    cols = st.columns(3) + st.columns(3)  # two rows of three: each number whole in the page's right column
     cols[0].metric("trainable parameters", f"{s['trainable']:,}")
     cols[1].metric("phi % of base", f"{s['phi_pct']:.3g}%")
     cols[2].metric("phi file", human_bytes(len(data)), help=f"{len(data):,} bytes as .safetensors")
@@ -318,8 +327,17 @@ def result_card(run):
     cols[4].metric("digit accuracy", "-" if s["token"] is None else f"{100 * s['token']:.1f}%")
     cols[5].metric("time", f"{s['seconds']:.1f} s", help=f"{s['step']} steps at {s['steps_per_s']:.1f} steps/s")
     same = after == model.base_fingerprint
-    st.markdown(f"Base fingerprint (sha256) before `{model.base_fingerprint[:16]}…` · after `{after[:16]}…` · "
-                + ("**unchanged**: the base never received a gradient." if same else "**CHANGED**"))
+    prints = f"Shared base fingerprint (sha256) before `{model.base_fingerprint[:16]}…` · after `{after[:16]}…` · "
+    if run.label == FULL:
+        changed, total = ui.run_cache(run, "changed", lambda: changed_weights(model, ui.get_base(ui.device())))
+        st.markdown(f"Full fine-tuning trained a private **copy** of the base: every weight received gradients, and "
+                    f"**{changed:,} of its {total:,} weights changed** ({100 * changed / total:.1f}%). Storing this "
+                    f"task means storing that whole copy ({human_bytes(len(data))}). "
+                    + prints + ("**unchanged**: the copy trained, not the base other visitors share."
+                                if same else "**CHANGED**"))
+    else:
+        st.markdown(prints + ("**unchanged**: the base never received a gradient; only phi trained."
+                              if same else "**CHANGED**"))
     rows = ui.run_cache(run, f"samples-{ui.seed()}", lambda: sample_predictions(model, run.task, n=6, seed=ui.seed()))
     ui.predictions_table(rows)
     save_and_download(run, data)
@@ -335,10 +353,10 @@ def save_and_download(run, data):
     elif b.button("Save to my bank", key=f"save-{run.id}", width="stretch"):
         try:
             ui.add_to_bank(name, data)
-            st.success(f"Saved **{name}** to your bank: see *Many tasks at once*.")
+            st.success(f"Saved `{name}` to your bank: see *Many tasks at once*.")
         except peftcore.AdapterLoadError as e:
             st.error(f"Not saved: {e}")
-    c.download_button("Download .safetensors", data, file_name=f"{name or slug}.safetensors", key=f"dl-{run.id}",
+    c.download_button("Download", data, file_name=f"{name or slug}.safetensors", key=f"dl-{run.id}",
                       mime="application/octet-stream", width="stretch",
                       help="One self-contained file: tensors plus config in its header. Upload it on *Many tasks at once*.")
 
@@ -395,23 +413,22 @@ with setup:
     specs = one_method(task) if mode == "One method" or in_exercise else race()
     seed_note([label for label, _, _ in specs], task)
     errors = check(specs, facts)
-    until_solved = st.checkbox("Stop when solved", value=True, key="until_solved",
-                               help=f"End a run once its held-out exact match is {100 * SOLVED:.0f}% or more at "
-                                    "two evaluations in a row: steps-to-solve is a fairer race than a fixed budget.")
-    if st.button("Train", key="train_go", type="primary", disabled=bool(errors) or busy, width="stretch",
+with live:  # Train and the live curve at the top of the page: in view on a laptop or a projector
+    go, until = st.columns([1, 1], vertical_alignment="center")
+    until_solved = until.checkbox("Stop when solved", value=True, key="until_solved",
+                                  help=f"End a run once its held-out exact match is {100 * SOLVED:.0f}% or more at "
+                                       "two evaluations in a row: steps-to-solve is a fairer race than a fixed budget.")
+    if go.button("Train", key="train_go", type="primary", disabled=bool(errors) or busy, width="stretch",
                  help="Starts the run(s) on the server; they keep going if you switch pages."):
         error = start(specs, task, until_solved)
         if error:
             st.error(error)
         else:
             st.rerun()  # the Train button greys out and the live panel starts polling
-with live:
     ui.live_runs(GROUP)
     if not runs:
-        st.info("No run yet: press **Train**.")
-
-runs = ui.group_runs(GROUP)
-if runs and all(r.finished for r in runs):
-    st.divider()
-    st.subheader(f"Results on {runs[0].task}")
-    results(runs)
+        st.info("No run yet: set it up on the left, then press **Train**.")
+    runs = ui.group_runs(GROUP)
+    if runs and all(r.finished for r in runs):  # right under the curve, not below every control
+        st.subheader(f"Results on {runs[0].task}")
+        results(runs)

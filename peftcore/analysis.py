@@ -214,6 +214,15 @@ def delta_weights(tuned, base):
             for name in projection_names(base.config.n_layer)}
 
 
+def changed_weights(tuned, base):
+    """(weights that differ from the base, all weights) of a full fine-tuned model."""
+    tuned_state, changed, total = getattr(tuned, "base_model", tuned).state_dict(), 0, 0
+    for name, w in base.state_dict().items():
+        changed += int((tuned_state[name].to(w.device) != w).sum())
+        total += w.numel()
+    return changed, total
+
+
 def singular_values(delta):
     """Singular values of a matrix, largest first."""
     return torch.linalg.svdvals(delta.double()).float()

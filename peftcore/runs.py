@@ -4,8 +4,12 @@ A run lives in the server process, not in the page: a rerun, a widget change or 
 refresh only re-reads `run.events`. The manager is built for a class on one server:
 
 - a fair queue: at most `max_concurrent` runs train at once (one per core: more would
-  only make every run crawl); the rest wait first come, first served, each with its place
-  in line and an estimate of the wait; beyond `max_waiting` a start is refused;
+  only make every run crawl); the rest wait round-robin by owner: a visitor's k-th waiting
+  run waits behind every other visitor's earlier-ranked ones, so many tabs cannot crowd out
+  a newcomer. Each waiting run has its place in line and an estimate of the wait;
+- bounded per visitor: an owner (a visitor, across tabs) may have `max_per_owner` runs
+  training or waiting, a client address `max_per_client`, the server `max_waiting` waiting;
+  beyond a cap a start raises QueueFull, whose message tells the visitor why;
 - identical runs computed once: a start whose `key` equals a queued or training run's
   joins it, so thirty students pressing Train on the defaults cost one computation;
 - cohorts: a slot is a lane, a thread that steps its runs together (peftcore.cohort: one
@@ -37,7 +41,12 @@ QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped",
 
 
 class QueueFull(RuntimeError):
-    """The server-wide cap on waiting runs is reached; the message says so."""
+    """A start refused by a cap; the message tells the visitor why. `reason` names the cap:
+    "owner" (this visitor's runs, across tabs), "client" (this address's) or "server"."""
+
+    def __init__(self, message, reason="server"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -53,9 +62,11 @@ class Run:
     events: list = field(default_factory=list)  # TrainEvents, appended by the worker
     error: str = ""
     owners: set = field(default_factory=set)  # who may stop it; it trains while any is left
-    joined: int = 0  # starts that joined this run instead of computing it again
+    clients: dict = field(default_factory=dict)  # owner -> the address it started or joined from
+    joined: int = 0  # starts that joined this run instead of computing it again (any owner's)
     created: float = field(default_factory=time.time)
     started: float = None
+    _round: int = field(default=0, repr=False)  # its place in the fair queue's round-robin
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _ended: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -66,6 +77,10 @@ class Run:
     @property
     def shared(self):
         return self.joined > 0
+
+    def other_owners(self, owner):
+        """Visitors other than `owner` who share this run: a visitor's own second tab is not one."""
+        return len(self.owners - {owner})
 
     @property
     def last(self):
@@ -113,11 +128,13 @@ def _stop_every_run():
 
 
 class RunManager:
-    """Starts runs in daemon threads through a first-come, first-served queue; keeps at
-    most `max_kept` runs, dropping the oldest finished ones first."""
+    """Starts runs in daemon threads through a queue fair across owners; keeps at most
+    `max_kept` runs, dropping the oldest finished ones first. The per-owner and per-client
+    caps apply to starts that name an owner / a client (a script passing neither is not a
+    visitor). A class behind one NAT or proxy shares one address: raise max_per_client there."""
 
     def __init__(self, max_concurrent=None, max_waiting=60, max_kept=256, torch_threads=1, grace_s=20.0,
-                 max_cohort=None):
+                 max_cohort=None, max_per_owner=4, max_per_client=8):
         # Many small runs at once: parallel across runs, one thread inside each op. Two
         # OpenMP threads per tiny matmul on busy cores run several times slower (BENCHMARKS.md).
         if torch_threads:
@@ -125,10 +142,12 @@ class RunManager:
         self.max_concurrent = max_concurrent or default_concurrency()  # lanes
         self.max_cohort = max_cohort or default_cohort_size()  # runs per lane
         self.max_waiting = max_waiting
+        self.max_per_owner, self.max_per_client = max_per_owner, max_per_client  # None: no cap
         self.max_kept = max_kept
         self.grace_s = grace_s  # how long a run outlives its last connected owner (a refresh)
         self._lock = threading.Lock()
-        self._queue = collections.deque()
+        self._queue = collections.deque()  # waiting runs in arrival order; _line() is the fair order
+        self._round = 0  # the latest round a waiting run was dispatched from
         self._running = set()  # runs placed in a lane, until they end
         self._lanes = []
         self._orphaned = {}  # run id -> when it was first seen with no owner connected
@@ -137,27 +156,56 @@ class RunManager:
         _MANAGERS.add(self)
 
     # ------------------------------------------------------------ starting and joining
-    def start(self, model, task, label="", owner=None, key=None, **train_kwargs) -> Run:
-        """Queue a run of `model` (or of `model()`, built only when no run joins) and return
-        it; a live run with the same `key` is joined and returned instead."""
+    def start(self, model, task, label="", owner=None, key=None, client=None, **train_kwargs) -> Run:
+        """Queue a run of `model` (or of `model()`, built only when no run joins) for `owner`
+        (a visitor) from `client` (an address) and return it; a live run with the same `key`
+        is joined and returned instead. Raises QueueFull when a cap refuses the start."""
         with self._lock:
             twin = self._twin(key)
+            self._check_caps(owner, client, twin)
             if twin is not None:
                 twin.joined += 1
                 twin.owners.add(owner)
+                twin.clients[owner] = client
                 return twin
-            if len(self._queue) >= self.max_waiting:
-                raise QueueFull(f"The server is at its limit: {len(self._queue)} runs are waiting for "
-                                f"{self.max_concurrent} training slots. Try again in a minute.")
             run = Run(model() if callable(model) and not isinstance(model, torch.nn.Module) else model,
-                      task, label, train_kwargs, key=key, owners={owner})
+                      task, label, train_kwargs, key=key, owners={owner}, clients={owner: client})
             run.cohort = cohort_key(run.model, train_kwargs.get("batch_size", 64),
                                     resolve_device(train_kwargs.get("device", "auto")))
+            # Round-robin by owner: a run's round is one after its owner's last waiting run,
+            # and never before the round now being dispatched, so a visitor's k-th waiting
+            # run goes after every other visitor's earlier ones. Rounds are fixed on arrival:
+            # a place in line only moves forward (a newcomer may take its fair place ahead).
+            mine = [r._round + 1 for r in self._queue if owner in r.owners]
+            run._round = max([self._round] + mine)
             self._forget_finished()
             self.runs[run.id] = run
             self._queue.append(run)
             self._dispatch()
         return run
+
+    def _check_caps(self, owner, client, twin):
+        """Raise QueueFull if this start would put `owner`, `client` or the server over its
+        cap. A join counts toward the joiner's caps, unless it already shares that run (a
+        second tab of the same visitor)."""
+        live = [r for r in self.runs.values() if not r.finished]
+        if owner is not None and self.max_per_owner and not (twin and owner in twin.owners):
+            n = sum(owner in r.owners for r in live)
+            if n >= self.max_per_owner:
+                raise QueueFull(f"You already have {n} runs training or waiting (across your tabs): "
+                                "stop one or wait for one to finish.", "owner")
+        if client is not None and self.max_per_client and not (twin and client in twin.clients.values()):
+            n = sum(client in r.clients.values() for r in live)
+            if n >= self.max_per_client:
+                raise QueueFull(f"This address already has {n} runs training or waiting (every visitor on "
+                                "it counts): stop one or wait for one to finish.", "client")
+        if twin is None and len(self._queue) >= self.max_waiting:
+            raise QueueFull(f"The server's queue is full ({len(self._queue)} runs waiting for "
+                            f"{self.max_concurrent} training slots): try again in a minute.", "server")
+
+    def _line(self):
+        """The waiting runs in dispatch order: by round, then arrival. Holds the lock."""
+        return sorted(self._queue, key=lambda r: r._round)  # stable: a round keeps arrival order
 
     def _twin(self, key):
         if key is None:
@@ -165,9 +213,9 @@ class RunManager:
         return next((r for r in self.runs.values() if r.key == key and not r.finished and not r._stop.is_set()), None)
 
     def _dispatch(self):
-        """Place queued runs, oldest first: into a training lane of their cohort with room,
+        """Place queued runs in the fair order: into a training lane of their cohort with room,
         else into a free slot (a new lane); the others keep their place. Holds the lock."""
-        for run in list(self._queue):
+        for run in self._line():
             lane = next((ln for ln in self._lanes if run.cohort is not None and ln.cohort == run.cohort
                          and len(ln.runs) < self.max_cohort), None)
             if lane is None and len(self._lanes) < self.max_concurrent:
@@ -176,6 +224,7 @@ class RunManager:
                 lane.thread = threading.Thread(target=self._work, args=(lane,), daemon=True, name=f"run-{run.id}")
                 lane.thread.start()
             if lane is not None:
+                self._round = max(self._round, run._round)
                 self._queue.remove(run)
                 lane.runs.append(run)
                 self._running.add(run)
@@ -195,6 +244,7 @@ class RunManager:
             if owner not in run.owners:
                 return False
             run.owners.discard(owner)
+            run.clients.pop(owner, None)
             if run.owners:
                 return False
             self._cancel(run)
@@ -231,6 +281,7 @@ class RunManager:
                     self._orphaned.pop(run.id, None)
                 elif now - self._orphaned.setdefault(run.id, now) >= self.grace_s:
                     run.owners.clear()
+                    run.clients.clear()
                     self._cancel(run)
                     self._orphaned.pop(run.id, None)
 
@@ -240,9 +291,9 @@ class RunManager:
             return [r for r in self.runs.values() if not r.finished]
 
     def place_in_line(self, run):
-        """1 for the next run to start, None once it trains (or ended)."""
+        """1 for the next run to start (in the fair order), None once it trains (or ended)."""
         with self._lock:
-            return self._queue.index(run) + 1 if run in self._queue else None
+            return self._line().index(run) + 1 if run in self._queue else None
 
     def seconds_per_step(self):
         """Measured: wall seconds per training step of recent runs, one slot each."""
@@ -259,7 +310,7 @@ class RunManager:
         if per_step is None or place is None:
             return None
         with self._lock:
-            ahead = list(self._queue)[:place - 1]
+            ahead = self._line()[:place - 1]
             left = [r.steps - (r.last.step if r.last else 0) for r in self._running]
         # the slots free up as the running runs end, then each waiting run takes one
         slots = sorted(left + [0] * (self.max_concurrent - len(left)))

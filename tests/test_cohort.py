@@ -1,10 +1,10 @@
 """The whole class in one step: runs stepped together train as they would alone.
 
-Tolerance: 1e-5 on every phi tensor and on every loss. On the CPU this was written on
-(Xeon, AVX-512, torch 2.13 CPU) a run in a cohort is bit-identical to the run alone: the
-base's matmuls give each row the same result whatever the batch, and LoRA's scaling is
-folded into B on both paths. The tolerance leaves room for another machine's kernels;
-a row routed through the wrong run's phi misses it by 1e-2 or more."""
+Tolerances. One step: 1e-5 on every phi tensor and loss. On a Xeon (AVX-512, torch 2.13 CPU)
+a run in a cohort is bit-identical to the run alone; on an AMD EPYC the batched kernels round
+differently (1e-6 after a step), and training amplifies that: LoRA at lr 3e-2 ends 16 steps
+up to 6e-3 apart (phi of size ~0.15), its loss 1e-2. So a whole run is held to DRIFT, and
+the routing check to 10x DRIFT: a row routed through the wrong run's phi misses by 0.2."""
 import pytest
 import torch
 
@@ -14,7 +14,8 @@ from peftcore.cohort import Cohort, cohort_key
 from peftcore.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, RunManager
 from peftcore.train import NonFiniteLossError, Trainer, train
 
-TOL = 1e-5
+TOL = 1e-5    # one step: the same gradients, the same update
+DRIFT = 2e-2  # a whole run: rounding amplified by training on another CPU's kernels
 LORA_RUNS = [  # config, task, seed, steps, lr: ranks, scalings, tasks and budgets all differ
     (LoraConfig(r=3), "add_5", 1, 16, 1e-2),
     (LoraConfig(r=2), "complement", 2, 9, 3e-2),
@@ -48,26 +49,34 @@ def together(base, runs):
     return [(phi(m), events[t]) for m, t in zip(models, trainers)]
 
 
-def assert_same(a, b):
+def assert_same(a, b, tol):
     for (phi_a, events_a), (phi_b, events_b) in zip(a, b):
         assert len(events_a) == len(events_b)
         for x, y in zip(phi_a, phi_b):
-            assert torch.allclose(x, y, rtol=0, atol=TOL), (x - y).abs().max()
+            assert torch.allclose(x, y, rtol=0, atol=tol), (x - y).abs().max()
         for e, f in zip(events_a, events_b):
-            assert abs(e.loss - f.loss) <= TOL and e.eval_exact == f.eval_exact
+            assert abs(e.loss - f.loss) <= 2 * tol
+            assert (e.eval_exact is None) == (f.eval_exact is None)
+            assert e.eval_exact is None or abs(e.eval_exact - f.eval_exact) <= 5 * tol
+
+
+@pytest.mark.parametrize("runs", [LORA_RUNS, ADAPTER_RUNS], ids=["lora", "adapter"])
+def test_one_step_in_a_cohort_is_the_step_alone(base, runs):
+    one = [(cfg, task, seed, 1, lr) for cfg, task, seed, _, lr in runs]
+    assert_same(together(base, one), alone(base, one), TOL)
 
 
 @pytest.mark.parametrize("runs", [LORA_RUNS, ADAPTER_RUNS], ids=["lora", "adapter"])
 def test_a_run_in_a_cohort_trains_as_it_would_alone(base, runs):
-    assert_same(together(base, runs), alone(base, runs))
+    assert_same(together(base, runs), alone(base, runs), DRIFT)
 
 
 def test_a_wrong_route_would_be_caught(base):
     """The check has teeth: two runs of one config that differ only in seed end far more
-    than TOL apart, so a row sent through the other run's phi could not pass."""
+    than 10x DRIFT apart, so a row sent through the other run's phi could not pass."""
     runs = [(LoraConfig(r=2), "add_5", seed, 9, 1e-2) for seed in (1, 2)]
     a, b = together(base, runs), alone(base, runs[::-1])
-    assert max((x - y).abs().max().item() for x, y in zip(a[0][0], b[0][0])) > 100 * TOL
+    assert max((x - y).abs().max().item() for x, y in zip(a[0][0], b[0][0])) > 10 * DRIFT
 
 
 def test_a_run_that_breaks_leaves_the_others_untouched(base):
@@ -82,7 +91,7 @@ def test_a_run_that_breaks_leaves_the_others_untouched(base):
     while cohort.trainers:
         cohort.step()
     expected = alone(base, [(*LORA_RUNS[0][:3], 6, LORA_RUNS[0][4])])[0][0]
-    assert all(torch.allclose(x, y, rtol=0, atol=TOL) for x, y in zip(phi(models[0]), expected))
+    assert all(torch.allclose(x, y, rtol=0, atol=DRIFT) for x, y in zip(phi(models[0]), expected))
 
 
 def test_who_may_ride_together(base):
@@ -113,7 +122,7 @@ def test_the_manager_lets_a_cohort_ride_in_one_slot(base):
     assert len(runs[1].events) < 12 and all(len(r.events) == 12 for r in (runs[0], runs[2], runs[3]))
     assert runs[3].started >= runs[1].started  # it took the place the stop freed, or the next lane
     expected = alone(base, [(LoraConfig(r=2), "add_5", 0, 12, 1e-2)])[0][0]
-    assert all(torch.allclose(x, y, rtol=0, atol=TOL) for x, y in zip(phi(runs[0].model), expected))
+    assert all(torch.allclose(x, y, rtol=0, atol=DRIFT) for x, y in zip(phi(runs[0].model), expected))
 
 
 def test_bad_settings_fail_one_run_not_its_lane(base):

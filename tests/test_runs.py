@@ -49,13 +49,84 @@ def test_the_wait_estimate_counts_the_steps_ahead(base):
 def test_a_cap_on_waiting_runs_refuses_with_a_message(base):
     manager = RunManager(max_concurrent=1, max_waiting=1, torch_threads=None)
     running, waiting = start(manager, base, owner="a", steps=200), start(manager, base, owner="b")
-    with pytest.raises(QueueFull, match="limit"):
+    with pytest.raises(QueueFull, match=r"queue is full \(1 runs waiting") as refused:
         start(manager, base, owner="c")
+    assert refused.value.reason == "server"
     assert len(manager.runs) == 2  # the refused start left nothing behind
     manager.stop(waiting, "b")  # a stop frees the place at once
     assert waiting.status == STOPPED and manager.place_in_line(waiting) is None
     start(manager, base, owner="c")
     manager.stop(running, "a")
+
+
+def test_the_queue_is_fair_across_owners(base):
+    """Round-robin by owner: B's first waiting run goes before A's second, not after all of A's;
+    a newcomer's first run also goes before A's second."""
+    manager = RunManager(max_concurrent=1, max_cohort=1, max_per_owner=None, torch_threads=None)
+    blocker = start(manager, base, owner="x", steps=400)
+    a = [start(manager, base, owner="a", steps=400)] + [start(manager, base, owner="a", steps=3) for _ in range(4)]
+    b = start(manager, base, owner="b", steps=3)
+    assert [manager.place_in_line(r) for r in a + [b]] == [1, 3, 4, 5, 6, 2]
+    manager.stop(blocker, "x")
+    assert blocker.wait(60).status == STOPPED and a[0].status == RUNNING
+    c = start(manager, base, owner="c", steps=3)  # arrives while A's first trains
+    assert [manager.place_in_line(r) for r in (b, c, *a[1:])] == [1, 2, 3, 4, 5, 6]
+    manager.stop(a[0], "a")
+    for r in a + [b, c]:
+        r.wait(60)
+    assert all(r.status == DONE for r in a[1:] + [b, c])
+    assert sorted(a + [b, c], key=lambda r: r.started) == [a[0], b, c, *a[1:]]  # B's is dispatched second
+
+
+def test_a_cap_per_owner_counts_every_tab_and_says_why(base):
+    manager = RunManager(max_concurrent=1, max_per_owner=2, torch_threads=None)
+    running, waiting = start(manager, base, owner="a", steps=400), start(manager, base, owner="a")
+    with pytest.raises(QueueFull, match="You already have 2 runs training or waiting") as refused:
+        start(manager, base, owner="a")  # from any tab: the owner is the visitor
+    assert refused.value.reason == "owner" and len(manager.runs) == 2
+    other = start(manager, base, owner="b")  # another visitor is not refused
+    manager.stop(waiting, "a")  # a stop frees a place under the cap at once
+    again = start(manager, base, owner="a")
+    for r, o in ((running, "a"), (other, "b"), (again, "a")):
+        manager.stop(r, o)
+
+
+def test_a_cap_per_client_address_counts_every_visitor_on_it(base):
+    manager = RunManager(max_concurrent=1, max_per_client=2, torch_threads=None)
+    runs = [start(manager, base, owner=o, client="10.0.0.7", steps=400) for o in ("a", "b")]
+    with pytest.raises(QueueFull, match="This address already has 2 runs") as refused:
+        start(manager, base, owner="c", client="10.0.0.7")  # a fresh cookie, the same machine
+    assert refused.value.reason == "client"
+    runs += [start(manager, base, owner="d", client="10.0.0.8"), start(manager, base, owner="e")]
+    for r in runs:
+        manager.stop(r, r.owners.copy().pop())
+
+
+def test_joining_an_identical_run_counts_toward_the_joiners_cap(base):
+    manager = RunManager(max_concurrent=2, max_per_owner=1, torch_threads=None)
+    key = ("same",)
+    run = start(manager, base, owner="a", key=key, steps=400)
+    mine = start(manager, base, owner="b", steps=400)
+    with pytest.raises(QueueFull) as refused:
+        start(manager, base, owner="b", key=key)  # b is at its cap: joining would be one more
+    assert refused.value.reason == "owner" and run.owners == {"a"}
+    assert start(manager, base, owner="c", key=key) is run and run.owners == {"a", "c"}
+    manager.stop(mine, "b")
+    assert start(manager, base, owner="b", key=key) is run  # under its cap again: b may join
+    for o in ("a", "b", "c"):
+        manager.stop(run, o)
+
+
+def test_a_visitors_own_second_tab_is_not_another_visitor(base):
+    manager = RunManager(max_concurrent=1, max_per_owner=1, torch_threads=None)
+    key = ("same",)
+    run = start(manager, base, owner="a", key=key, steps=400)
+    assert start(manager, base, owner="a", key=key) is run  # a second tab: allowed at the cap
+    assert run.joined == 1 and run.other_owners("a") == 0  # not "shared with 1 other"
+    start(manager, base, owner="b", key=key)
+    assert run.other_owners("a") == 1 and run.other_owners("b") == 1 and run.joined == 2
+    for o in ("a", "b"):
+        manager.stop(run, o)
 
 
 def test_identical_runs_are_computed_once_and_each_gets_the_same_phi(base):
@@ -147,3 +218,21 @@ def test_a_process_that_exits_while_a_run_trains_exits_cleanly():
     done = subprocess.run([sys.executable, "-c", EXIT_WHILE_TRAINING], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+EXIT_DURING_WARM_UP = """
+import sys, time, peftcore
+from peftcore.train import start_warm_up
+start_warm_up(peftcore.load_base(), "cpu")
+time.sleep(float(sys.argv[1]))
+"""  # and exit, the warm-up anywhere from not started to inside torch
+
+
+@pytest.mark.parametrize("after_s", [0.0, 1.0, 2.5])
+def test_a_process_that_exits_during_the_warm_up_exits_cleanly(after_s):
+    import subprocess
+    import sys
+    from pathlib import Path
+    done = subprocess.run([sys.executable, "-c", EXIT_DURING_WARM_UP, str(after_s)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # 134 ("terminate called...") before the fix

@@ -1,0 +1,215 @@
+"""Every control a visitor can press, on every page, as a visitor meets it.
+
+A crawler under AppTest opens each page in a fresh session, switches every mode (each radio
+option, each checkbox and toggle), and in each mode presses every enabled button it finds,
+again and again as new ones appear (Train, then Stop, then Save...), waiting for whatever a
+press starts to finish. No press may raise, no run may fail, and every chart drawn on the
+way has a title on each of its axes. New pages and buttons are covered without anyone
+remembering to add them: the pages come from app.py, the buttons from the page itself.
+"""
+import json
+import re
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from apptest import ROOT
+
+PAGES = re.findall(r'st\.Page\("(app_pages/\w+\.py)"', (ROOT / "app.py").read_text())
+# Text boxes a press needs filled to go on (a class needs a name); the rest get "Ada".
+TYPED = {"serve_digits": "12345678", "join_code": "abc-234", "typed_teacher_key": "not-the-key"}
+# pressed after everything else: first what deletes or closes, then what leaves the page's state
+LATER = (re.compile(r"delete|close|remove", re.I), re.compile(r"leave|reset", re.I))
+MAX_PRESSES = 40
+
+
+def test_the_crawler_finds_every_page():
+    assert len(PAGES) == 5 and all((ROOT / p).exists() for p in PAGES)
+
+
+def fresh(page):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page(page).run()
+    settle(at, f"opening {page}")
+    return at
+
+
+def settle(at, doing):
+    """Rerun while a run of this visitor is live (AppTest does not fire run_every), then
+    check what the visitor sees."""
+    deadline = time.time() + 240
+    while any(b.key and b.key.startswith("stop-") for b in at.button):
+        assert time.time() < deadline, f"{doing}: runs did not end"
+        time.sleep(0.5)
+        at.run()
+    assert not at.exception, (doing, [e.value for e in at.exception])
+    failed = [e.value for e in at.error if " failed" in e.value]
+    assert not failed, (doing, failed)
+    for fig in charts(at):
+        check_axis_titles(fig, doing)
+
+
+def charts(at):
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def check_axis_titles(fig, doing):
+    """Every axis a trace plots on has title.text (plotly.js ignores a plain-string title)."""
+    layout = fig["layout"]
+    used = {t.get("xaxis", "x") for t in fig["data"]} | {t.get("yaxis", "y") for t in fig["data"]}
+    for ref in used:
+        axis = layout.get(f"{ref[0]}axis{ref[1:]}", {})
+        title = axis.get("title")
+        assert isinstance(title, dict) and title.get("text"), (doing, ref, title)
+
+
+def name(button):
+    return button.key or button.label
+
+
+def fill_text(at):
+    for box in at.text_input:
+        if not box.value and not box.proto.disabled:
+            box.input(TYPED.get(box.key, "Ada"))
+
+
+def press_everything(at, page, mode):
+    """Press every enabled button once, newest first found, destructive ones last."""
+    pressed = []
+    for _ in range(MAX_PRESSES):
+        fill_text(at)
+        todo = [b for b in at.button if name(b) not in pressed and not b.proto.disabled]
+        if not todo:
+            return pressed
+        button = min(todo, key=lambda b: [bool(p.search(b.label)) for p in LATER[::-1]])
+        pressed.append(name(button))
+        button.click().run()
+        settle(at, f"{page} ({mode}): pressing {button.label!r}")
+    raise AssertionError(f"{page} ({mode}): still new buttons after {MAX_PRESSES} presses: {pressed}")
+
+
+def bounded(at):
+    """Every slider at its smallest value: the shortest runs, the smallest batches."""
+    for slider in at.slider:
+        if not slider.proto.disabled:
+            slider.set_value(slider.min)
+    at.run()
+
+
+def modes(page):
+    """(description, set-up) for the page as it opens and for each other radio option,
+    checkbox and toggle state it has."""
+    at = fresh(page)
+    found = [("as it opens", lambda at: None)]
+    for radio in at.radio:
+        for option in radio.options:
+            if option != radio.value:
+                found.append((f"{radio.key}={option}", lambda at, k=radio.key, o=option: at.radio(key=k).set_value(o)))
+    for kind in ("checkbox", "toggle"):
+        for box in getattr(at, kind):
+            found.append((f"{box.key} flipped", lambda at, k=box.key, v=box.value, kind=kind:
+                          getattr(at, kind)(key=k).set_value(not v)))
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_button_in_every_mode(page):
+    pressed_anywhere = set()
+    for mode, set_up in modes(page):
+        at = fresh(page)
+        set_up(at)
+        bounded(at)
+        settle(at, f"{page}: switching to {mode}")
+        pressed_anywhere |= set(press_everything(at, page, mode))
+    assert pressed_anywhere, f"{page} has no button to press"
+
+
+# ------------------------------------------------------------------ what a visitor met (issue 13)
+def texts(at):
+    return " ".join(m.value for kind in ("markdown", "caption", "success", "error", "warning", "info", "subheader")
+                    for m in at.get(kind)) + " " + " ".join(t.value for t in at.toast)
+
+
+def test_the_random_base_run_trains_on_the_random_base_and_is_never_joined_to_the_pretrained_one():
+    import ui
+    at = fresh("app_pages/inside.py")
+    at.slider(key="pretrain_steps").set_value(20)
+    at.button(key="pretrain_go").click().run()
+    settle(at, "Train both")
+    pretrained, random_ = (ui.get_manager().runs[i] for i in at.session_state["groups"]["pretraining"])
+    assert pretrained is not random_ and pretrained.key != random_.key
+    assert (pretrained.label, random_.label) == ("LoRA, pretrained base", "LoRA, random base")
+    assert random_.model.base_fingerprint == peftcore_fingerprint(ui.get_random_base("cpu"))
+    assert pretrained.model.base_fingerprint == peftcore_fingerprint(ui.get_base("cpu"))
+
+
+def peftcore_fingerprint(model):
+    import peftcore
+    return peftcore.fingerprint(model)
+
+
+def test_the_bank_and_the_class_follow_the_visitor_across_pages_and_a_reset():
+    from peftcore.store import Store, new_token
+    import os
+    code, _ = Store(os.environ["PEFT_STORE"]).create_class("follows")
+    token = new_token()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update({"bank": token, "class": code})
+    at.run()
+    for page in PAGES:
+        at.query_params.clear()  # what the sidebar's page link does to the URL
+        at.switch_page(page).run()
+        assert not at.exception
+        assert (at.query_params["bank"], at.query_params["class"]) == (token, code), page
+    at.sidebar.button[-1].click().run()  # "Reset my session"
+    assert "Reset my session" == at.sidebar.button[-1].label
+    assert (at.query_params["bank"], at.query_params["class"]) == (token, code)
+    at.switch_page("app_pages/classroom.py").run()
+    at.button(key="leave_class").click().run()
+    assert "class" not in at.query_params and at.query_params["bank"] == token
+
+
+def test_a_wrong_teacher_key_says_so_and_a_join_code_in_any_case_joins():
+    from peftcore.store import Store
+    import os
+    code, _ = Store(os.environ["PEFT_STORE"]).create_class("cases")
+    at = fresh("app_pages/classroom.py")
+    at.text_input(key="join_code").input(f" {code.lower()[:3]}-{code[3:].title()} ")
+    at.button(key="join_class").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.query_params["class"] == code
+    at.text_input(key="typed_teacher_key").input("a-wrong-key-of-the-right-shape-123")
+    at.button(key="use_teacher_key").click().run()
+    assert "not this class's teacher key" in texts(at)
+
+
+def test_words_mean_one_thing_and_count_what_they_say():
+    at = fresh("app_pages/train.py")
+    seed_note = [c.value for c in at.caption if "measured over seeds" in c.value][0]
+    assert "solve" not in seed_note and "reaches 90%" in seed_note  # "solved" is stop-when-solved's 99% only
+    at.switch_page("app_pages/serve.py").run()
+    stored = [m.value for m in at.markdown if "stored as one base" in m.value][0]
+    bank = at.session_state["bank:cpu"]
+    n, k = len(bank.peft_config), len(set(bank.adapter_task.values()))
+    assert f"**{n} phi** for {k} tasks" in stored and f"The same {n} fine-tunes as whole models" in stored
+    at.switch_page("app_pages/storage.py").run()
+    assert any("from the library shipped with the app, 0 you saved" in c.value for c in at.caption)
+
+
+def test_the_full_fine_tuning_card_says_what_happened_and_a_saved_phi_is_served_by_default():
+    at = fresh("app_pages/train.py")
+    at.radio(key="mode").set_value("Race").run()
+    at.pills(key="race_methods").set_value(["LoRA", "Full fine-tuning"])
+    at.slider(key="race_steps").set_value(10)
+    at.button(key="train_go").click().run()
+    settle(at, "a race")
+    cards = texts(at)
+    assert "private **copy**" in cards and "weights changed" in cards
+    assert cards.count("never received a gradient") == 1  # LoRA's card only
+    lora = at.session_state["groups"]["train"][0]
+    at.button(key=f"save-{lora}").click().run()
+    saved = at.text_input(key=f"name-{lora}").value
+    at.switch_page("app_pages/serve.py").run()
+    assert saved in at.multiselect(key="serve_names").value
