@@ -66,7 +66,8 @@ def my_bank():
     token = ui.bank_token()
     if not token:
         return
-    st.markdown(f"[Link to my bank](?bank={token}): bookmark it; your saved phi come back with it.")
+    st.markdown(f"[Link to my bank](?bank={token}): this browser keeps it; open it on another device to "
+                "bring your saved phi there.")
     with st.popover("Delete my saved phi", width="stretch"):
         st.write("Deletes every phi you saved, from the store and from any class. This cannot be undone.")
         if st.button("Yes, delete them", type="primary", key="delete_mine"):

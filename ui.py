@@ -5,8 +5,10 @@ One base per device and one RunManager per server process (st.cache_resource), s
 every session. A session's bank of phi and the ids of its runs live in st.session_state;
 the runs themselves live in the manager, so a rerun or a page switch never loses one.
 """
+import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import secrets
@@ -27,6 +29,7 @@ from peftcore.storage import human_bytes
 from peftcore.train import solved_at, start_warm_up
 from peftcore.tasks import EVAL_SIZE
 
+log = logging.getLogger("peft_playground")
 MAX_SESSION_RUNS = 4   # runs one visitor may have training at once
 POLL_S = 0.75          # live curves refresh at least once a second (a rerun costs the GIL: not faster)
 WAITING_POLL_S = 2.0   # a session whose runs all wait in line: only its place changes (a class of 30
@@ -38,6 +41,22 @@ METHOD_SLUG = {"LoRA": "lora", "Adapter": "adapter", "Prompt tuning": "prompt", 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 COLORS = {"LoRA": "#1f77b4", "Adapter": "#2ca02c", "Prompt tuning": "#ff7f0e", "Full fine-tuning": "#555555"}
 ss = st.session_state
+
+
+# ------------------------------------------------------------------ a section of a page
+@contextlib.contextmanager
+def panel(what):
+    """One section of a page (`what` names it for the visitor). If it fails, the visitor reads
+    a short message, the details go to the server's log, and the rest of the page still draws.
+    Streamlit's rerun and stop are BaseExceptions: they pass through."""
+    try:
+        yield
+    except store_mod.StoreError as e:  # the store's own messages are written for visitors
+        st.error(f"{what}: {e}")
+    except Exception:  # noqa: BLE001 - a visitor sees no traceback; the log has it
+        log.exception("a page section failed: %s", what)
+        st.error(f"{what} could not be shown: something went wrong on the server (its log has the "
+                 "details). The rest of the page works; try again, or reset your session in the sidebar.")
 
 
 # ------------------------------------------------------------------ process-wide resources
@@ -169,8 +188,14 @@ def bank():
     key = f"bank:{device()}"
     if key not in ss:
         model, errors = library.load_library(get_base(device()))
+        errors = [f"library phi {e}" for e in errors]
         stored, token = {}, bank_token()
-        for rec in store().list_phi(owner=token) if token else []:
+        try:
+            saved = store().list_phi(owner=token) if token else []
+        except store_mod.StoreError as e:  # the pages work on without the store
+            saved = []
+            errors.append(f"your saved phi could not be read now ({e}); the library is here")
+        for rec in saved:
             name = rec.name if rec.name not in model.peft_config else f"saved-{rec.id}"
             try:
                 peftcore.load_adapter(model, name, store().load_bytes(rec.id))
@@ -427,24 +452,25 @@ def live_runs(group):
     waiting = polling and all(r.status == QUEUED for r in runs if not r.finished)
 
     @st.fragment(run_every=(WAITING_POLL_S if waiting else POLL_S) if polling else None)
-    def panel():
+    def live_panel():
         get_manager().reap(connected)
         runs = group_runs(group)
-        for run in runs:
-            progress_line(run)
-        mine = [r for r in runs if owns(r)]
-        if any(not r.finished for r in mine):
-            st.button("Stop", key=f"stop-{group}", on_click=stop_group, args=(group,), type="primary",
-                      help="Stops your runs of this group after their current step; phi keeps what it learned.")
-        elif not mine:
-            st.caption("Shared link: you are watching another visitor's runs (read-only).")
-        plot(live_figure(runs), key=f"curves-{group}")
+        with panel("The live curves"):
+            for run in runs:
+                progress_line(run)
+            mine = [r for r in runs if owns(r)]
+            if any(not r.finished for r in mine):
+                st.button("Stop", key=f"stop-{group}", on_click=stop_group, args=(group,), type="primary",
+                          help="Stops your runs of this group after their current step; phi keeps what it learned.")
+            elif not mine:
+                st.caption("Shared link: you are watching another visitor's runs (read-only).")
+            plot(live_figure(runs), key=f"curves-{group}")
         if polling and all(r.finished for r in runs):
             st.rerun()  # the result cards below the panel appear; polling stops
         if waiting and any(r.status != QUEUED for r in runs):
             st.rerun()  # its turn came: poll at the live rate from now on
 
-    panel()
+    live_panel()
 
 
 def progress_line(run):
@@ -578,10 +604,11 @@ def plain(text, limit=60):
 def serving_metrics(times, n_rows):
     """The mixed batch against swapping phi per request, both for the same n_rows requests."""
     mixed, swap = times["mixed_s"], times["swap_s"]
+    requests = f"{n_rows} request{'s' * (n_rows != 1)}"
     with st.container(horizontal=True, gap="large"):  # each metric as wide as it needs: nothing cut off
-        st.metric(f"{n_rows} requests in one mixed batch", f"{1000 * mixed:.1f} ms", width="content",
+        st.metric(f"{requests} in one mixed batch", f"{1000 * mixed:.1f} ms", width="content",
                   help="every row with its own phi, in one pass per output digit")
-        st.metric(f"{n_rows} requests, swapping phi", f"{1000 * swap:.1f} ms", width="content",
+        st.metric(f"{requests}, swapping phi", f"{1000 * swap:.1f} ms", width="content",
                   help=f"set_adapter, then one request at a time: {1000 * swap / n_rows:.2f} ms per request")
         ratio = swap / mixed
         st.metric("mixed batch against swapping", f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower",
@@ -601,9 +628,9 @@ def storage_sentence(phi_bytes, tasks, base_bytes):
     n, k = len(phi_bytes), len(set(tasks))
     total = base_bytes + sum(phi_bytes)
     return (f"**{n} phi** for {k} task{'s' * (k != 1)}, stored as one base ({human_bytes(base_bytes)}) plus their "
-            f"files: **{human_bytes(total)}**, {total / base_bytes:.3f} base models. The same {n} fine-tunes "
+            f"files: **{human_bytes(total)}**, {total / base_bytes:.3f} base models. The same {n} fine-tune{'s' * (n != 1)} "
             f"as whole models (full fine-tuning, one copy each) would take {human_bytes(n * base_bytes)} "
-            f"({n} base models).")
+            f"({n} base model{'s' * (n != 1)}).")
 
 
 def fmt_num(x, near=None):

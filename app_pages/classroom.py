@@ -244,35 +244,43 @@ def class_bank(path, device, phi_ids):
     return dict(model=model, lock=threading.Lock(), errors=errors)
 
 
+@st.cache_resource(max_entries=8, show_spinner="Serving every phi of the class in one mixed batch...")
+def class_report(path, device, phi_ids, seed):
+    """The class's mixed batch and its timings, computed once per state of the class (ids are
+    never reused: a changed class is a new key) for every session: a class of 120 phi costs
+    seconds of CPU, and a student pressing again and again must not cost them again."""
+    bank = class_bank(path, device, phi_ids)
+    names = [f"phi{i}" for i in phi_ids if f"phi{i}" in bank["model"].peft_config]
+    with bank["lock"]:
+        report = analysis.serve_report(bank["model"], names, [bank["model"].adapter_task[n] for n in names], per=1,
+                                       seed=seed, repeats=3)
+    return dict(names=names, report=report, errors=bank["errors"])
+
+
 def serve_section(records):
     servable = [r for r in records if r.task in peftcore.TASKS][:MAX_SERVED]
     if not servable:
         st.info("No phi of a known task to serve yet.")
         return
     ids = tuple(sorted(r.id for r in servable))
-    if st.button(f"Serve all {len(servable)} phi in one mixed batch", key="class_serve", type="primary"):
-        bank = class_bank(ui.store_path(), ui.device(), ids)
-        names = [f"phi{r.id}" for r in servable if f"phi{r.id}" in bank["model"].peft_config]
-        by_name = {f"phi{r.id}": r for r in servable}
-        with bank["lock"]:
-            report = analysis.serve_report(bank["model"], names, [by_name[n].task for n in names], per=1,
-                                           seed=ui.seed(), repeats=3)
-        for row, n in zip(report["rows"], names):
-            r = by_name[n]
-            row["task"] = f"{r.author or 'anonymous'}: {r.name} ({r.task})"
-        ss["class_served"] = (ids, report, bank["errors"])
+    if st.button(f"Serve all {len(servable)} phi in one mixed batch", key="class_serve", type="primary",
+                 help="Computed once for the class as it stands: pressing again shows the same measurement."):
+        ss["class_served"] = (ids, ui.seed())
     served = ss.get("class_served")
     if not served or served[0] != ids:
         return
-    _, report, errors = served
-    for e in errors:
+    result = class_report(ui.store_path(), ui.device(), *served)
+    by_name, report = {f"phi{r.id}": r for r in servable}, result["report"]
+    rows = [dict(row, task=f"{by_name[n].author or 'anonymous'}: {by_name[n].name} ({by_name[n].task})")
+            for row, n in zip(report["rows"], result["names"])]
+    for e in result["errors"]:
         st.warning(f"Skipped: {e}")
-    ui.serving_metrics(report["times"], len(report["rows"]))
-    right = sum(r["correct"] for r in report["rows"])
-    st.caption(f"One request per phi ({len(report['rows'])} rows, {right} answered right), greedy decoding of "
+    ui.serving_metrics(report["times"], len(rows))
+    right = sum(r["correct"] for r in rows)
+    st.caption(f"One request per phi ({len(rows)} rows, {right} answered right), greedy decoding of "
                f"8 digits on {ui.device()}, median of 3 timings each. Outputs of the mixed batch "
                f"{'equal' if report['same'] else 'DIFFER FROM'} one-request-at-a-time outputs.")
-    ui.predictions_table(report["rows"])
+    ui.predictions_table(rows)
 
 
 # ------------------------------------------------------------------ the page
@@ -288,19 +296,27 @@ except StoreError as e:  # the store itself cannot be opened
     st.error(f"The class store is not available: {e}")
     st.stop()
 if info is None:
-    start_or_join()
+    with ui.panel("Starting or joining a class"):
+        start_or_join()
 else:
-    class_header(info)
-    save_panel(info)
-    records = ui.store().list_phi(class_code=info.code)
+    records = []
+    with ui.panel("The class"):
+        class_header(info)
+    with ui.panel("Saving into the class"):
+        save_panel(info)
     st.subheader("Class board")
-    if records:
-        board(info, records)
-    else:
-        st.info("No phi in the class yet: the first one saved appears here.")
-    teacher_panel(info)
+    with ui.panel("The class board"):
+        records = ui.store().list_phi(class_code=info.code)
+        if records:
+            board(info, records)
+        else:
+            st.info("No phi in the class yet: the first one saved appears here.")
+    with ui.panel("Teacher mode"):
+        teacher_panel(info)
     if records:
         st.subheader("What the class stores")
-        storage_section(records)
+        with ui.panel("The class's storage"):
+            storage_section(records)
         st.subheader("Serve the whole class at once")
-        serve_section(records)
+        with ui.panel("Serving the class"):
+            serve_section(records)

@@ -128,9 +128,9 @@ def show_spectrum(run):
     left, right = st.columns([2, 1], gap="large")
     with left:
         st.markdown(f"`{name}`: share of ‖Delta W‖² in the top k singular directions")
-        ui.plot(ui.figure(traces, height=460, margin=dict(l=70, r=30, t=20, b=60),
-                          legend=dict(x=0.98, y=0.05, xanchor="right", yanchor="bottom", font=ui.FONT,
-                                      bgcolor="rgba(255,255,255,0.8)"),
+        # the legend above the plot, one entry per line: inside it covered the random curve
+        ui.plot(ui.figure(traces, height=520, margin=dict(l=70, r=30, t=120, b=60),
+                          legend=dict(orientation="v", x=0, y=1.02, yanchor="bottom", font=ui.FONT),
                           xaxis=dict(title="k (rank)", type="log"), yaxis=dict(title="% of energy", range=[0, 102])),
                 key="spectrum_chart")
     with right:
@@ -185,6 +185,7 @@ st.markdown(
     "experiments you can run here: how small the change of a full fine-tune really is, and what PEFT can "
     "do without a pretrained base.")
 facts = ui.base_facts(ui.device())
-methods_section(facts)
-spectrum_section(facts)
-pretraining_section()
+for section, what in [(lambda: methods_section(facts), "The methods"), (lambda: spectrum_section(facts), "The spectrum"),
+                      (pretraining_section, "The pretraining experiment")]:
+    with ui.panel(what):
+        section()

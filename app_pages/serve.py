@@ -246,27 +246,30 @@ st.markdown(
     "Serving mixes tasks in one batch: each row is routed through its own phi in the same forward pass.")
 
 facts = ui.base_facts(ui.device())
-model = ui.bank()
-for error in ss.get("library_errors", []):
-    st.warning(f"A library phi was skipped: {error}")
-rows = ui.bank_rows()
-
+rows = []
 st.subheader("Your bank")
-if rows:
-    bank_table(rows, facts)
-    remove_widget([r["name"] for r in rows])
-else:
-    st.info("Your bank is empty: the library is not there yet. Save a phi on *Train a sliver* or upload one.")
-upload_widget()
+with ui.panel("Your bank"):
+    ui.bank()
+    for error in ss.get("library_errors", []):
+        st.warning(f"Left out of your bank: {error}")
+    rows = ui.bank_rows()
+    if rows:
+        bank_table(rows, facts)
+        remove_widget([r["name"] for r in rows])
+    else:
+        st.info("Your bank is empty: the library is not there yet. Save a phi on *Train a sliver* or upload one.")
+with ui.panel("Uploading"):
+    upload_widget()
 
 st.subheader("Serve a mixed batch")
 if rows:
-    serve_panel(rows)
-    served_results()
+    with ui.panel("Serving"):
+        serve_panel(rows)
+        served_results()
     left, right = st.columns(2, gap="large")
-    with left:
+    with left, ui.panel("The swap timing"):
         swap_panel(rows)
-    with right:
+    with right, ui.panel("The merge timing"):
         merge_panel(rows)
 else:
     st.info("Nothing to serve yet.")

@@ -228,8 +228,11 @@ with controls:
     p = p_pct / 100
     scale = 1 if unit == "base models" else base_bytes
 
-measured = measured_fractions(facts) if base_name == TOY else []
-with chart:
+measured = []
+if base_name == TOY:
+    with ui.panel("Your bank's phi files"):
+        measured = measured_fractions(facts)
+with chart, ui.panel("The storage chart"):
     st.markdown(f"#### {sentence(p, t_max, scale)}")
     ui.plot(storage_figure(p, t_max, log, scale, base_name, measured), key="storage_chart")
     if measured:
@@ -241,11 +244,12 @@ with chart:
     elif base_name == TOY:
         st.caption("No phi in this session's bank yet: train one on *Train a sliver* to see it measured here.")
 
-formulas(p, t_max, scale)
+with ui.panel("The formulas"):
+    formulas(p, t_max, scale)
 
 left, right = st.columns(2, gap="large")
-with left:
+with left, ui.panel("Serving"):
     serving_panel(p, base_name, base_bytes)
-with right:
+with right, ui.panel("The bytes table"):
     st.subheader("What one task costs, in bytes")
     presets_table(facts)

@@ -402,7 +402,8 @@ runs = ui.group_runs(GROUP)
 restore_setup(runs)
 busy = any(not r.finished and ui.owns(r) for r in runs)
 setup, live = st.columns([1, 2.2], gap="large")
-with setup:
+specs, task, errors = [], None, ["the set-up could not be drawn"]  # what a failed set-up leaves: no Train
+with setup, ui.panel("The training set-up"):
     exercise_notes()
     in_exercise = bool(exercise()["locked"] or exercise()["hidden"])  # an exercise is one method
     mode = st.radio("Mode", ["One method", "Race"], horizontal=True, key="mode", disabled=in_exercise,
@@ -413,7 +414,7 @@ with setup:
     specs = one_method(task) if mode == "One method" or in_exercise else race()
     seed_note([label for label, _, _ in specs], task)
     errors = check(specs, facts)
-with live:  # Train and the live curve at the top of the page: in view on a laptop or a projector
+with live, ui.panel("Training"):  # Train and the live curve at the top: in view on a laptop or a projector
     go, until = st.columns([1, 1], vertical_alignment="center")
     until_solved = until.checkbox("Stop when solved", value=True, key="until_solved",
                                   help=f"End a run once its held-out exact match is {100 * SOLVED:.0f}% or more at "
@@ -428,7 +429,8 @@ with live:  # Train and the live curve at the top of the page: in view on a lapt
     ui.live_runs(GROUP)
     if not runs:
         st.info("No run yet: set it up on the left, then press **Train**.")
-    runs = ui.group_runs(GROUP)
-    if runs and all(r.finished for r in runs):  # right under the curve, not below every control
+runs = ui.group_runs(GROUP)
+if runs and all(r.finished for r in runs):  # right under the curve, not below every control
+    with live, ui.panel("The results"):
         st.subheader(f"Results on {runs[0].task}")
         results(runs)

@@ -213,3 +213,23 @@ def test_the_full_fine_tuning_card_says_what_happened_and_a_saved_phi_is_served_
     saved = at.text_input(key=f"name-{lora}").value
     at.switch_page("app_pages/serve.py").run()
     assert saved in at.multiselect(key="serve_names").value
+
+
+def test_a_failing_panel_says_so_briefly_and_the_rest_of_the_page_works(monkeypatch):
+    import ui
+
+    def broken():
+        raise RuntimeError("/srv/secret/path/store.py line 12: boom")
+    at = fresh("app_pages/serve.py")
+    monkeypatch.setattr(ui, "bank_rows", broken)
+    at.run()
+    assert not at.exception
+    shown = texts(at)
+    assert "Your bank could not be shown" in shown and "/srv/secret" not in shown and "boom" not in shown
+    assert at.get("file_uploader")  # the page goes on below the failed panel
+
+
+def test_the_server_shows_visitors_no_error_details():
+    import tomllib
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["showErrorDetails"] == "none"
