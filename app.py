@@ -71,7 +71,10 @@ def my_bank():
     with st.popover("Delete my saved phi", width="stretch"):
         st.write("Deletes every phi you saved, from the store and from any class. This cannot be undone.")
         if st.button("Yes, delete them", type="primary", key="delete_mine"):
-            st.success(f"Deleted {ui.delete_my_phi()} saved phi.")
+            try:
+                st.success(f"Deleted {ui.delete_my_phi()} saved phi.")
+            except ui.store_mod.StoreError as e:
+                st.error(f"Not deleted: {e}.")
 
 
 # Less of Streamlit's empty band above the title (6rem): on a 720-pixel laptop screen or a

@@ -21,9 +21,9 @@ from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import peftcore
+import views
 from peftcore import library
 from peftcore import store as store_mod
-from peftcore.presets import PRESETS
 from peftcore.runs import QUEUED, QueueFull, RunManager
 from peftcore.storage import human_bytes
 from peftcore.train import solved_at, start_warm_up
@@ -35,11 +35,24 @@ POLL_S = 0.75          # live curves refresh at least once a second (a rerun cos
 WAITING_POLL_S = 2.0   # a session whose runs all wait in line: only its place changes (a class of 30
                        # polling at POLL_S cost the server ~0.6 of a core in refreshes)
 
-# Method names as the pages show them, from HF peft's peft_type.
-METHOD_OF_TYPE = {type(p.config).peft_type: name for name, p in PRESETS.items()}
-METHOD_SLUG = {"LoRA": "lora", "Adapter": "adapter", "Prompt tuning": "prompt", "Full fine-tuning": "full"}
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-COLORS = {"LoRA": "#1f77b4", "Adapter": "#2ca02c", "Prompt tuning": "#ff7f0e", "Full fine-tuning": "#555555"}
+PEFT_COLOR = "#1f77b4"  # the bold PEFT curve of the storage charts: the idea, not one method
+view_of = views.view_of  # how a method looks, by peft_type (views/: one file per method)
+
+
+def method_views(shares_base=None):
+    """The views of every registered method (or of those that do / do not share the base)."""
+    return [v for v in views.all_views() if shares_base is None or v.method.shares_base == shares_base]
+
+
+def view_named(name):
+    return next(v for v in views.all_views() if v.name == name)
+
+
+def run_view(run):
+    """The view of the method a run trains (its model's active config)."""
+    model = run.model
+    return view_of(model.peft_config[model.active_adapter].peft_type)
 ss = st.session_state
 
 
@@ -135,6 +148,11 @@ def store():
     return get_store(store_path())
 
 
+def client():
+    """The visitor's address, for the per-address caps (None on localhost: no cap there)."""
+    return st.context.ip_address
+
+
 BANK_COOKIE = "peft_bank"
 
 
@@ -211,7 +229,7 @@ def add_to_bank(name, data):
     AdapterLoadError with the reason."""
     peftcore.load_adapter(bank(), name, data)
     try:
-        rec = store().save_phi(bank_token(create=True), name, data)
+        rec = store().save_phi(bank_token(create=True), name, data, client=client())
     except store_mod.StoreError as e:
         bank().delete_adapter(name)
         raise peftcore.AdapterLoadError(str(e)) from None
@@ -220,14 +238,19 @@ def add_to_bank(name, data):
 
 
 def remove_from_bank(name):
-    bank().delete_adapter(name)
-    ss["file_bytes"].pop(name, None)
-    phi_id = ss["stored_ids"].pop(name, None)
+    """Take phi `name` out of the bank and, if the visitor saved it, delete it from the store.
+    Raises StoreError (the phi stays) when the store cannot delete it now (busy, read-only)."""
+    phi_id = ss["stored_ids"].get(name)
     if phi_id is not None:
         try:
             store().delete_phi(phi_id, owner=bank_token())
-        except store_mod.StoreError:
-            pass  # already gone from the store (deleted by the teacher or another tab)
+        except store_mod.StoreError as e:
+            if e.reason is not None:  # a fault of the store: nothing was deleted, say so
+                raise
+            # otherwise it is already gone (deleted by the teacher or in another tab)
+    bank().delete_adapter(name)
+    ss["file_bytes"].pop(name, None)
+    ss["stored_ids"].pop(name, None)
 
 
 def delete_my_phi():
@@ -258,7 +281,7 @@ def bank_rows():
     rows = []
     for name, cfg in model.peft_config.items():
         n, formula = model.adapter_num_params(name), cfg.num_params(facts["config"])
-        rows.append(dict(name=name, method=METHOD_OF_TYPE.get(cfg.peft_type, cfg.peft_type),
+        rows.append(dict(name=name, method=view_of(cfg.peft_type).name, peft_type=cfg.peft_type,
                          task=model.adapter_task.get(name) or "?", params=n, phi_pct=100 * n / facts["params"],
                          formula_params=formula, formula_bytes=formula * memory[name] // max(n, 1),
                          memory_bytes=memory[name], file_bytes=file_bytes(name)))
@@ -508,13 +531,17 @@ MAX_POINTS = 250  # loss points per curve: enough for the eye, small to send twi
 def runs_figure(runs):
     """Training loss (top, log scale) and held-out exact match (bottom) against step, one
     colour per run, in one figure with one legend: readable from the back of a room."""
-    traces = []
+    traces, used = [], set()
     for i, run in enumerate(runs):
+        color = run_view(run).color
+        if color in used:  # two runs of one method (the pretraining experiment): two colours
+            color = next((c for c in PALETTE if c not in used), PALETTE[i % len(PALETTE)])
+        used.add(color)
         events = run.events[:]  # a snapshot: the worker keeps appending
         evals = [e for e in events if e.eval_exact is not None]
         thin = events[::max(1, len(events) // MAX_POINTS)]
         style = dict(name=run.label, legendgroup=run.label,
-                     line=dict(width=4, color=COLORS.get(run.label, PALETTE[i % len(PALETTE)])))
+                     line=dict(width=4, color=color))
         traces.append(dict(type="scatter", mode="lines", x=[e.step for e in thin], y=[e.loss for e in thin],
                            hovertemplate="step %{x}: loss %{y:.3g}", **style))
         traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in evals],

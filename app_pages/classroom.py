@@ -26,7 +26,7 @@ def current_class():
     if not raw:
         return None
     try:
-        return ui.store().class_info(raw)
+        return ui.store().class_info(raw, client=ui.client())
     except StoreError as e:
         ui.forget_class()  # said once; the link no longer carries it
         st.error(f"The class in this link cannot be opened: {e}.")
@@ -75,7 +75,7 @@ def start_or_join():
             try:
                 if code is None:
                     raise StoreError("a join code is 6 letters and digits, e.g. ABC234")
-                ui.store().join(code)
+                ui.store().join(code, client=ui.client())
             except StoreError as e:
                 st.error(f"Cannot join: {e}.")
             else:
@@ -126,7 +126,8 @@ def save_panel(info):
         st.info("Your bank is empty: train a phi on *Train a sliver* first.")
         return
     a, b, c = st.columns([2, 2, 1], vertical_alignment="bottom")
-    author = a.text_input("Your name on the board", key="class_author", max_chars=40,
+    # a long paste reaches the store, which says how long it was (the box would cut it silently)
+    author = a.text_input("Your name on the board", key="class_author", max_chars=200,
                           help="Shown to the class next to your phi. Letters, digits, spaces, '.', \"'\" and '-'.")
     names = [r["name"] for r in rows]
     name = b.selectbox("phi from your bank", names, key="class_phi")
@@ -134,7 +135,7 @@ def save_panel(info):
         try:
             data = peftcore.adapter_to_bytes(ui.bank(), name)
             rec = ui.store().save_phi(ui.bank_token(create=True), name, data, class_code=info.code,
-                                   eval_exact=measured_exact(name), author=author or "anonymous")
+                                   eval_exact=measured_exact(name), author=author or "anonymous", client=ui.client())
         except StoreError as e:
             st.error(f"Not saved: {e}")
         else:
@@ -148,7 +149,7 @@ def board(info, records):
     facts = ui.base_facts(ui.device())
     token, key = ui.bank_token(), teacher_key(info.code)
     st.dataframe([dict(id=r.id, student=r.author or "anonymous", name=r.name,
-                       method=ui.METHOD_OF_TYPE.get(r.method, r.method), task=r.task,
+                       method=ui.view_of(r.method).name, task=r.task,
                        phi_pct=100 * r.num_params / facts["params"], bytes=r.bytes,
                        exact=None if r.eval_exact is None else 100 * r.eval_exact,
                        yours=r.owned_by(token)) for r in records],
@@ -194,6 +195,10 @@ def teacher_panel(info):
             if wrong:
                 st.error("That is not this class's teacher key: it was shown once, when the class was started.")
         return
+    use = ui.store().usage(info.code)
+    st.caption(f"Teacher: the class holds {use['phi']} of at most {use['phi_limit']} phi from {use['students']} "
+               f"student(s), {human_bytes(use['bytes'])} of {human_bytes(use['bytes_limit'])} (each file counted "
+               "once, however many rows name it).")
     if info.is_open and st.button("Close the class", key="close_class",
                                   help="No more phi can be saved into it; the board stays."):
         try:
@@ -213,7 +218,7 @@ def storage_figure(records, base_bytes):
     labels = ["the base alone"] + [f"+ {r.author or 'anonymous'}: {r.name}" for r in records]
     return ui.figure([
         dict(type="scatter", mode="lines+markers", name="PEFT: 1 + Σ p (this class's files)", x=t.tolist(),
-             y=peft.tolist(), text=labels, line=dict(width=6, color=ui.COLORS["LoRA"]), marker=dict(size=9),
+             y=peft.tolist(), text=labels, line=dict(width=6, color=ui.PEFT_COLOR), marker=dict(size=9),
              hovertemplate="T = %{x}: %{y:.4f} base models<br>%{text}<extra></extra>"),
         dict(type="scatter", mode="lines", name="full fine-tuning: T copies", x=t.tolist(), y=t.astype(float).tolist(),
              line=dict(width=4, color="#888888"), opacity=0.45,

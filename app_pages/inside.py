@@ -4,85 +4,25 @@ import streamlit as st
 
 import peftcore
 import ui
+import views
 from peftcore import analysis
 from peftcore.presets import PRESETS
-
-PEFT_METHODS = ["LoRA", "Adapter", "Prompt tuning"]
-PHI = 'fillcolor="#ffb74d", color="#e65100", penwidth=2'  # how a phi node looks in the diagrams
-
-# The block's own path: (node, label) in order; every arrow between consecutive nodes.
-BLOCK = [("x", "x"), ("ln1", "LayerNorm"), ("q", "q"), ("attn", "attention"), ("o", "o"),
-         ("add1", "+"), ("ln2", "LayerNorm"), ("up", "up"), ("gelu", "GELU"), ("down", "down"),
-         ("add2", "+"), ("out", "to the next block")]
-# Where a LoRA on each projection sits: the node before and after it on the block's path.
-LORA_AROUND = {"q": ("ln1", "attn"), "k": ("ln1", "attn"), "v": ("ln1", "attn"), "o": ("attn", "add1"),
-               "up": ("ln2", "gelu"), "down": ("gelu", "add2")}
-
-MATH = {  # (formulas, words) per method
-    "LoRA": ([r"h = W x + \frac{\alpha}{r}\, B A x",
-              r"A \in \mathbb{R}^{r \times d_{in}},\quad B \in \mathbb{R}^{d_{out} \times r},\quad B_0 = 0",
-              r"|\phi| = r\,(d_{in} + d_{out}) \text{ per projection}"],
-             "A low-rank update beside each targeted projection; W stays frozen. B starts at zero, so training "
-             "starts from exactly the base."),
-    "Adapter": ([r"h \leftarrow h + W_{up}\, \mathrm{GELU}(W_{down}\, h)",
-                 r"W_{down} \in \mathbb{R}^{b \times d},\quad W_{up} \in \mathbb{R}^{d \times b},\quad W_{up,0} = 0",
-                 r"|\phi| = 2\,(2 d b + b + d) \text{ per block}"],
-                "A small bottleneck MLP after the attention and after the MLP of every block."),
-    "Prompt tuning": ([r"X' = [\,P\,;\, E(x)\,]", r"P \in \mathbb{R}^{n \times d}", r"|\phi| = n\, d"],
-                      "n trainable embeddings in front of the input: the model is untouched, only what it reads changes."),
-    "Full fine-tuning": ([r"\theta \leftarrow \theta - \eta\, \nabla_\theta \mathcal{L}(\theta)", r"|\phi| = |\theta|"],
-                         "Every weight trains: a whole new model per task."),
-}
-
-
-def block_dot(method, config):
-    """A Graphviz diagram of one transformer block with `method`'s phi in orange."""
-    full = method == "Full fine-tuning"
-    lines = ['digraph { rankdir=TB; bgcolor="transparent"; nodesep=0.15; ranksep=0.2;',
-             'node [shape=box, style="rounded,filled", fillcolor="#e3f2fd", color="#1565c0", fontname="sans-serif", '
-             'fontsize=10, margin="0.06,0.03", height=0.2, width=0.2];',  # Streamlit's CSS draws svg text at ~10px
-             'edge [penwidth=1.5, arrowsize=0.7, fontname="sans-serif", fontsize=10];']
-    for node, label in BLOCK:
-        shape = ', shape=circle' if label == "+" else ""
-        lines.append(f'{node} [label="{label}"{shape}{", " + PHI if full and node not in ("x", "out", "add1", "add2") else ""}];')
-    path = [node for node, _ in BLOCK]
-    skip = set()
-    if method == "Adapter":  # after each sublayer, before the residual add
-        lines += [f'ad1 [label="adapter\\nd→{config.bottleneck_size}→d", {PHI}];',
-                  f'ad2 [label="adapter\\nd→{config.bottleneck_size}→d", {PHI}];',
-                  "o -> ad1 -> add1; down -> ad2 -> add2;"]
-        skip = {("o", "add1"), ("down", "add2")}
-    for a, b in zip(path, path[1:]):
-        if (a, b) not in skip:
-            lines.append(f"{a} -> {b};")
-    lines.append('k [label="k"' + (", " + PHI if full else "") + '];  v [label="v"' + (", " + PHI if full else "") + '];')
-    lines.append("ln1 -> k -> attn; ln1 -> v -> attn;")  # q, k and v side by side
-    lines.append('x -> add1 [style=dashed, label=" residual"]; add1 -> add2 [style=dashed, label=" residual"];')
-    if method == "LoRA":
-        for t in config.target_modules:
-            before, after = LORA_AROUND[t]
-            lines.append(f'lora_{t} [label="B A ({t})\\nr = {config.r}", {PHI}];')
-            lines.append(f'{before} -> lora_{t} [color="#e65100"]; lora_{t} -> {after} [color="#e65100"];')
-    if method == "Prompt tuning":
-        lines.append(f'P [label="P: {config.num_virtual_tokens} virtual tokens", {PHI}];')
-        lines.append('P -> x [color="#e65100", label="prepended"];')
-    lines.append("}")
-    return "\n".join(lines)
 
 
 def methods_section(facts):
     st.header("Where phi plugs in")
-    tabs = st.tabs(list(PRESETS))
-    for tab, (method, preset) in zip(tabs, PRESETS.items()):
+    shown = ui.method_views()
+    tabs = st.tabs([v.name for v in shown])
+    for tab, view in zip(tabs, shown):
         with tab:
-            formulas, words = MATH[method]
+            config = PRESETS[view.peft_type].config
             diagram, text = st.columns([1, 1.3], gap="large")
-            diagram.graphviz_chart(block_dot(method, preset.config), width="stretch")
+            diagram.graphviz_chart(views.block_dot(view, config), width="stretch")
             with text:
-                for formula in formulas:
+                for formula in view.formulas:
                     st.latex(formula)
-                n = preset.config.num_params(facts["config"]) or facts["params"]
-                st.markdown(f"{words}\n\nThe preset here, `{preset.config}`, trains **{n:,}** parameters: "
+                n = config.num_params(facts["config"]) or facts["params"]
+                st.markdown(f"{view.words}\n\nThe preset here, `{config}`, trains **{n:,}** parameters: "
                             f"**{100 * n / facts['params']:.3g}%** of the base's {facts['params']:,}. "
                             "In the diagram, orange is phi (trained), blue is the frozen base.")
 
@@ -90,26 +30,33 @@ def methods_section(facts):
 def spectrum_section(facts):
     st.header("The update is small")
     st.markdown(
-        "LoRA bets that the change fine-tuning makes to a weight matrix, Delta W, lives in a few directions. "
+        f"{low_rank_view().name} bets that the change fine-tuning makes to a weight matrix, Delta W, lives in a few directions. "
         "Check it: fine-tune **every** weight for a short budget, subtract the base, and look at the singular "
         "values of Delta W. A random matrix of the same size spreads its energy evenly; a low-rank one puts "
         "most of it in its first few directions.")
-    preset = PRESETS["Full fine-tuning"]
+    full = ui.method_views(shares_base=False)[0]  # the whole-copy baseline
+    preset = PRESETS[full.peft_type]
     a, b, c = st.columns([2, 2, 1], vertical_alignment="bottom")
     task = a.selectbox("Task", list(peftcore.TASKS), key="spectrum_task")
     steps = b.slider("Steps of full fine-tuning", 20, 300, 100, 10, key="spectrum_steps",
                      help=f"learning rate {preset.train['lr']:g}, batch {preset.train['batch_size']}")
     runs = ui.group_runs("spectrum")
     if c.button("Fine-tune fully", key="spectrum_go", disabled=any(not r.finished for r in runs), width="stretch"):
-        start("spectrum", [("Full fine-tuning", preset.config, {})], task, **{**preset.train, "steps": steps})
+        start("spectrum", [(full.name, preset.config, {})], task, **{**preset.train, "steps": steps})
     ui.live_runs("spectrum")
     runs = ui.group_runs("spectrum")
     if runs and all(r.finished for r in runs) and runs[0].status != "failed":
         show_spectrum(runs[0])
 
 
+def low_rank_view():
+    """The method whose bet the spectrum checks: the one with a rank."""
+    return next(v for v in ui.method_views() if v.rank)
+
+
 def show_spectrum(run):
-    r = PRESETS["LoRA"].config.r
+    low_rank = low_rank_view()
+    r = low_rank.rank(PRESETS[low_rank.peft_type].config)
     deltas = ui.run_cache(run, "deltas", lambda: analysis.delta_weights(run.model, ui.get_base(ui.device())))
     summary = ui.run_cache(run, f"summary-{r}", lambda: analysis.spectrum_summary(deltas, r))
     names = [row["projection"] for row in summary]
@@ -118,13 +65,13 @@ def show_spectrum(run):
     sp = ui.run_cache(run, f"spectrum-{name}", lambda: analysis.spectrum(deltas[name]))
     k = list(range(1, len(sp["s"]) + 1))
     traces = [dict(type="scatter", mode="lines", name="Delta W after full fine-tuning", x=k,
-                   y=[100 * e for e in sp["energy"]], line=dict(width=5, color=ui.COLORS["Full fine-tuning"])),
+                   y=[100 * e for e in sp["energy"]], line=dict(width=5, color=ui.run_view(run).color)),
               dict(type="scatter", mode="lines", name="random matrix, same size and norm", x=k,
                    y=[100 * e for e in sp["random_energy"]], line=dict(width=3, color="#999999", dash="dot")),
-              dict(type="scatter", mode="markers+text", name=f"LoRA preset rank r = {r}", x=[r],
+              dict(type="scatter", mode="markers+text", name=f"{low_rank.name} preset rank r = {r}", x=[r],
                    y=[100 * sp["energy"][r - 1]], text=[f"r = {r}: {100 * sp['energy'][r - 1]:.0f}%"],
                    textposition="middle right", textfont=dict(size=18),
-                   marker=dict(size=16, color=ui.COLORS["LoRA"], symbol="diamond"))]
+                   marker=dict(size=16, color=low_rank.color, symbol="diamond"))]
     left, right = st.columns([2, 1], gap="large")
     with left:
         st.markdown(f"`{name}`: share of ‖Delta W‖² in the top k singular directions")
@@ -152,8 +99,8 @@ def pretraining_section():
         "pretrained base and on a **randomly initialised** frozen base of the same shape.")
     a, b, c, d = st.columns([2, 2, 2, 1], vertical_alignment="bottom")
     task = a.selectbox("Task", list(peftcore.TASKS), key="pretrain_task")
-    method = b.selectbox("Method", PEFT_METHODS, key="pretrain_method")
-    preset = PRESETS[method]
+    method = b.selectbox("Method", [v.name for v in ui.method_views(shares_base=True)], key="pretrain_method")
+    preset = PRESETS[ui.view_named(method).peft_type]
     steps = c.slider("Steps", 20, 600, preset.train["steps"], 10, key="pretrain_steps",
                      help=f"learning rate {preset.train['lr']:g}, batch {preset.train['batch_size']}, on both bases")
     runs = ui.group_runs("pretraining")

@@ -11,6 +11,7 @@ import peftcore
 import ui
 from peftcore import analysis, library, presets
 from peftcore.storage import human_bytes
+from peftcore.store import StoreError
 
 MAX_ROWS = 64
 MERGE_REPEATS = 15  # alternating pairs timed for the merge panel (as many as before: the page waits on them)
@@ -37,7 +38,10 @@ def bank_table(rows, facts):
 def remove_phi():
     name = ss.get("remove_name")
     if name in ui.bank().peft_config:
-        ui.remove_from_bank(name)
+        try:
+            ui.remove_from_bank(name)
+        except StoreError as e:
+            ss["remove_msg"] = f"{name} was not deleted: {e}."
 
 
 def remove_widget(names):
@@ -47,6 +51,8 @@ def remove_widget(names):
     name = a.selectbox("Remove a phi", names, key="remove_name",
                        help="A library phi leaves this session's bank only. A phi you saved is deleted from the "
                             "store for good, after you confirm.")
+    if "remove_msg" in ss:
+        st.error(ss.pop("remove_msg"))
     if name in ss.get("stored_ids", {}):
         with b.popover("Delete…", width="stretch"):
             st.write(f"Deletes {ui.plain(name)} from the store for good: your bank link will not bring it back. "
@@ -86,12 +92,12 @@ def upload_widget():
 
 
 def default_serving(rows):
-    """One phi per task, preferring the visitor's own (newest first), then LoRA: a mixed
-    batch with every task in it, and the phi they just trained among them."""
-    mine = list(ss.get("stored_ids", {}))[::-1]
+    """One phi per task, preferring the visitor's own (newest first), then the methods in
+    the registry's order: a mixed batch with every task in it, the phi they just trained among them."""
+    mine, order = list(ss.get("stored_ids", {}))[::-1], list(peftcore.METHODS)
     chosen = {}
     for r in sorted(rows, key=lambda r: (mine.index(r["name"]) if r["name"] in mine else len(mine),
-                                         r["method"] != "LoRA")):
+                                         order.index(r["peft_type"]))):
         chosen.setdefault(r["task"], r["name"])
     return list(chosen.values())
 
@@ -150,13 +156,14 @@ def recorded_exact():
 def sort_note(same):
     """Why the sort rows are wrong: what was measured, from the records, never typed in."""
     recorded = recorded_exact()
-    reached = [f"{method} {100 * recorded[f'{slug}-sort']:.1f}%" for method, slug in library.METHOD_SLUGS.items()
+    slugs = library.method_slugs()
+    reached = [f"{ui.view_of(t).name} {100 * recorded[f'{slug}-sort']:.1f}%" for t, slug in slugs.items()
                if f"{slug}-sort" in recorded]
     seeds = []
-    for method in library.METHOD_SLUGS:
-        r = presets.robustness(method, "sort")  # what the preset reaches over several seeds, where recorded
+    for t in slugs:
+        r = presets.robustness(t, "sort")  # what the preset reaches over several seeds, where recorded
         if r:
-            seeds.append(f"{method} {r['solved']} of {r['seeds']}")
+            seeds.append(f"{ui.view_of(t).name} {r['solved']} of {r['seeds']}")
     st.info("**Why the sort rows are wrong.** No method here learns *sort* in a live training budget. Sorting is "
             "a new algorithm, not a mix of what the base learned (copying, reversing, rotating and shifting "
             "digits): each output digit depends on every input digit, and a small phi does not find that in a "
@@ -186,12 +193,14 @@ def swap_panel(rows):
 
 
 def merge_panel(rows):
-    st.subheader("LoRA: merge W + BA, or keep it beside W")
-    loras = [r["name"] for r in rows if r["method"] == "LoRA" and r["task"] in peftcore.TASKS]
-    if not loras:
-        st.info("No LoRA phi in your bank.")
+    st.subheader("Merge phi into W, or keep it beside W")
+    mergeable = [r["name"] for r in rows if peftcore.METHODS[r["peft_type"]].mergeable and r["task"] in peftcore.TASKS]
+    if not mergeable:
+        st.info("No phi of a method that merges (" + ", ".join(
+            v.name for v in ui.method_views() if v.method.mergeable) + ") in your bank.")
         return
-    name = st.selectbox("LoRA phi", loras, key="merge_name")
+    name = st.selectbox("phi that merges", mergeable, key="merge_name",
+                        format_func=lambda n: f"{n} ({ui.view_of(ui.bank().peft_config[n].peft_type).name})")
     model = ui.bank()
     # Keyed on the bank's generation (it moves on every add, delete, load and merge), never on
     # id(): a phi removed and uploaded again under its name may get the old config's id.
@@ -217,10 +226,11 @@ def merge_results(t):
     holds only where the spread says so (one pair of numbers flips sign between clicks)."""
     unmerged, merged, saved = (analysis.spread(t[k]) for k in ("unmerged_all", "merged_all", "saved_all"))
     with st.container(horizontal=True, gap="large"):
-        st.metric("unmerged: W x + B A x", ms(unmerged["median"]), width="content",
+        st.metric("unmerged: W x, then phi", ms(unmerged["median"]), width="content",
                   help="median latency of a batch of 32 prompts, one forward pass")
-        st.metric("merged: (W + B A) x", ms(merged["median"]), width="content",
-                  help="the same batch with W + B A precomputed: one matmul per projection")
+        st.metric("merged: W' x", ms(merged["median"]), width="content",
+                  help="the same batch with phi folded into W' once (LoRA: W + B A; IA3: W scaled): one matmul "
+                       "per projection")
     st.caption(f"Medians of {unmerged['n']} alternating repeats on {ui.device()}; the middle half of the repeats "
                f"in brackets: unmerged [{ms(unmerged['q1'])} to {ms(unmerged['q3'])}], "
                f"merged [{ms(merged['q1'])} to {ms(merged['q3'])}].")

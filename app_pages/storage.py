@@ -5,8 +5,8 @@ import numpy as np
 import streamlit as st
 
 import ui
-from peftcore import LoraConfig
-from peftcore.storage import KNOWN_BASES, break_even, full_storage, human_bytes, peft_storage, phi_that_fit
+from peftcore.storage import (KNOWN_BASES, break_even, full_storage, human_bytes, peft_storage, phi_that_fit,
+                              toy_lora_qv_bytes)
 
 # phi as a percentage of the base: a 1-1.5-2-3-5-7 ladder per decade, fine at the low end.
 P_OPTIONS = sorted({float(round(m * 10 ** e, 4)) for e in range(-2, 2) for m in (1, 1.5, 2, 3, 5, 7)} | {100.0})
@@ -35,7 +35,7 @@ def storage_figure(p, t_max, log, scale, unit, measured):
     fmt = "%{y:.4g} base models" if scale == 1 else "%{y:.3s}B"
     traces = [
         dict(type="scatter", mode="lines", name=f"PEFT: 1 + T·p  (p = {pct(100 * p)})", x=x.tolist(), y=peft.tolist(),
-             line=dict(width=6, color=ui.COLORS["LoRA"]), hovertemplate=f"PEFT: {fmt}<extra></extra>"),
+             line=dict(width=6, color=ui.PEFT_COLOR), hovertemplate=f"PEFT: {fmt}<extra></extra>"),
         dict(type="scatter", mode="lines", name="full fine-tuning: T", x=x.tolist(), y=full.tolist(),
              line=dict(width=4, color="#888888"), opacity=0.45,
              hovertemplate=f"full fine-tuning: {fmt}<extra></extra>"),
@@ -175,7 +175,7 @@ def measured_fractions(facts):
 
 def presets_table(facts):
     """LoRA r=4 on q and v for the toy base and the well-known sizes: bytes per task and p."""
-    toy_lora = LoraConfig(r=4, target_modules=("q", "v")).num_params(facts["config"]) * 4  # float32
+    toy_lora = toy_lora_qv_bytes(facts["config"])  # float32
     rows = [{"base model": "Toy base (float32, measured file)", "one base": human_bytes(facts["file_bytes"]),
              "LoRA r=4 on q, v": human_bytes(toy_lora), "p": f"{100 * toy_lora / facts['file_bytes']:.3g}%"}]
     for b in KNOWN_BASES.values():

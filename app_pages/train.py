@@ -5,9 +5,9 @@ import streamlit as st
 
 import peftcore
 import ui
-from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig
+from dataclasses import replace
+
 from peftcore.analysis import changed_weights, sample_predictions
-from peftcore.lora import TARGETABLE
 from peftcore.presets import PRESETS, SOLVES_AT, robustness
 from peftcore.storage import human_bytes
 from peftcore.tasks import EVAL_SIZE
@@ -15,7 +15,6 @@ from peftcore.train import SOLVED
 
 LR_OPTIONS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1]
 STEPS = dict(min_value=10, max_value=1000, step=10)
-FULL = "Full fine-tuning"
 GROUP = "train"
 ss = st.session_state
 
@@ -65,25 +64,32 @@ def _number(lo, hi, kind):
     return parse
 
 
-def _modules(text):
-    names = [t for t in text.split(",") if t]
-    if not names or any(t not in TARGETABLE for t in names):
-        raise ValueError(f"must be a comma-separated subset of {', '.join(TARGETABLE)}")
-    return names
+class _Generic:
+    """A control every method has: a link name, a session key ({method}: one per method) and
+    a parser of the link's text."""
+
+    def __init__(self, key, parse):
+        self.key, self.parse = key, parse
 
 
-CONTROLS = {  # link name -> (session key, with {method} for per-method ones; parser)
-    "task": ("task", _choice(list(peftcore.TASKS))),
-    "method": ("method", _choice(list(PRESETS))),
-    "r": ("lora_r", _number(1, 64, int)),
-    "lora_alpha": ("lora_alpha", _number(1, 128, int)),
-    "target_modules": ("lora_targets", _modules),
-    "lora_dropout": ("lora_dropout", _number(0.0, 0.5, float)),
-    "bottleneck_size": ("adapter_b", _number(1, 128, int)),
-    "num_virtual_tokens": ("prompt_n", _number(1, 64, int)),
-    "lr": ("lr-{method}", _choice(LR_OPTIONS)),
-    "steps": ("steps-{method}", _number(10, 1000, int)),
-}
+def method_key(view, control):
+    """The session key of a method's control: one per method and field."""
+    return f"{view.method.slug}.{control.field}"
+
+
+def link_controls():
+    """Every control a teacher's link may name -> (session key, parser): the task, the method,
+    each method's own controls (from its view), the learning rate and the steps."""
+    out = {"task": ("task", _choice(list(peftcore.TASKS))),
+           "method": ("method", _choice([v.name for v in ui.method_views()]))}
+    for view in ui.method_views():
+        for c in view.controls:
+            out[c.name] = (method_key(view, c), c.parse)
+    out.update({"lr": ("lr-{method}", _choice(LR_OPTIONS)), "steps": ("steps-{method}", _number(10, 1000, int))})
+    return out
+
+
+CONTROLS = link_controls()
 
 
 def _names(text, problems, what):
@@ -109,7 +115,7 @@ def exercise():
         if "only" in q:
             locked |= set(CONTROLS) - _names(q["only"], problems, "only")
         hidden = _names(q.get("hide", ""), problems, "hide")
-        method = values.get("method", "LoRA")
+        method = values.get("method", ui.method_views()[0].name)
         for name, value in values.items():
             set_control(CONTROLS[name][0].format(method=method), value)
         ss["exercise"] = dict(values=values, locked=locked, hidden=hidden, problems=problems)
@@ -130,7 +136,9 @@ def exercise_notes():
     if ex["problems"]:
         st.warning("This link had values that do not fit: " + "; ".join(ex["problems"]) + ".")
     if ex["locked"] or ex["hidden"]:
-        free = [n for n in CONTROLS if n not in ex["locked"] | ex["hidden"]]
+        view = ui.view_named(ex["values"].get("method", ui.method_views()[0].name))
+        relevant = ["task", "method", *(c.name for c in view.controls), "lr", "steps"]
+        free = [n for n in relevant if n not in ex["locked"] | ex["hidden"]]
         st.info("An exercise from your teacher: you may change " + (", ".join(f"`{n}`" for n in free) or "nothing")
                 + (" (some settings are hidden)." if ex["hidden"] else "."))
 
@@ -139,13 +147,16 @@ def class_link(task, method, config, lr, steps):
     """Build an exercise link from this page's current settings, for a teacher to share."""
     with st.expander("Copy link for the class"):
         # pills that wrap: a multiselect cuts names such as num_virtual_tokens short in a column
-        free = st.pills("Students may change", list(CONTROLS), selection_mode="multi", default=list(CONTROLS),
-                        key="link_only", wrap=True)
-        hidden = st.pills("Hidden from students", list(CONTROLS), selection_mode="multi", key="link_hide", wrap=True)
-        settings = {k: ",".join(v) if isinstance(v, (list, tuple)) else v
-                    for k, v in config.to_dict().items() if k in CONTROLS}
+        view = ui.view_named(method)
+        names = ["task", "method", *(c.name for c in view.controls), "lr", "steps"]  # this method's, in order
+        free = st.pills("Students may change", names, selection_mode="multi", default=names, key="link_only", wrap=True)
+        hidden = st.pills("Hidden from students", names, selection_mode="multi", key="link_hide", wrap=True)
+        settings = {}
+        for c in view.controls:
+            value = getattr(config, c.field)
+            settings[c.name] = ",".join(value) if isinstance(value, (list, tuple)) else value
         params = dict(task=task, method=method, **settings, lr=f"{lr:g}", steps=steps)
-        if set(free) != set(CONTROLS):
+        if set(free) != set(names):
             params["only"] = ",".join(free)
         if hidden:
             params["hide"] = ",".join(hidden)
@@ -164,47 +175,26 @@ def page_url():
     return f"{origin}/train"
 
 
-def lora_widgets(preset: LoraConfig):
-    a, b = st.columns(2)
-    r = control("r", preset.r, lambda **kw: a.slider(
-        "r (rank)", 1, 64, unless_set("lora_r", preset.r), key="lora_r",
-        help="Rank of the update B A: phi grows linearly with r.", **kw))
-    alpha = control("lora_alpha", preset.lora_alpha, lambda **kw: b.slider(
-        "lora_alpha", 1, 128, unless_set("lora_alpha", preset.lora_alpha), key="lora_alpha",
-        help="The update is scaled by lora_alpha / r.", **kw))
-    # pills, not a multiselect, told to wrap: in a column all six stay in view
-    targets = control("target_modules", list(preset.target_modules), lambda **kw: st.pills(
-        "target_modules", TARGETABLE, selection_mode="multi", wrap=True,
-        default=unless_set("lora_targets", list(preset.target_modules)),
-        key="lora_targets", help="Which projections of every block get a LoRA: attention q, k, v, o and MLP up, down.",
-        **kw))
-    dropout = control("lora_dropout", preset.lora_dropout, lambda **kw: st.slider(
-        "lora_dropout", 0.0, 0.5, unless_set("lora_dropout", preset.lora_dropout), 0.05, key="lora_dropout",
-        help="Dropout on the LoRA branch's input while training.", **kw))
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=tuple(targets))
-
-
-def adapter_widgets(preset: AdapterConfig):
-    b = control("bottleneck_size", preset.bottleneck_size, lambda **kw: st.slider(
-        "bottleneck_size", 1, 128, unless_set("adapter_b", preset.bottleneck_size), key="adapter_b",
-        help="Width of the adapter's bottleneck: d -> b -> d after each sublayer.", **kw))
-    return AdapterConfig(bottleneck_size=b)
-
-
-def prompt_widgets(preset: PromptTuningConfig):
-    n = control("num_virtual_tokens", preset.num_virtual_tokens, lambda **kw: st.slider(
-        "num_virtual_tokens", 1, 64, unless_set("prompt_n", preset.num_virtual_tokens), key="prompt_n",
-        help="How many trainable embeddings go in front of the input.", **kw))
-    return PromptTuningConfig(num_virtual_tokens=n)
-
-
-def full_widgets(preset):
-    st.caption("Every weight trains, on a private copy of the base: the baseline PEFT is measured against.")
-    return FullFineTuneConfig()
-
-
-CONFIG_WIDGETS = {"LoRA": lora_widgets, "Adapter": adapter_widgets, "Prompt tuning": prompt_widgets,
-                  FULL: full_widgets}
+def method_widgets(view, preset_config):
+    """The view's controls, two sliders to a row, pills on a row of their own; returns the
+    preset's config with what the student set."""
+    values, row = {}, []
+    for c in view.controls:
+        default, key = getattr(preset_config, c.field), method_key(view, c)
+        if c.kind == "subset":
+            # pills, not a multiselect, told to wrap: in a column every option stays in view
+            values[c.field] = tuple(control(c.name, list(default), lambda **kw: st.pills(
+                c.label, c.options, selection_mode="multi", wrap=True, default=unless_set(key, list(default)),
+                key=key, help=c.help, **kw)) or ())
+            continue
+        if not row:
+            row = list(st.columns(2)) if c.kind is int else [st.container()]
+        where = row.pop(0)
+        values[c.field] = control(c.name, default, lambda **kw: where.slider(
+            c.label, c.lo, c.hi, unless_set(key, default), c.step, key=key, help=c.help, **kw))
+    if view.note:
+        st.caption(view.note)
+    return replace(preset_config, **values)
 
 
 def phi_params(config, facts):
@@ -214,10 +204,12 @@ def phi_params(config, facts):
 
 def one_method(task):
     """Widgets for one method; returns [(label, config, train kwargs)]."""
-    method = control("method", "LoRA", lambda **kw: st.selectbox(
-        "Method", list(PRESETS), key="method", help="How phi plugs into the frozen base.", **kw))
-    preset = PRESETS[method]
-    config = CONFIG_WIDGETS[method](preset.config)
+    names = [v.name for v in ui.method_views()]
+    method = control("method", names[0], lambda **kw: st.selectbox(
+        "Method", names, key="method", help="How phi plugs into the frozen base.", **kw))
+    view = ui.view_named(method)
+    preset = PRESETS[view.peft_type]
+    config = method_widgets(view, preset.config)
     a, b = st.columns(2)
     lr = control("lr", preset.train["lr"], lambda **kw: a.select_slider(
         "Learning rate", LR_OPTIONS, value=unless_set(f"lr-{method}", preset.train["lr"]), key=f"lr-{method}",
@@ -231,14 +223,16 @@ def one_method(task):
 
 def race():
     """Widgets for a race: several methods, each with its preset, the same steps."""
-    # pills that wrap: a multiselect in this column hid "Full fine-tuning" behind the others
-    methods = st.pills("Methods", list(PRESETS), selection_mode="multi", wrap=True, key="race_methods",
-                       default=unless_set("race_methods", list(PRESETS)),
+    # pills that wrap: a multiselect in this column hid the last methods behind the others
+    names = [v.name for v in ui.method_views()]
+    methods = st.pills("Methods", names, selection_mode="multi", wrap=True, key="race_methods",
+                       default=unless_set("race_methods", names),
                        help="They train side by side on the same task and seed.")
-    steps = st.slider("Steps (each method)", value=unless_set("race_steps", PRESETS["LoRA"].train["steps"]),
-                      key="race_steps",
+    presets = {m: PRESETS[ui.view_named(m).peft_type] for m in methods}
+    longest = max(p.train["steps"] for p in PRESETS.values())
+    steps = st.slider("Steps (each method)", value=unless_set("race_steps", longest), key="race_steps",
                       help="The same number of batches for every method: a fair race.", **STEPS)
-    return [(m, PRESETS[m].config, dict(PRESETS[m].train, steps=steps)) for m in methods]
+    return [(m, p.config, dict(p.train, steps=steps)) for m, p in presets.items()]
 
 
 def check(specs, facts):
@@ -280,26 +274,24 @@ def restore_setup(runs):
         set_control(key, value)
 
 
-# Why a preset that never reaches SOLVES_AT on a task does not: the lesson in a 0-of-5 row
+# Why no preset reaches SOLVES_AT on a task: the lesson in a 0-of-5 row (a method's own
+# reason, where it has one, is in its view: view.never_solves)
 NEVER_SOLVED_WHY = {
     "sort": "Sorting compares every digit with every other; the base learned digit maps and routings "
             "only, and no method (full fine-tuning included) finds sorting in a live budget.",
-    "Prompt tuning": "A soft prompt steers the frozen model only through its input, and on a model this small "
-                     "that is rarely enough: in Lester et al. (2021) prompt tuning caught up with full fine-tuning "
-                     "only at billions of parameters.",
 }
 
 
 def seed_note(methods, task):
     """How reliably each preset reaches SOLVES_AT on the task, from the recorded multi-seed
     table: one caption for all the methods, and each reason a row never does said once."""
-    recs = {m: r for m in methods if (r := robustness(m, task))}
+    recs = {m: r for m in methods if (r := robustness(ui.view_named(m).peft_type, task))}
     lines, whys = [], []
     for method, rec in recs.items():
         low, high = round(100 * rec["min"]), round(100 * rec["max"])
         spread = f"{low}%" if low == high else f"{low}-{high}%"
         lines.append(f"{method}'s preset: **{rec['solved']} of {rec['seeds']} seeds** (reached {spread})")
-        why = NEVER_SOLVED_WHY.get(task) or NEVER_SOLVED_WHY.get(method)
+        why = NEVER_SOLVED_WHY.get(task) or ui.view_named(method).never_solves
         if rec["solved"] == 0 and why and why not in whys:
             whys.append(why)
     if lines:
@@ -328,7 +320,7 @@ def result_card(run):
     cols[5].metric("time", f"{s['seconds']:.1f} s", help=f"{s['step']} steps at {s['steps_per_s']:.1f} steps/s")
     same = after == model.base_fingerprint
     prints = f"Shared base fingerprint (sha256) before `{model.base_fingerprint[:16]}…` · after `{after[:16]}…` · "
-    if run.label == FULL:
+    if not ui.run_view(run).method.shares_base:  # a whole copy: say what changed, not "only phi"
         changed, total = ui.run_cache(run, "changed", lambda: changed_weights(model, ui.get_base(ui.device())))
         st.markdown(f"Full fine-tuning trained a private **copy** of the base: every weight received gradients, and "
                     f"**{changed:,} of its {total:,} weights changed** ({100 * changed / total:.1f}%). Storing this "
@@ -344,11 +336,12 @@ def result_card(run):
 
 
 def save_and_download(run, data):
-    slug = ui.METHOD_SLUG.get(run.label, "phi")
+    view = ui.run_view(run)
+    slug, bankable = view.method.slug, view.method.shares_base
     a, b, c = st.columns([2, 1, 1], vertical_alignment="bottom")
     name = a.text_input("Name in your bank", value=ui.unique_name(f"{slug}-{run.task}"), key=f"name-{run.id}",
-                        max_chars=64, help="Letters, digits, '_' and '-'.", disabled=run.label == FULL)
-    if run.label == FULL:
+                        max_chars=64, help="Letters, digits, '_' and '-'.", disabled=not bankable)
+    if not bankable:
         a.caption("A full fine-tune is a whole model, not a sliver: it cannot join a bank of phi over the shared base.")
     elif b.button("Save to my bank", key=f"save-{run.id}", width="stretch"):
         try:

@@ -8,8 +8,10 @@ order of the training data (train(..., seed=s)).
 
 To try a setting before it becomes a preset (refused with --write):
 
-    python -m bench.presets --methods Adapter --tasks add_5 --seeds 5 --jobs 2 --lr 1e-2
-    python -m bench.presets --methods "Prompt tuning" --config num_virtual_tokens=16
+    python -m bench.presets --methods BOTTLENECK_ADAPTER --tasks add_5 --seeds 5 --jobs 2 --lr 1e-2
+    python -m bench.presets --methods PROMPT_TUNING --config num_virtual_tokens=16
+
+Methods are named by peft_type (LORA, BOTTLENECK_ADAPTER, PROMPT_TUNING, FULL, ...).
 
 Float rounding differs between CPUs, so a run that sits on a knife edge here may fall the
 other way elsewhere. Two cheap ways to perturb the rounding on one machine:
@@ -104,7 +106,7 @@ def main():
     config_over = {k: parse_value(v) for k, v in (c.split("=", 1) for c in args.config)}
     if args.write and (train_over or config_over or args.first_seed):
         ap.error("--write records the presets as they are: drop the overrides and --first-seed")
-    methods = [m for m in args.methods if not (args.random_base and m == "Full fine-tuning")]
+    methods = [m for m in args.methods if not (args.random_base and not peftcore.METHODS[m].shares_base)]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows = [(m, t) for m in methods for t in args.tasks]
     jobs = [(m, t, s, args.random_base, config_over, train_over) for m, t in rows for s in seeds]

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PeftConfig, StackCache, check_range, pad_to
+from .registry import Method, Preset, register
 
 
 @dataclass
@@ -67,8 +68,17 @@ class AdapterLayer(nn.Module):
     def get_base_layer(self):
         return self.sublayer
 
-    def forward(self, x, *args):
-        h = self.sublayer(x, *args)
+    def unloaded(self, name):
+        """What stands in this wrapper's place once phi is unloaded: the sublayer itself."""
+        return self.sublayer
+
+    @staticmethod
+    def cohort(sublayer, members):
+        """The cohort's layer in this one's place: row group k through members[k] = (layer, name)."""
+        return CohortAdapter(sublayer, [layer.adapters[name] for layer, name in members])
+
+    def forward(self, x, *args, **kwargs):
+        h = self.sublayer(x, *args, **kwargs)  # attn_mask, prefix: the sublayer's own
         if self.route.rows is not None:
             return h + self._mixed(h)
         name = self.route.active
@@ -117,8 +127,8 @@ class CohortAdapter(nn.Module):
         self.sublayer = sublayer
         self.bottlenecks = [_tensors(b) for b in bottlenecks]
 
-    def forward(self, x, *args):
-        h = self.sublayer(x, *args)
+    def forward(self, x, *args, **kwargs):
+        h = self.sublayer(x, *args, **kwargs)
         Wd, bd, Wu, bu = stack_bottlenecks(self.bottlenecks)  # every step: the runs' phi change
         hs = h.reshape(len(self.bottlenecks), -1, h.shape[-1])
         z = F.gelu(torch.baddbmm(bd[:, None], hs, Wd.transpose(1, 2)))
@@ -136,3 +146,11 @@ def add_adapter_layers(view, name, cfg: AdapterConfig, route, generator=None):
                 layer = AdapterLayer(layer, d, route)
                 setattr(block, sub, layer)
             layer.add(name, cfg, like, generator)
+
+
+register(Method(
+    AdapterConfig, plug=lambda model, name, cfg, g: add_adapter_layers(model.base_model, name, cfg, model.route, g),
+    layers=(AdapterLayer,), containers=("adapters",), cohort_kind=lambda cfg: ("BOTTLENECK_ADAPTER",), slug="adapter",
+    # lr 1e-2: at 3e-2 the held-out score fell by up to 0.99 mid-run and recovered by luck (one
+    # seed ended at 0.07 on AVX2 kernels); at 1e-2 no seed falls by more than 0.1 (BENCHMARKS.md)
+    preset=Preset(AdapterConfig(bottleneck_size=16), dict(steps=300, lr=1e-2, batch_size=32))))

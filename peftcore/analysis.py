@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .lora import LoraConfig, TARGETABLE
+from .model import PROJECTIONS as TARGETABLE
 from .serialization import load_adapter
 from .timing import median_seconds, side_by_side, sync
 from .tasks import ANSWER_START, N_DIGITS, SEP, get_task
@@ -164,13 +164,12 @@ def merged_vs_unmerged(model, name, prompts, repeats=21):
     medians, and each repeat kept: 'unmerged_all', 'merged_all' (seconds, measured
     alternately) and 'saved_all' (unmerged minus merged, per alternating pair).
     A measurement, not a change: the model (its generation included) is left as it was."""
-    if not isinstance(model.peft_config.get(name), LoraConfig):
-        raise ValueError(f"{name!r} is not a LoRA adapter; only LoRA merges into W")
+    model._check_mergeable(name, f"timing a merge of {name!r}")
     x = prompts.to(next(model.parameters()).device)
     with keep_active(model), torch.no_grad():
         model.set_adapter(name)
         model.eval()
-        layers = [layer for layer in model._lora_layers() if name in layer.lora_A]
+        layers = model._merge_layers(name)
         merged_w = []
         for layer in layers:  # once; the timed calls below only switch W' in and out
             layer.merge(name)

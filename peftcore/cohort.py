@@ -10,13 +10,14 @@ matmul (the mixed-batch idea of serving, with gradients). Each run keeps its own
 optimizer, schedule, seed, data stream, evaluations. The loss backpropagated is the sum of
 the runs' losses; their phi are disjoint, so each phi's gradient is its own run's.
 
-LoRA (without dropout) and bottleneck adapters can ride together; runs of other methods,
-or on another base, batch size or device, train alone (a cohort of one is plain train()).
+Which runs ride together is each method's to say (its registry entry's cohort_kind: LoRA
+without dropout, bottleneck adapters...); how, its phi layer's `cohort(base_layer, members)`.
+Runs of other methods, or on another base, batch size or device, train alone (a cohort of
+one is plain train()).
 """
 import torch
 
-from .adapter import AdapterConfig, AdapterLayer, CohortAdapter
-from .lora import CohortLora, LoraConfig, LoraLinear
+from . import registry
 from .peft_model import PeftModel, shared_view
 from .train import NonFiniteLossError, TrainEvent
 
@@ -26,11 +27,9 @@ def cohort_key(model, batch_size=64, device="cpu"):
     if not isinstance(model, PeftModel) or model.full or model._merged is not None:
         return None
     cfg = model.peft_config.get(model.active_adapter)
-    if isinstance(cfg, LoraConfig) and not cfg.lora_dropout:  # CohortLora has no dropout: those train alone
-        kind = ("LORA", tuple(sorted(cfg.target_modules)))
-    elif isinstance(cfg, AdapterConfig):
-        kind = ("BOTTLENECK_ADAPTER",)
-    else:
+    method = registry.method_of(cfg) if cfg is not None else None
+    kind = method.cohort_kind(cfg) if method and method.cohort_kind else None
+    if kind is None:
         return None
     return id(model._base[0]), kind, batch_size, str(device)
 
@@ -42,15 +41,11 @@ def carrier(models):
     modules = [dict(m.base_model.named_modules()) for m in models]
     names = [m.active_adapter for m in models]
     for path, layer in modules[0].items():
-        if not isinstance(layer, (LoraLinear, AdapterLayer)):
+        if not hasattr(layer, "cohort"):  # not a phi layer that rides in cohorts
             continue
         parent_path, _, child = path.rpartition(".")
         parent = view.get_submodule(parent_path)
-        if isinstance(layer, LoraLinear):
-            wrapper = CohortLora(getattr(parent, child), [(mods[path], n) for mods, n in zip(modules, names)])
-        else:
-            wrapper = CohortAdapter(getattr(parent, child), [mods[path].adapters[n] for mods, n in zip(modules, names)])
-        setattr(parent, child, wrapper)
+        setattr(parent, child, layer.cohort(getattr(parent, child), [(mods[path], n) for mods, n in zip(modules, names)]))
     return view
 
 

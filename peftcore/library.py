@@ -1,4 +1,5 @@
-"""The ready library: one trained phi per downstream task for each PEFT method, shipped
+"""The ready library: one trained phi per downstream task for each PEFT method (every
+registered method that shares the base), shipped
 in the repo so the many-tasks page is ready the moment it opens.
 
 Regenerate with `python -m peftcore.library` (about 4 minutes on one core of the 2-core
@@ -12,12 +13,17 @@ how many solved), so a fragile row reads as fragile, not as one lucky run.
 import json
 from pathlib import Path
 
+from . import registry
 from .peft_model import PeftModel
-from .presets import PRESETS, SOLVES_AT, robustness
+from .presets import SOLVES_AT, robustness
 from .serialization import AdapterLoadError, saved_bytes
 
 LIBRARY_DIR = Path(__file__).parent / "library"
-METHOD_SLUGS = {"LoRA": "lora", "Adapter": "adapter", "Prompt tuning": "prompt"}
+
+
+def method_slugs():
+    """peft_type -> slug (the folder and the phi names' prefix) of every method in the library."""
+    return {t: registry.METHODS[t].slug for t in registry.bankable()}
 
 
 def entries():
@@ -47,8 +53,8 @@ def build(tasks=None):
     import peftcore
     base = peftcore.load_base()
     measured = {}
-    for method, slug in METHOD_SLUGS.items():
-        preset = PRESETS[method]
+    for method, slug in method_slugs().items():
+        preset = registry.METHODS[method].preset
         for task in tasks or peftcore.TASKS:
             table = robustness(method, task)
             seed = _library_seed(table)

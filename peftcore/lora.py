@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PeftConfig, StackCache, check_range, pad_to
+from .registry import Method, Preset, register
 
-TARGETABLE = ("q", "k", "v", "o", "up", "down")
+from .model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
 
 
 @dataclass
@@ -93,6 +94,20 @@ class LoraLinear(nn.Module):
 
     def get_base_layer(self):
         return self.base_layer
+
+    def unloaded(self, name):
+        """A plain Linear in this wrapper's place, LoRA `name` folded in (merge_and_unload)."""
+        w = self.base_layer.weight
+        if name in self.lora_A:
+            w = w + self.delta_weight(name).detach()
+        plain = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        plain.weight = nn.Parameter(w.detach(), requires_grad=False)
+        return plain
+
+    @staticmethod
+    def cohort(base_layer, members):
+        """The cohort's layer in this one's place: row group k through members[k] = (layer, name)."""
+        return CohortLora(base_layer, members)
 
     def merge(self, name):
         self.merged_adapter = name
@@ -185,3 +200,21 @@ def _base_modules(module):
     for child in module.children():
         if not isinstance(child, nn.ModuleDict):
             yield from _base_modules(child)
+
+
+def cohort_kind(cfg):
+    """LoRA runs on the same projections ride together (ranks pad); CohortLora has no dropout."""
+    return None if cfg.lora_dropout else ("LORA", tuple(sorted(cfg.target_modules)))
+
+
+# the fields HF peft's LoraConfig expects to find in adapter_config.json
+HF_FIELDS = dict(bias="none", fan_in_fan_out=False, inference_mode=True, task_type=None, base_model_name_or_path=None,
+                 modules_to_save=None, init_lora_weights=True)
+
+register(Method(
+    LoraConfig, plug=lambda model, name, cfg, g: add_lora(model.base_model, name, cfg, model.route, g),
+    layers=(LoraLinear,), containers=("lora_A", "lora_B"), mergeable=True, cohort_kind=cohort_kind,
+    hf_fields=HF_FIELDS, slug="lora",
+    # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6)
+    preset=Preset(LoraConfig(r=1, lora_alpha=4, target_modules=("q", "k", "v", "o", "up")),
+                  dict(steps=300, lr=1e-2, batch_size=32))))

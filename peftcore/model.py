@@ -11,6 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+PROJECTIONS = ("q", "k", "v", "o", "up", "down")  # the Linears a method may target, by name
+
+
 @dataclass
 class BaseConfig:
     vocab_size: int = 23  # 10 digits, SEP, 12 task tokens (see tasks.py)
@@ -34,11 +37,23 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, prefix=None):
+        """attn_mask: bool (B, 1, T, T), True = may attend; None = causal. prefix: keys and
+        values in front of the real ones, as transformers' past key values: (k, v, keep),
+        k and v (B, n_head, P, head_dim), keep a bool (B, P) of the prefix slots each row
+        may attend (None = all). A query sees every kept prefix slot and its real positions."""
         B, T, C = x.shape
         heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        if attn_mask is None:
+        if prefix is not None:
+            pk, pv, keep = prefix
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            # an explicit mask: is_causal would put the diagonal in the wrong corner of (T, P + T)
+            real = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if attn_mask is None else attn_mask
+            front = torch.ones(1, pk.shape[2], dtype=torch.bool, device=x.device) if keep is None else keep
+            rows = max(front.shape[0], real.shape[0] if real.dim() == 4 else 1)
+            attn_mask = torch.cat([front[:, None, None, :].expand(rows, 1, T, -1), real.expand(rows, 1, T, T)], dim=-1)
+        if attn_mask is None:  # the fast path: no mask tensor
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -63,8 +78,10 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln1(x), attn_mask)
+    def forward(self, x, attn_mask=None, prefix=None):
+        # prefix only when given: a wrapper of attn (a PEFT layer) need not know the keyword
+        h = self.ln1(x)
+        x = x + (self.attn(h, attn_mask) if prefix is None else self.attn(h, attn_mask, prefix=prefix))
         return x + self.mlp(self.ln2(x))
 
 
@@ -96,11 +113,12 @@ class ToyTransformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx=None, inputs_embeds=None, attn_mask=None):
+    def forward(self, idx=None, inputs_embeds=None, attn_mask=None, prefix=None):
         """Logits for every position. Soft prompts pass `inputs_embeds` (already
         embedded, virtual tokens in front) and, for rows of unequal prompt length, a
-        boolean `attn_mask` (B, 1, T, T) where True means "may attend"."""
+        boolean `attn_mask` (B, 1, T, T) where True means "may attend". `prefix`: one
+        (k, v, keep) per block, keys and values in front of its attention's own (Attention)."""
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds
-        for block in self.blocks:
-            x = block(x, attn_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask) if prefix is None else block(x, attn_mask, prefix=prefix[i])
         return self.head(self.ln_f(x))

@@ -3,6 +3,9 @@
 `get_peft_model(base, config)` never modifies `base`: it builds a *view*, a copy of the
 module tree whose Parameters alias the base's storage (no weights copied), and plugs
 phi into the view. One base object can serve every browser session at once.
+
+Generic: what a method is and how it plugs in comes from the registry (registry.py; each
+method registers in its own file). Nothing here names a method.
 """
 import copy
 import re
@@ -14,27 +17,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .adapter import AdapterConfig, AdapterLayer, add_adapter_layers
+from . import registry
 from .base import fingerprint
 from .config import PeftConfig
-from .lora import LoraConfig, LoraLinear, add_lora
-from .prompt import PromptEncoder, PromptTuningConfig
 
 BASE_ROW = "__base__"  # the name of "no phi" in a mixed batch
-PHI_CONTAINERS = ("lora_A", "lora_B", "adapters", "prompts")  # where each method keeps its phi by name
-NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-
-
-@dataclass
-class FullFineTuneConfig(PeftConfig):
-    """The baseline: a trainable copy of every weight, no phi."""
-    peft_type = "FULL"
-
-    def num_params(self, base_config):
-        return None  # every parameter of the copy
-
-
-CONFIGS = {c.peft_type: c for c in (LoraConfig, AdapterConfig, PromptTuningConfig, FullFineTuneConfig)}
+NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 @dataclass
@@ -81,8 +69,7 @@ class PeftModel(nn.Module):
         self.base_model = shared_view(base)
         self._base = [base]  # in a list so it is not registered as a submodule
         self._layers = None  # cache of _phi_layers()
-        self._merged = None  # the LoRA folded into merged weights, if any
-        self.prompt_encoder = PromptEncoder(self.route)
+        self._merged = None  # the adapter folded into merged weights, if any
         self.peft_config = {}  # adapter name -> config
         self.adapter_task = {}  # adapter name -> the task it was trained on, when known
         self.base_fingerprint = fingerprint(base)
@@ -124,14 +111,13 @@ class PeftModel(nn.Module):
     def inject_adapter(self, adapter_name, config: PeftConfig, seed=None):
         """Add phi `adapter_name` without making it active: the active adapter and what
         trains stay as they were (HF peft's load_adapter does the same)."""
-        if not NAME_RE.match(str(adapter_name)) or adapter_name == BASE_ROW:
+        if not NAME_RE.fullmatch(str(adapter_name)) or adapter_name == BASE_ROW:
             raise ValueError(f"adapter name must be 1-64 letters, digits, '_' or '-', got {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
-        if self.full or (isinstance(config, FullFineTuneConfig) and self.peft_config):
+        method = registry.method_of(config)  # an unknown config is an error, never a full fine-tune
+        if self.full or (not method.shares_base and self.peft_config):
             raise ValueError("full fine-tuning is a whole trainable copy; it cannot share a model with phi")
-        if not isinstance(config, tuple(CONFIGS.values())):
-            raise TypeError(f"unknown config type {type(config).__name__}")
         config.validate()
         try:
             self._plug(adapter_name, config, None if seed is None else torch.Generator().manual_seed(seed))
@@ -144,18 +130,9 @@ class PeftModel(nn.Module):
         self._bump()
 
     def _plug(self, adapter_name, config, g):
-        view = self.base_model
         self._layers = None
-        if isinstance(config, LoraConfig):
-            add_lora(view, adapter_name, config, self.route, g)
-        elif isinstance(config, AdapterConfig):
-            add_adapter_layers(view, adapter_name, config, self.route, g)
-        elif isinstance(config, PromptTuningConfig):
-            self.prompt_encoder.add(adapter_name, config, view.embed.tok, g)
-        else:
-            self.full = True
-            for p in view.parameters():  # a real copy: full fine-tuning writes every weight
-                p.data = p.data.clone()
+        registry.method_of(config).plug(self, adapter_name, config, g)
+        self._layers = None
 
     def delete_adapter(self, adapter_name):
         """Remove phi `adapter_name`; wrapper layers it leaves empty are unwrapped, so the
@@ -178,10 +155,14 @@ class PeftModel(nn.Module):
         self._bump()
 
     def _unwrap_empty(self):
-        """Put back the wrapped module wherever a phi wrapper holds no phi any more."""
+        """Put back the wrapped module wherever a phi wrapper holds no phi any more, and drop
+        a model-level phi layer (a prompt encoder) left empty."""
+        for child_name, child in list(self.named_children()):
+            if child is not self.base_model and isinstance(child, registry.layer_types()) and not _holds_phi(child):
+                delattr(self, child_name)
         for parent in list(self.base_model.modules()):
             for child_name, child in list(parent.named_children()):
-                if isinstance(child, (LoraLinear, AdapterLayer)) and not _holds_phi(child):
+                if hasattr(child, "get_base_layer") and not _holds_phi(child):  # a wrapper left empty
                     setattr(parent, child_name, child.get_base_layer())
         self._layers = None
 
@@ -226,13 +207,18 @@ class PeftModel(nn.Module):
     def _phi_layers(self):
         """The modules that hold phi, found once per change of structure (set_adapter is hot)."""
         if self._layers is None:
-            self._layers = [m for m in self.modules() if isinstance(m, (LoraLinear, AdapterLayer, PromptEncoder))]
+            kinds = registry.layer_types()
+            self._layers = [m for m in self.modules() if isinstance(m, kinds)]
         return self._layers
+
+    def _input_layers(self, names):
+        """The phi layers that change a forward's input embeddings (a soft prompt) for `names`."""
+        return [m for m in self._phi_layers() if getattr(m, "prepends", False) and m.serves(names)]
 
     def named_adapter_parameters(self, adapter_name=None):
         """(adapter name, parameter) for every phi parameter, or those of one adapter."""
         for layer in self._phi_layers():
-            for attr in PHI_CONTAINERS:
+            for attr in registry.containers():
                 container = getattr(layer, attr, {})
                 names = list(container) if adapter_name is None else [adapter_name] if adapter_name in container else []
                 for name in names:
@@ -243,10 +229,10 @@ class PeftModel(nn.Module):
         """phi's tensors under names without the adapter name (HF peft's saved layout)."""
         adapter_name = adapter_name or self.route.active
         self._check(adapter_name)
-        out = {}
+        out, containers = {}, registry.containers()
         for key, t in self.state_dict().items():
             parts = key.split(".")
-            mine = any(parts[i] == adapter_name and parts[i - 1] in PHI_CONTAINERS for i in range(1, len(parts)))
+            mine = any(parts[i] == adapter_name and parts[i - 1] in containers for i in range(1, len(parts)))
             if mine or (self.full and parts[0] == "base_model"):
                 out[_hf_key(parts, adapter_name)] = t
         return out
@@ -257,14 +243,19 @@ class PeftModel(nn.Module):
         none) to run a mixed batch in one pass; inference only."""
         if adapter_names is not None:
             return self._mixed_forward(idx, adapter_names)
-        return self._run(idx, prompted=self.route.active in self.prompt_encoder.prompts)
+        return self._run(idx, [self.route.active])
 
-    def _run(self, idx, prompted):
-        """The view's logits at the real tokens; the routed soft prompt(s) in front if `prompted`."""
+    def _run(self, idx, names):
+        """The view's logits at the real tokens, the input layers serving `names` (a soft
+        prompt) run on the embeddings first."""
         view = self.base_model
-        if not prompted:
+        inputs = self._input_layers(names)
+        if not inputs:
             return view(idx)
-        x, mask, n = self.prompt_encoder(view.embed(idx))
+        x, mask, n = view.embed(idx), None, 0
+        for layer in inputs:
+            x, mask, added = layer(x)
+            n += added
         return view(inputs_embeds=x, attn_mask=mask)[:, n:]
 
     def _mixed_forward(self, idx, adapter_names):
@@ -280,7 +271,7 @@ class PeftModel(nn.Module):
         self.route.rows, self.route._slots = names, {}
         try:
             with torch.no_grad():
-                return self._run(idx, prompted=any(n in self.prompt_encoder.prompts for n in names))
+                return self._run(idx, names)
         finally:
             self.route.rows, self.route._slots = None, {}
 
@@ -316,9 +307,12 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base, model_id, adapter_name="default"):
-        """A new PeftModel over a view of `base` with the phi saved in directory `model_id`."""
-        from .serialization import from_pretrained
-        return from_pretrained(base, model_id, adapter_name)
+        """A new PeftModel over a view of `base` with the phi saved in directory `model_id`,
+        active (its only phi), as in HF peft."""
+        model = cls(base)
+        model.load_adapter(model_id, adapter_name)
+        model.set_adapter(adapter_name)
+        return model
 
     def load_adapter(self, model_id, adapter_name):
         """Add the phi saved in directory `model_id` under `adapter_name`, not active (as in
@@ -326,40 +320,46 @@ class PeftModel(nn.Module):
         from .serialization import load_adapter_dir
         return load_adapter_dir(self, model_id, adapter_name)
 
-    # ---------------------------------------------------------------- merging (LoRA)
-    def _lora_layers(self):
-        return [m for m in self.modules() if isinstance(m, LoraLinear)]
+    # ---------------------------------------------------------------- merging
+    def _merge_layers(self, name=None):
+        """The phi layers that can fold phi into a merged weight (those holding `name`)."""
+        return [m for m in self._phi_layers() if hasattr(m, "merge") and (name is None or _holds_phi(m, name))]
+
+    def _check_mergeable(self, name, what):
+        cfg = self.peft_config.get(name)
+        if cfg is None or not registry.method_of(cfg).mergeable:
+            mergeable = [t for t, m in registry.METHODS.items() if m.mergeable]
+            raise ValueError(f"{what} needs an active adapter of a method that merges ({', '.join(mergeable)}), "
+                             f"active is {name!r}")
 
     def merge_adapter(self):
-        """Fold the active LoRA into merged copies of its weights; the shared base is untouched.
-        Until unmerge_adapter(), set_adapter() unmerges first and mixed batches are refused."""
+        """Fold the active adapter into merged copies of its weights; the shared base is
+        untouched. Until unmerge_adapter(), set_adapter() unmerges first and mixed batches
+        are refused."""
         name = self.route.active
-        if not isinstance(self.peft_config.get(name), LoraConfig):
-            raise ValueError(f"merging needs an active LoRA adapter, active is {name!r}")
+        self._check_mergeable(name, "merging")
         self.unmerge_adapter()
-        for layer in self._lora_layers():
-            if name in layer.lora_A:
-                layer.merge(name)
+        for layer in self._merge_layers(name):
+            layer.merge(name)
         self._merged = name
         self._bump()
 
     def unmerge_adapter(self):
-        for layer in self._lora_layers():
+        for layer in self._merge_layers():
             layer.unmerge()
         self._merged = None
         self._bump()
 
     @property
     def merged_adapter(self):
-        """The LoRA folded into merged weights, or None."""
+        """The adapter folded into merged weights, or None."""
         return self._merged
 
     def merge_and_unload(self):
-        """A plain base-architecture model with the active LoRA folded in. Weights that
-        LoRA did not touch still alias the base; merged ones are new tensors."""
+        """A plain base-architecture model with the active adapter folded in. Weights it did
+        not touch still alias the base; merged ones are new tensors."""
         name = self.route.active
-        if not isinstance(self.peft_config.get(name), LoraConfig):
-            raise ValueError(f"merge_and_unload needs an active LoRA adapter, active is {name!r}")
+        self._check_mergeable(name, "merge_and_unload")
         plain = shared_view(self.base_model)
         _unwrap(plain, name)
         return plain.eval()
@@ -370,7 +370,7 @@ def _hf_key(parts, adapter_name):
     HF peft's saved layout (no adapter name, the model under base_model.model)."""
     out = []
     for i, part in enumerate(parts):
-        if part == "sublayer" or (i and parts[i - 1] in PHI_CONTAINERS and part == adapter_name):
+        if part == "sublayer" or (i and parts[i - 1] in registry.containers() and part == adapter_name):
             continue  # wrappers and adapter names are not part of the saved name
         out.append(part)
     if out[0] == "base_model":
@@ -378,25 +378,19 @@ def _hf_key(parts, adapter_name):
     return ".".join(out)
 
 
-def _holds_phi(layer):
-    return any(len(getattr(layer, attr, ())) for attr in PHI_CONTAINERS)
+def _holds_phi(layer, name=None):
+    """Whether a phi layer holds any phi (or phi `name`)."""
+    held = [getattr(layer, attr) for attr in registry.containers() if hasattr(layer, attr)]
+    return any(name in c for c in held) if name is not None else any(len(c) for c in held)
 
 
-def _unwrap(module, lora_name):
-    """Replace phi wrappers by plain modules, merging LoRA `lora_name` into its Linears."""
+def _unwrap(module, name):
+    """Replace every phi wrapper by what it unloads to: plain modules, phi `name` folded in."""
     for child_name, child in list(module.named_children()):
-        if isinstance(child, LoraLinear):
-            w = child.base_layer.weight
-            if lora_name in child.lora_A:
-                w = w + child.delta_weight(lora_name).detach()
-            plain = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-            plain.weight = nn.Parameter(w.detach(), requires_grad=False)
-            setattr(module, child_name, plain)
-        elif isinstance(child, AdapterLayer):
-            setattr(module, child_name, child.sublayer)
-            _unwrap(child.sublayer, lora_name)
-        else:
-            _unwrap(child, lora_name)
+        if hasattr(child, "unloaded"):
+            child = child.unloaded(name)
+            setattr(module, child_name, child)
+        _unwrap(child, name)
 
 
 def get_peft_model(base: nn.Module, config: PeftConfig, adapter_name="default", seed=None) -> PeftModel:
@@ -404,3 +398,4 @@ def get_peft_model(base: nn.Module, config: PeftConfig, adapter_name="default", 
     model = PeftModel(base)
     model.add_adapter(adapter_name, config, seed)
     return model
+

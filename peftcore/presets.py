@@ -14,34 +14,28 @@ solves the new digit maps (add_5, complement) on every seed; the compositions
 and no method learns sort: the app shows how often, from the table.
 """
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .adapter import AdapterConfig
-from .config import PeftConfig
-from .lora import LoraConfig
-from .peft_model import FullFineTuneConfig
-from .prompt import PromptTuningConfig
+from .registry import METHODS, Preset  # noqa: F401 - Preset is the type of PRESETS' values
 
 
-@dataclass
-class Preset:
-    config: PeftConfig
-    train: dict = field(default_factory=dict)  # keyword arguments of peftcore.train
+class _Presets(Mapping):
+    """peft_type -> Preset of every registered method (each declares its own, in its file)."""
+
+    def __getitem__(self, peft_type):
+        return METHODS[peft_type].preset
+
+    def __iter__(self):
+        return iter(METHODS)
+
+    def __len__(self):
+        return len(METHODS)
 
 
-PRESETS = {
-    # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6)
-    "LoRA": Preset(LoraConfig(r=1, lora_alpha=4, target_modules=("q", "k", "v", "o", "up")), dict(steps=300, lr=1e-2, batch_size=32)),
-    # lr 1e-2: at 3e-2 the held-out score fell by up to 0.99 mid-run and recovered by luck (one
-    # seed ended at 0.07 on AVX2 kernels); at 1e-2 no seed falls by more than 0.1 (BENCHMARKS.md)
-    "Adapter": Preset(AdapterConfig(bottleneck_size=16), dict(steps=300, lr=1e-2, batch_size=32)),
-    # prompt tuning wants a high learning rate (Lester et al. used 0.3)
-    "Prompt tuning": Preset(PromptTuningConfig(num_virtual_tokens=8), dict(steps=200, lr=1e-1, batch_size=32)),
-    "Full fine-tuning": Preset(FullFineTuneConfig(), dict(steps=220, lr=1e-3, batch_size=32)),
-}
+PRESETS = _Presets()
 
 SOLVES_AT = 0.9  # held-out exact match from which a seed counts as solving the task in the
                  # recorded table (stop-when-solved, train.SOLVED, asks more: 99% twice in a row)
@@ -63,7 +57,8 @@ def _table():
 
 
 def robustness(method: str, task: str, base: str = "pretrained") -> Optional[dict]:
-    """What `python -m bench.presets --seeds N --write` measured for this method's preset
+    """What `python -m bench.presets --seeds N --write` measured for the preset of the method
+    with peft_type `method`
     on `task`, over seeds 0..N-1, or None where nothing was recorded for the preset as it
     is now (a preset changed since the table was written counts as not recorded).
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import PeftConfig, StackCache, check_range
+from .registry import Method, Preset, register
 
 
 @dataclass
@@ -34,7 +35,9 @@ class PromptEmbedding(nn.Module):
 
 
 class PromptEncoder(nn.Module):
-    """Every prompt of a model, keyed by adapter name; puts the routed one(s) in front."""
+    """Every prompt of a model, keyed by adapter name; puts the routed one(s) in front.
+    An input layer (`prepends`): PeftModel runs it on the embeddings of the rows it serves."""
+    prepends = True
 
     def __init__(self, route):
         super().__init__()
@@ -50,6 +53,10 @@ class PromptEncoder(nn.Module):
             return
         del self.prompts[name]
         self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
+
+    def serves(self, names):
+        """Whether any of the phi `names` a forward uses is one of these prompts."""
+        return any(n in self.prompts for n in names)
 
     def forward(self, embeds):
         """embeds (B, T, d) -> (x, attn_mask, n): x has n positions in front of the real
@@ -89,3 +96,16 @@ class PromptEncoder(nn.Module):
         mask = causal[None] & keys[:, None, :]
         mask |= torch.eye(L, dtype=torch.bool, device=embeds.device)  # no row attends to nothing
         return torch.cat([stack[slots], embeds], dim=1), mask[:, None], n
+
+
+def add_prompt(model, name, cfg, generator=None):
+    """The model's prompt encoder (made on first use) holds prompt `name`."""
+    if getattr(model, "prompt_encoder", None) is None:
+        model.prompt_encoder = PromptEncoder(model.route)
+    model.prompt_encoder.add(name, cfg, model.base_model.embed.tok, generator)
+
+
+register(Method(
+    PromptTuningConfig, plug=add_prompt, layers=(PromptEncoder,), containers=("prompts",), slug="prompt",
+    # prompt tuning wants a high learning rate (Lester et al. used 0.3)
+    preset=Preset(PromptTuningConfig(num_virtual_tokens=8), dict(steps=200, lr=1e-1, batch_size=32))))

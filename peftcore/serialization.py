@@ -10,17 +10,25 @@ so a refused file leaves the model exactly as it was: the same phi, the same act
 the same parameters training, the same module tree. A loaded phi is not made active.
 """
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load, save as st_save
 
-from .peft_model import CONFIGS, FullFineTuneConfig, PeftModel
+from . import registry
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 MAX_FILE_BYTES = 16 * 2**20  # a phi is kilobytes; a full fine-tuned toy model about 3 MB
+MAX_HEADER_BYTES = 2**20     # a header lists a few hundred tensors at most
+MAX_JSON_DEPTH = 16          # a real config nests 3 deep; Python's parser recurses per level
+# what a phi tensor may be stored as: plain floats, cast to the model's dtype (float8 and
+# the like have no isfinite, and complex or integer weights are not weights)
+LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TASK_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class AdapterLoadError(ValueError):
@@ -32,22 +40,21 @@ def _version():
     return __version__
 
 
-def adapter_config(model: PeftModel, adapter_name):
+def adapter_config(model: "PeftModel", adapter_name):
     cfg = model.peft_config[adapter_name]
     n = sum(p.numel() for _, p in model.named_adapter_parameters(adapter_name)) if not model.full \
         else sum(p.numel() for p in model.base_model.parameters())
     record = {"method": cfg.peft_type, "task": model.adapter_task.get(adapter_name),
               "base_fingerprint": model.base_fingerprint, "num_params": n, "version": _version()}
     out = cfg.to_dict()
-    if cfg.peft_type == "LORA":  # the fields HF peft's LoraConfig expects to find
-        out.update(bias="none", fan_in_fan_out=False, inference_mode=True, task_type=None,
-                   base_model_name_or_path=None, modules_to_save=None, init_lora_weights=True)
+    out.update(registry.method_of(cfg).hf_fields)  # the fields HF peft's config of the method expects
+    if "target_modules" in out:
         out["target_modules"] = sorted(out["target_modules"])
     out["peftcore"] = record
     return out
 
 
-def adapter_to_bytes(model: PeftModel, adapter_name=None):
+def adapter_to_bytes(model: "PeftModel", adapter_name=None):
     """One self-contained .safetensors file: tensors plus config in the header."""
     adapter_name = adapter_name or model.active_adapter
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict(adapter_name).items()}
@@ -55,7 +62,7 @@ def adapter_to_bytes(model: PeftModel, adapter_name=None):
     return st_save(tensors, metadata=meta)
 
 
-def save_pretrained(model: PeftModel, save_directory, adapter_name=None):
+def save_pretrained(model: "PeftModel", save_directory, adapter_name=None):
     adapter_name = adapter_name or model.active_adapter
     d = Path(save_directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -70,6 +77,33 @@ def saved_bytes(save_directory):
 
 
 # ------------------------------------------------------------------------- loading
+def _json(raw, what):
+    """json.loads, bounded: its size first, then its nesting (a 100,000-deep array makes the
+    parser raise RecursionError; anything deeper than a config needs is refused too)."""
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise AdapterLoadError(f"{what} is not UTF-8 text") from None
+    if len(raw) > MAX_HEADER_BYTES:
+        raise AdapterLoadError(f"{what} is {len(raw):,} characters, over the {MAX_HEADER_BYTES:,} limit")
+    try:
+        value = json.loads(raw)
+    except RecursionError:  # raised cleanly by the C parser at the recursion limit
+        raise AdapterLoadError(f"{what} nests too deep, over the limit of {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:
+        raise AdapterLoadError(f"{what} is not valid JSON: {e}") from None
+    deepest, todo = 0, [(value, 1)]  # the depth, counted without recursion
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    if deepest > MAX_JSON_DEPTH:
+        raise AdapterLoadError(f"{what} nests {deepest} levels deep, over the limit of {MAX_JSON_DEPTH}")
+    return value
+
+
 def _parse_tensors(data: bytes):
     if len(data) > MAX_FILE_BYTES:
         raise AdapterLoadError(f"file is {len(data):,} bytes, over the {MAX_FILE_BYTES:,}-byte limit")
@@ -79,8 +113,8 @@ def _parse_tensors(data: bytes):
     if header_len > len(data) - 8:
         raise AdapterLoadError("not a safetensors file (a pickle, a truncated or a random file?): "
                                "its header length points past the end of the file")
+    header = _json(data[8:8 + header_len], "the safetensors header")
     try:
-        header = json.loads(data[8:8 + header_len])
         tensors = st_load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise AdapterLoadError(f"not a valid safetensors file: {e}") from None
@@ -89,24 +123,28 @@ def _parse_tensors(data: bytes):
 
 
 def _parse_config(raw):
-    try:
-        d = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-    except ValueError as e:
-        raise AdapterLoadError(f"adapter config is not valid JSON: {e}") from None
+    d = _json(raw, "adapter config") if isinstance(raw, (str, bytes, bytearray)) else raw
     if not isinstance(d, dict):
         raise AdapterLoadError("adapter config must be a JSON object")
     record = d.get("peftcore") or {}
     if not isinstance(record, dict):
         raise AdapterLoadError("the config's \"peftcore\" record must be a JSON object")
+    _check_record(record)
     method, peft_type = record.get("method"), d.get("peft_type")
+    if peft_type is not None and not isinstance(peft_type, str):
+        raise AdapterLoadError(f"peft_type must be a string, got {type(peft_type).__name__}")
     if method and peft_type and method != peft_type:
         raise AdapterLoadError(f"the config contradicts itself: peft_type says {peft_type!r}, "
                                f"peftcore.method says {method!r}")
     peft_type = method or peft_type
-    if peft_type not in CONFIGS:
-        raise AdapterLoadError(f"unknown method {peft_type!r}; known: {sorted(CONFIGS)}")
-    cls = CONFIGS[peft_type]
+    if peft_type not in registry.METHODS:
+        raise AdapterLoadError(f"unknown method {peft_type!r}; known: {sorted(registry.METHODS)}")
+    cls = registry.METHODS[peft_type].config_cls
     fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+    for k, v in fields.items():  # a tuple field is a JSON list of strings (a bare "qv" iterates too)
+        if isinstance(cls.__dataclass_fields__[k].default, tuple) and \
+                not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise AdapterLoadError(f"bad {peft_type} config: {k} must be a list of names, got {_short(v)}")
     try:
         cfg = cls.from_dict(fields)
         cfg.validate()
@@ -115,10 +153,40 @@ def _parse_config(raw):
     return cfg, record
 
 
-def load_adapter(model: PeftModel, adapter_name, data: bytes, config=None):
+def _short(v):
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _check_record(record):
+    """The "peftcore" record's fields have the types the app relies on (a task that is a
+    number once made every page that shows the phi raise)."""
+    rules = {"method": (str, None), "task": (str, TASK_RE), "base_fingerprint": (str, HEX64_RE),
+             "num_params": (int, None), "version": (str, None)}
+    for k, (kind, pattern) in rules.items():
+        v = record.get(k)
+        if v is None or v == "":  # absent: a file trained on no named task, an HF peft file
+            continue
+        if isinstance(v, bool) or not isinstance(v, kind) or (pattern and not pattern.fullmatch(v)) or \
+                (kind is str and len(v) > 64):
+            want = {"task": "a task name (1-64 letters, digits, '_', '.', '-')", "base_fingerprint": "a sha256 in hex",
+                    "num_params": "a whole number"}.get(k, "text of at most 64 characters")
+            raise AdapterLoadError(f"the config's peftcore.{k} must be {want}, got {_short(v)}")
+
+
+def load_adapter(model: "PeftModel", adapter_name, data: bytes, config=None):
     """Add phi `adapter_name` to `model` from safetensors bytes (config from `config`
     or from the file's header), not active: as HF peft's load_adapter, set_adapter to use it.
     Raises AdapterLoadError and leaves `model` exactly as it was."""
+    try:
+        return _load_adapter(model, adapter_name, data, config)
+    except AdapterLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file no check foresaw is still a refused file, never a crash
+        raise AdapterLoadError(f"this file could not be loaded ({type(e).__name__})") from None
+
+
+def _load_adapter(model, adapter_name, data, config):
     tensors, meta = _parse_tensors(data)
     raw = config if config is not None else meta.get("adapter_config")
     if raw is None:
@@ -130,7 +198,7 @@ def load_adapter(model: PeftModel, adapter_name, data: bytes, config=None):
                                f"this base {model.base_fingerprint[:16]}...")
     if adapter_name in model.peft_config:
         raise AdapterLoadError(f"an adapter named {adapter_name!r} is already loaded")
-    if isinstance(cfg, FullFineTuneConfig) and model.peft_config:
+    if not registry.method_of(cfg).shares_base and model.peft_config:
         raise AdapterLoadError("a full fine-tuned model needs a model of its own, not a bank")
     try:
         model.inject_adapter(adapter_name, cfg)  # the active phi and what trains stay as they are
@@ -141,7 +209,7 @@ def load_adapter(model: PeftModel, adapter_name, data: bytes, config=None):
     except BaseException:
         model.delete_adapter(adapter_name)  # roll back, wrappers made for it included
         raise
-    if record.get("task"):
+    if record.get("task"):  # checked by _check_record: a plain task name
         model.adapter_task[adapter_name] = record["task"]
     return model
 
@@ -152,24 +220,20 @@ def _copy_checked(model, adapter_name, tensors):
     if missing or extra:
         raise AdapterLoadError(f"tensor names do not match the config: missing {missing[:3]}"
                                f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    served = {}
     for k, t in tensors.items():
         if t.shape != target[k].shape:
             raise AdapterLoadError(f"{k} has shape {list(t.shape)}, expected {list(target[k].shape)}")
-        if not t.is_floating_point():
-            raise AdapterLoadError(f"{k} has dtype {t.dtype}, expected a floating point tensor")
-        if not torch.isfinite(t).all():
-            raise AdapterLoadError(f"{k} holds non-finite values (NaN or inf)")
+        if t.dtype not in LOADABLE_DTYPES:
+            raise AdapterLoadError(f"{k} has dtype {str(t.dtype).replace('torch.', '')}, expected one of "
+                                   f"{', '.join(str(d).replace('torch.', '') for d in LOADABLE_DTYPES)}")
+        served[k] = t.to(target[k].dtype)
+        # checked after the cast: float64 1e300 becomes inf in float32
+        if not torch.isfinite(served[k]).all():
+            raise AdapterLoadError(f"{k} holds non-finite values (NaN or inf) as {target[k].dtype}")
     with torch.no_grad():
-        for k, t in tensors.items():
-            target[k].copy_(t.to(target[k].dtype))
-
-
-def from_pretrained(base, model_id, adapter_name="default"):
-    """PeftModel.from_pretrained(base, directory): a new PeftModel over a view of `base`."""
-    model = PeftModel(base)
-    load_adapter_dir(model, model_id, adapter_name)
-    model.set_adapter(adapter_name)  # its only phi: active, as in HF peft
-    return model
+        for k, t in served.items():
+            target[k].copy_(t)
 
 
 def load_adapter_dir(model, directory, adapter_name):

@@ -85,3 +85,10 @@ def human_bytes(n):
         if abs(n) < 1000 or unit == "PB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
+
+
+def toy_lora_qv_bytes(base_config, r=4, bytes_per_param=4):
+    """Bytes of LoRA rank r on q and v of every layer of the toy base (float32): the toy's
+    row of the bytes table, by the same arithmetic as the known bases'."""
+    d = base_config.d_model
+    return 2 * lora_params(r, d, d, base_config.n_layer) * bytes_per_param

@@ -172,13 +172,14 @@ def run(model, task, **kwargs):
 def warm_up(base, device="cpu", stop=None):
     """Pay a process's one-time training setup now: the first optimizer, forward, backward
     and evaluation in a process cost ~3 s on CPU (lazy imports, kernel selection), which a
-    server should not add to its first student's run. Trains a throwaway LoRA for 2 steps;
-    returns early, between steps, once the threading.Event `stop` is set."""
-    from .lora import LoraConfig
+    server should not add to its first student's run. Trains a throwaway phi (the first
+    registered method's preset) for 2 steps; returns early, between steps, once the
+    threading.Event `stop` is set."""
     from .peft_model import get_peft_model
+    from .registry import METHODS
     if stop is not None and stop.is_set():
         return
-    model = get_peft_model(base, LoraConfig(r=1), seed=0)
+    model = get_peft_model(base, next(iter(METHODS.values())).preset.config, seed=0)
     for _ in train(model, "add_5", steps=2, batch_size=8, eval_every=1, device=device):
         if stop is not None and stop.is_set():
             break

@@ -55,9 +55,9 @@ def test_merged_equals_unmerged_and_is_undone(bank):
     generation = bank.generation
     t = analysis.merged_vs_unmerged(bank, "lora", prompts, repeats=1)
     assert 0 < t["max_abs_diff"] < 5e-4  # float32 rounding of W x + B A x against (W + B A) x: it did merge
-    assert all(layer.merged_weight is None for layer in bank._lora_layers())
+    assert all(layer.merged_weight is None for layer in bank._merge_layers())
     assert bank.merged_adapter is None and bank.generation == generation  # a measurement, not a change
-    with pytest.raises(ValueError, match="LoRA"):
+    with pytest.raises(ValueError, match="merges"):
         analysis.merged_vs_unmerged(bank, "adapter", prompts)
 
 

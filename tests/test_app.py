@@ -126,7 +126,7 @@ def test_training_run_finishes_and_shows_results():
     assert at.query_params["train"] == ",".join(run_ids)  # a refreshed page finds the run again
     wait_for(at, results_shown)
     metrics = {m.label: m.value for m in at.metric}
-    lora = peftcore.presets.PRESETS["LoRA"].config
+    lora = peftcore.presets.PRESETS["LORA"].config
     assert metrics["trainable parameters"] == f"{lora.num_params(peftcore.load_base().config):,}"
     assert metrics["held-out exact match"].endswith("%")
     assert any("**unchanged**" in m.value for m in at.markdown)
@@ -276,7 +276,7 @@ def test_merge_timing_is_a_median_with_its_spread_keyed_on_the_bank_generation()
     at = new_app("app_pages/serve.py")
     bank = bank_of(at)
     labels = [m.label for m in at.metric]
-    assert "unmerged: W x + B A x" in labels and "merged: (W + B A) x" in labels
+    assert "unmerged: W x, then phi" in labels and "merged: W' x" in labels
     assert any(c.value.startswith("Medians of 15 alternating repeats") and "middle half" in c.value for c in at.caption)
     assert any(m.value.startswith(("Merging saves", "Merged is slower", "No difference")) for m in at.markdown)
     (key, t), = at.session_state["merge_times"].items()
@@ -296,11 +296,12 @@ def test_merge_timing_is_a_median_with_its_spread_keyed_on_the_bank_generation()
                                                ("LoRA", "sort", "Sorting compares")])
 def test_the_seed_note_is_the_recorded_table_and_says_why_a_row_never_solves(method, task, why):
     from peftcore.presets import robustness
+    from ui import view_named as ui_view_named
     at = new_app("app_pages/train.py")
     at.selectbox(key="method").set_value(method).run()
     at.selectbox(key="task").set_value(task).run()
     assert_clean(at)
-    rec = robustness(method, task)
+    rec = robustness(ui_view_named(method).peft_type, task)
     note = [c.value for c in at.caption if "seeds**" in c.value]
     assert len(note) == 1 and f"**{rec['solved']} of {rec['seeds']} seeds**" in note[0]
     assert (why in note[0]) if why else (rec["solved"] > 0 and "Lester" not in note[0] and "Sorting" not in note[0])

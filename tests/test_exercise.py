@@ -18,13 +18,13 @@ def test_a_link_sets_locks_and_hides_controls():
                      "only": "bottleneck_size,steps", "hide": "lr"})
     assert at.selectbox(key="task").value == "complement" and at.selectbox(key="task").disabled
     assert at.selectbox(key="method").value == "Adapter" and at.selectbox(key="method").disabled
-    b = at.slider(key="adapter_b")
+    b = at.slider(key="adapter.bottleneck_size")
     assert b.value == 4 and not b.disabled
     assert "Learning rate" not in labels(at.select_slider)  # hidden...
     assert any("lr 0.005" in c.value for c in at.caption)  # ...but its value is the link's
     assert any("you may change `bottleneck_size`, `steps`" in i.value for i in at.info)
     b.set_value(8).run()  # what the exercise leaves free still changes
-    assert at.slider(key="adapter_b").value == 8 and not at.exception
+    assert at.slider(key="adapter.bottleneck_size").value == 8 and not at.exception
 
 
 def test_bad_values_in_a_link_are_reported_and_reset():
@@ -32,20 +32,20 @@ def test_bad_values_in_a_link_are_reported_and_reset():
     warning = " ".join(w.value for w in at.warning)
     for name in ("r='abc'", "steps='5'", "task='nope'", "target_modules='q,zz'", "bogus"):
         assert name in warning, (name, warning)
-    assert at.slider(key="lora_r").value == 1 and at.selectbox(key="task").value == "add_5"  # the defaults
+    assert at.slider(key="lora.r").value == 1 and at.selectbox(key="task").value == "add_5"  # the defaults
 
 
 def test_the_page_builds_a_link_that_reopens_the_same_exercise():
     at = open_train({})
-    at.slider(key="lora_r").set_value(3).run()
+    at.slider(key="lora.r").set_value(3).run()
     at.pills(key="link_only").set_value(["r"]).run()
     at.pills(key="link_hide").set_value(["steps"]).run()
     link = [c.value for c in at.code if "/train?" in c.value][0]
     query = dict(parse_qsl(urlsplit(link).query))
     assert query["r"] == "3" and query["only"] == "r" and query["hide"] == "steps"
     again = open_train(query)
-    assert again.slider(key="lora_r").value == 3 and not again.slider(key="lora_r").disabled
-    assert again.slider(key="lora_alpha").disabled and "Steps" not in labels(again.slider)
+    assert again.slider(key="lora.r").value == 3 and not again.slider(key="lora.r").disabled
+    assert again.slider(key="lora.lora_alpha").disabled and "Steps" not in labels(again.slider)
 
 
 def test_a_reopened_race_link_shows_the_race_setup():

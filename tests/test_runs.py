@@ -193,7 +193,7 @@ def test_solved_means_two_evaluations_in_a_row():
 
 
 def test_stop_when_solved_ends_the_run_at_the_confirming_evaluation(base):
-    model = peftcore.get_peft_model(base, PRESETS["LoRA"].config, seed=0)
+    model = peftcore.get_peft_model(base, PRESETS["LORA"].config, seed=0)
     events = list(peftcore.train(model, "complement", steps=300, lr=1e-2, batch_size=32, eval_every=10,
                                  device="cpu", stop_when_solved=True))
     first = solved_at(events)

@@ -469,3 +469,144 @@ def test_store_size_per_phi(tmp_path, base, lora_bytes):
     print(f"\nstore size per phi: {per:,.0f} bytes on disk for a {len(lora_bytes):,}-byte LoRA file "
           f"({per / len(lora_bytes):.3f}x)")
     assert len(lora_bytes) <= per < 1.2 * len(lora_bytes) + 4096
+
+
+# ------------------------------------------------------------------ one file stored once; quotas; usage
+def blob_count(store):
+    with sqlite3.connect(store.path) as con:
+        return con.execute("SELECT COUNT(*) FROM blobs").fetchone()[0]
+
+
+def test_a_file_is_stored_once_however_many_rows_name_it(store, lora_bytes):
+    code, key = store.create_class("c")
+    tokens = [new_token() for _ in range(5)]
+    recs = [store.save_phi(t, "same", lora_bytes, class_code=code) for t in tokens]
+    recs.append(store.save_phi(tokens[0], "mine", lora_bytes))  # the same file in a personal bank
+    assert blob_count(store) == 1 and store.stats()["phi_bytes"] == len(lora_bytes) and store.stats()["phi"] == 6
+    assert store.usage(code) == dict(phi=5, bytes=len(lora_bytes), students=5, phi_limit=120,
+                                     bytes_limit=Limits().class_bytes)
+    info = store.class_info(code)
+    assert (info.n_phi, info.bytes, info.students) == (5, len(lora_bytes), 5)
+    other = store.save_phi(tokens[1], "other", variant(lora_bytes, 1), class_code=code)
+    assert store.usage(code)["bytes"] == len(lora_bytes) + other.bytes and blob_count(store) == 2
+    for r in recs[:-1]:  # every row but the last naming the file: the file stays
+        store.delete_phi(r.id, teacher_key=key)
+        assert store.load_bytes(recs[-1].id) == lora_bytes
+    assert blob_count(store) == 2
+    store.delete_owner(tokens[0])  # the last row naming it: the file goes too
+    assert blob_count(store) == 1 and store.stats()["phi_bytes"] == other.bytes
+
+
+def test_bytes_caps_count_what_a_row_adds(tmp_path, base, lora_bytes):
+    n = len(lora_bytes)
+    store = Store(tmp_path / "s.sqlite3", base=base, limits=Limits(class_bytes=n + 100, total_bytes=2 * n + 100,
+                                                                   student_bytes=n + 100))
+    code, _ = store.create_class("c")
+    for i in range(6):  # one file, six students: it counts once in the class and in the store
+        store.save_phi(new_token(), "same", lora_bytes, class_code=code)
+    with pytest.raises(StoreError, match="over its"):
+        store.save_phi(new_token(), "other", variant(lora_bytes, 1), class_code=code)
+    me = new_token()
+    store.save_phi(me, "a", lora_bytes)
+    store.save_phi(me, "a", lora_bytes, class_code=code)  # the same file again: adds no bytes of mine
+    with pytest.raises(StoreError, match="over your"):
+        store.save_phi(me, "b", variant(lora_bytes, 2))
+    store.save_phi(new_token(), "b", variant(lora_bytes, 2))
+    with pytest.raises(StoreError, match="the store is full"):
+        store.save_phi(new_token(), "c", variant(lora_bytes, 3))
+
+
+def test_client_caps(tmp_path, base, lora_bytes):
+    n = len(lora_bytes)
+    store = Store(tmp_path / "s.sqlite3", base=base, limits=Limits(client_count=3, client_bytes=2 * n + 100))
+    for i in range(3):  # a new token each time, one address: the address's cap holds
+        store.save_phi(new_token(), f"p{i}", variant(lora_bytes, i % 2), client="10.0.0.7")
+    before = snapshot(store)
+    with pytest.raises(StoreError, match="from your address, the limit is 3"):
+        store.save_phi(new_token(), "p3", variant(lora_bytes, 0), client="10.0.0.7")
+    store.save_phi(new_token(), "p3", variant(lora_bytes, 0), client="10.0.0.8")  # another address
+    roomy = Store(store.path, base=base, limits=Limits(client_count=100, client_bytes=2 * n + 100))
+    with pytest.raises(StoreError, match="from your address would take"):
+        roomy.save_phi(new_token(), "p4", variant(lora_bytes, 5), client="10.0.0.7")
+    roomy.save_phi(new_token(), "p4", variant(lora_bytes, 1), client="10.0.0.7")  # a file it has: no bytes
+    assert snapshot(store)[0][:3] == before[0]
+    raw = store.path.read_bytes() + Path(f"{store.path}-wal").read_bytes()
+    assert b"10.0.0.7" not in raw  # kept as its sha256
+
+
+def test_wrong_join_codes_are_rate_limited(tmp_path, lora_bytes):
+    store = Store(tmp_path / "s.sqlite3", limits=Limits(join_failures=3, join_window_s=0.5))
+    code, _ = store.create_class("c")
+    wrong = next(c for c in ("ABCDEF", "GHJKMN", "PQRSTU") if c != code)
+    for _ in range(3):
+        with pytest.raises(StoreError, match="no class has that code"):
+            store.join(wrong, client="1.2.3.4")
+    for guess in (wrong, code, code.lower()):  # refused, the right code too: no more guessing
+        with pytest.raises(StoreError, match="too many wrong join codes from this address: wait a minute"):
+            store.join(guess, client="1.2.3.4")
+    with pytest.raises(StoreError, match="too many"):
+        store.class_info(code, client="1.2.3.4")  # a ?class= link is the same door
+    assert store.join(code, client="5.6.7.8").is_open  # another address is not held up
+    assert store.join(code).is_open  # nor a caller that gives none
+    time.sleep(0.6)
+    assert store.join(code, client="1.2.3.4").is_open  # the window has passed
+
+
+# ------------------------------------------------------------------ schema 1 -> 2
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+CREATE TABLE classes (code TEXT PRIMARY KEY, name TEXT NOT NULL, teacher_key_hash TEXT NOT NULL,
+                      created REAL NOT NULL, closed REAL);
+CREATE TABLE phi (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, author TEXT NOT NULL DEFAULT '',
+    class_code TEXT REFERENCES classes(code), name TEXT NOT NULL, method TEXT NOT NULL, task TEXT NOT NULL,
+    config TEXT NOT NULL, num_params INTEGER NOT NULL, bytes INTEGER NOT NULL, eval_exact REAL,
+    base_fingerprint TEXT NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL, data BLOB NOT NULL);
+CREATE UNIQUE INDEX phi_place_name ON phi (owner, COALESCE(class_code, ''), name);
+CREATE INDEX phi_owner ON phi (owner, class_code, bytes, sha256);
+CREATE INDEX phi_class ON phi (class_code, bytes);
+CREATE INDEX phi_bytes ON phi (bytes);
+"""
+
+
+def v1_store(path, lora_bytes):
+    """A store file as schema 1 wrote it (each row holding its file): three rows (the second
+    another student's, in a class), two files, the last id deleted (ids are not reused after)."""
+    files = [lora_bytes, lora_bytes, variant(lora_bytes, 1), variant(lora_bytes, 2)]
+    token = new_token()
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(V1_SCHEMA)
+        con.execute("INSERT INTO classes VALUES ('ABCDEF', 'old class', 'h', 0, NULL)")
+        for i, data in enumerate(files):
+            con.execute("INSERT INTO phi (owner, author, class_code, name, method, task, config, num_params, bytes, "
+                        "eval_exact, base_fingerprint, sha256, created, data) VALUES (?, 'Ada', ?, ?, 'LORA', "
+                        "'add_5', '{\"r\": 1}', 6656, ?, NULL, 'fp', ?, 0, ?)",
+                        (hashlib.sha256((token if i != 1 else "someone else").encode()).hexdigest(),
+                         "ABCDEF" if i == 1 else None, f"p{i}",
+                         len(data), hashlib.sha256(data).hexdigest(), data))
+        con.execute("DELETE FROM phi WHERE id=4")
+    return token, {i + 1: data for i, data in enumerate(files[:3])}
+
+
+def test_schema_1_store_moves_to_blobs_and_keeps_every_row(tmp_path, base, lora_bytes):
+    path = tmp_path / "old.sqlite3"
+    token, files = v1_store(path, lora_bytes)
+    reader = Store(path, read_only=True)  # read-only: read as it is, not moved
+    assert {i: reader.load_bytes(i) for i in files} == files
+    assert reader.stats()["phi"] == 3 and reader.class_info("ABCDEF").n_phi == 1
+    store = Store(path, base=base)
+    with sqlite3.connect(path) as con:
+        assert con.execute("SELECT value FROM meta").fetchone()[0] == "2"
+        assert "data" not in [r[1] for r in con.execute("PRAGMA table_info(phi)")]
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert blob_count(store) == 2 and {i: store.load_bytes(i) for i in files} == files
+    assert [r.id for r in store.list_phi(owner=token)] == [1, 3] and store.get_phi(2).author == "Ada"
+    bank = peftcore.PeftModel(base)
+    for i in files:
+        peftcore.load_adapter(bank, f"p{i}", store.load_bytes(i))
+    rec = store.save_phi(token, "new", variant(lora_bytes, 3))
+    assert rec.id == 5  # the deleted id 4 is not reused
+    store.delete_owner(token)
+    assert blob_count(store) == 1 and store.load_bytes(2) == lora_bytes  # the class's row keeps its file
+    assert Store(path, base=base).load_bytes(2) == lora_bytes  # opening again moves nothing twice

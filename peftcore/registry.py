@@ -1,0 +1,79 @@
+"""The method registry, as HF peft registers one method per folder: each method declares
+itself once, at the end of its own file (lora.py, adapter.py, prompt.py, ia3.py, prefix.py,
+full.py), and generic code (PeftModel, cohorts, files, the store, presets, the library)
+asks here and never names a method. A config no method registered is an error.
+
+    register(Method(LoraConfig, plug=add_lora, layers=(LoraLinear,), containers=("lora_A", "lora_B"),
+                    mergeable=True, cohort_kind=..., slug="lora", preset=Preset(...)))
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass
+class Preset:
+    """A method's default for a live demo: its config and the keyword arguments of train()."""
+    config: object
+    train: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    config_cls: type               # its PeftConfig subclass; config_cls.peft_type is its key
+    plug: Callable                 # plug(model, adapter_name, config, generator): puts its phi in
+    preset: Preset                 # what a live run of it trains by default
+    slug: str                      # its short name in files and phi names ("lora" -> lora-add_5)
+    layers: tuple = ()             # module classes that hold its phi, keyed by adapter name
+    containers: tuple = ()         # attributes of those layers that hold phi by adapter name
+    shares_base: bool = True       # False: a whole trainable copy (no bank, no class, no mixed batch)
+    mergeable: bool = False        # folds into the base's weights (merge_adapter, merge_and_unload)
+    cohort_kind: Optional[Callable] = None  # config -> hashable (runs of one kind ride together), or
+                                            # None for a config that trains alone
+    hf_fields: dict = field(default_factory=dict)  # what HF peft's config of it also expects to read
+
+    @property
+    def peft_type(self):
+        return self.config_cls.peft_type
+
+
+METHODS = {}  # peft_type -> Method, in the order the methods registered
+
+
+class UnknownMethod(TypeError):
+    """A config, or a peft_type in a file, that no method registered."""
+
+
+def register(method: Method) -> Method:
+    if method.peft_type in METHODS:
+        raise ValueError(f"a method with peft_type {method.peft_type!r} is already registered")
+    METHODS[method.peft_type] = method
+    return method
+
+
+def unregister(peft_type):
+    """Take a method out again (a test's toy method)."""
+    METHODS.pop(peft_type, None)
+
+
+def method_of(config) -> Method:
+    """The registered method of a config object, or of a peft_type string."""
+    peft_type = config if isinstance(config, str) else getattr(config, "peft_type", None)
+    method = METHODS.get(peft_type) if isinstance(peft_type, str) else None
+    if method is None or (not isinstance(config, str) and type(config) is not method.config_cls):
+        raise UnknownMethod(f"no method is registered for {config!r}; known: {', '.join(METHODS)}")
+    return method
+
+
+def layer_types():
+    """Every module class that holds phi, across the registered methods."""
+    return tuple({cls: None for m in METHODS.values() for cls in m.layers})
+
+
+def containers():
+    """Every attribute name under which a phi layer holds phi by adapter name."""
+    return tuple({c: None for m in METHODS.values() for c in m.containers})
+
+
+def bankable():
+    """The peft_types whose phi share a base in a bank (a full fine-tune is a whole model)."""
+    return tuple(t for t, m in METHODS.items() if m.shares_base)

@@ -1,0 +1,131 @@
+"""How each method looks in the app: one file per method (views/lora.py, views/adapter.py...),
+as peftcore has one file per method. A view gives the method's display name and colour, the
+controls a student may set (which a teacher's link may also name), its formulas and words,
+and where its phi sits in the diagram of a block. Pages ask VIEWS (via ui) and never name a
+method; a method without a view is still listed, under its peft_type, in grey.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import peftcore
+
+
+@dataclass(frozen=True)
+class Control:
+    """One field of a method's config a student may set: a slider (lo, hi, step) or pills
+    choosing a subset of `options`. `link` is its name in a teacher's link: unique across
+    methods (LoRA's target_modules is not IA3's)."""
+    field: str
+    label: str
+    help: str = ""
+    lo: float = None
+    hi: float = None
+    step: float = None
+    options: tuple = None
+    link: Optional[str] = None
+
+    @property
+    def name(self):
+        return self.link or self.field
+
+    @property
+    def kind(self):
+        return "subset" if self.options is not None else float if isinstance(self.step, float) else int
+
+    def parse(self, text):
+        """A link's text as this control's value; ValueError saying what it takes."""
+        if self.kind == "subset":
+            names = [t for t in text.split(",") if t]
+            if not names or any(t not in self.options for t in names):
+                raise ValueError(f"must be a comma-separated subset of {', '.join(self.options)}")
+            return names
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not self.lo <= value <= self.hi or (self.kind is int and value != int(value)):
+            raise ValueError(f"must be {'a whole' if self.kind is int else 'a'} number from {self.lo} to {self.hi}")
+        return self.kind(value)
+
+
+@dataclass(frozen=True)
+class Diagram:
+    """A method's phi in the block diagram: dot lines of its own nodes and edges, the
+    block's edges it reroutes (`skip`), and block nodes it turns into phi (`phi`)."""
+    lines: tuple = ()
+    skip: frozenset = frozenset()
+    phi: frozenset = frozenset()
+
+
+@dataclass(frozen=True)
+class MethodView:
+    peft_type: str
+    name: str                      # as the pages show it (and a teacher's link names it)
+    color: str
+    controls: tuple = ()
+    formulas: tuple = ()           # LaTeX, for the Inside page
+    words: str = ""
+    diagram: Callable = lambda config: Diagram()
+    note: str = ""                 # shown where its controls would be (full fine-tuning has none)
+    never_solves: str = ""         # why its preset solves nothing here, when the table says so
+    rank: Optional[Callable] = None  # config -> the rank of its update (the spectrum's marker)
+
+    @property
+    def method(self):
+        return peftcore.METHODS[self.peft_type]
+
+
+VIEWS = {}  # peft_type -> MethodView
+
+
+def register_view(view):
+    VIEWS[view.peft_type] = view
+    return view
+
+
+def view_of(peft_type):
+    return VIEWS.get(peft_type) or MethodView(peft_type, peft_type, "#8c564b")
+
+
+def all_views():
+    """A view for every registered method, in the registry's order."""
+    return [view_of(t) for t in peftcore.METHODS]
+
+
+# ------------------------------------------------------------------ the block diagram
+# The block's own path: (node, label) in order; every arrow between consecutive nodes.
+BLOCK = [("x", "x"), ("ln1", "LayerNorm"), ("q", "q"), ("attn", "attention"), ("o", "o"),
+         ("add1", "+"), ("ln2", "LayerNorm"), ("up", "up"), ("gelu", "GELU"), ("down", "down"),
+         ("add2", "+"), ("out", "to the next block")]
+# Each projection's neighbours on the block's path: (the node before it, the node after it).
+AROUND = {"q": ("ln1", "attn"), "k": ("ln1", "attn"), "v": ("ln1", "attn"), "o": ("attn", "add1"),
+          "up": ("ln2", "gelu"), "down": ("gelu", "add2")}
+PHI_STYLE = 'fillcolor="#ffb74d", color="#e65100", penwidth=2'  # how a phi node looks
+PHI_EDGE = '[color="#e65100"]'
+
+
+def block_dot(view, config):
+    """A Graphviz diagram of one transformer block with the method's phi in orange."""
+    d = view.diagram(config)
+    lines = ['digraph { rankdir=TB; bgcolor="transparent"; nodesep=0.15; ranksep=0.2;',
+             'node [shape=box, style="rounded,filled", fillcolor="#e3f2fd", color="#1565c0", fontname="sans-serif", '
+             'fontsize=10, margin="0.06,0.03", height=0.2, width=0.2];',  # Streamlit's CSS draws svg text at ~10px
+             'edge [penwidth=1.5, arrowsize=0.7, fontname="sans-serif", fontsize=10];']
+    for node, label in BLOCK + [("k", "k"), ("v", "v")]:
+        shape = ", shape=circle" if label == "+" else ""
+        lines.append(f'{node} [label="{label}"{shape}{", " + PHI_STYLE if node in d.phi else ""}];')
+    path = [node for node, _ in BLOCK]
+    edges = list(zip(path, path[1:])) + [("ln1", "k"), ("k", "attn"), ("ln1", "v"), ("v", "attn")]
+    lines += [f"{a} -> {b};" for a, b in edges if (a, b) not in d.skip]
+    lines.append('x -> add1 [style=dashed, label=" residual"]; add1 -> add2 [style=dashed, label=" residual"];')
+    lines += list(d.lines)
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def phi_node(name, label):
+    return f'{name} [label="{label}", {PHI_STYLE}];'
+
+
+# every method's view, in its own file (each registers itself)
+from . import adapter, full, lora, prompt  # noqa: E402,F401
