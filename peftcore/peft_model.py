@@ -222,7 +222,8 @@ class PeftModel(nn.Module):
                 container = getattr(layer, attr, {})
                 names = list(container) if adapter_name is None else [adapter_name] if adapter_name in container else []
                 for name in names:
-                    for p in container[name].parameters():
+                    held = container[name]  # a module (a ModuleDict's) or a Parameter (a ParameterDict's)
+                    for p in [held] if isinstance(held, nn.Parameter) else held.parameters():
                         yield name, p
 
     def adapter_state_dict(self, adapter_name=None):
