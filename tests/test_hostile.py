@@ -560,3 +560,65 @@ def test_a_poisoned_row_lists_fails_to_load_and_deletes(filled, base):
             assert r.name == "a0"
     assert store.delete_owner(a) == 3
     assert_store_whole(store, ids - {r.id for r in listed})
+
+
+# ------------------------------------------------------------------ what a visitor sends to the pages
+LINKS = [  # (page, link, where the echo shows) : crafted values come back as plain text, cut short
+    ("app_pages/storage.py", {"p": "![x](http://evil.example/x.png)" + "A" * 100_000}, "toast"),
+    ("app_pages/train.py", {"only": "[click](http://evil.example)", "hide": "**x**" * 20_000,
+                            "lock": "<img src=http://evil.example/y.png>", "r": "![](http://evil.example/z)"}, "warning"),
+]
+
+
+@pytest.mark.parametrize("page, query, where", LINKS, ids=[p for p, _, _ in LINKS])
+def test_link_values_are_echoed_as_plain_text_cut_short(page, query, where):
+    from streamlit.testing.v1 import AppTest
+    from apptest import ROOT
+    from ui import link_value, plain
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update(query)
+    at.run()  # the default page, storage, says it in this first run (its sliders then drop the value)
+    if page != "app_pages/storage.py":
+        at.switch_page(page).run()
+    assert not at.exception
+    shown = " ".join(t.value for t in at.get(where))
+    for value in query.values():
+        assert link_value(value) in shown, (value[:80], shown[:300])  # quoted, cut, every markdown mark escaped
+    assert len(shown) < 2_000, len(shown)  # 100 KB of link is not shown whole
+    assert plain("![x](http://e/x.png) <img> **b**") == r"\!\[x\]\(http\://e/x\.png\) \<img\> \*\*b\*\*"
+
+
+def test_serve_all_is_computed_once_per_state_of_the_class(monkeypatch, base):
+    """Any student may press "Serve all" again and again, in many sessions: the class's mixed
+    batch costs its CPU once per state of the class."""
+    from apptest import open_page
+    from peftcore import analysis
+    store = Store(os.environ["PEFT_STORE"], base=base)
+    code, _ = store.create_class("serve once")
+    name, directory = library.entries()[0]
+    data = peftcore.adapter_to_bytes(PeftModel.from_pretrained(base, directory), "default")
+    store.save_phi(new_token(), "one", data, class_code=code)
+    calls, real = [], analysis.serve_report
+    monkeypatch.setattr(analysis, "serve_report", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(2):  # two students, each pressing twice
+        at = open_page("app_pages/classroom.py", {"class": code})
+        for _ in range(2):
+            at.button(key="class_serve").click().run()
+            assert not at.exception and at.get("metric")
+    assert len(calls) == 1
+
+
+def test_removing_a_saved_phi_says_it_is_for_good_and_asks_first(base):
+    from apptest import open_page
+    store, token = Store(os.environ["PEFT_STORE"], base=base), new_token()
+    name, directory = library.entries()[0]
+    store.save_phi(token, "mine", peftcore.adapter_to_bytes(PeftModel.from_pretrained(base, directory), "default"))
+    at = open_page("app_pages/serve.py", {"bank": token})
+    at.selectbox(key="remove_name").set_value("mine").run()
+    words = " ".join(m.value for m in at.markdown)
+    assert "from the store for good" in words and at.button(key="remove").label == "Yes, delete it"
+    at.button(key="remove").click().run()
+    assert store.list_phi(owner=token) == []
+    at.selectbox(key="remove_name").set_value(at.selectbox(key="remove_name").options[0]).run()
+    assert at.button(key="remove").label == "Remove"  # a library phi: this session only
+    assert "this session's bank only" in at.button(key="remove").help
