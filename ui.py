@@ -30,7 +30,8 @@ from peftcore.train import solved_at, start_warm_up
 from peftcore.tasks import EVAL_SIZE
 
 log = logging.getLogger("peft_playground")
-MAX_SESSION_RUNS = 4   # runs one visitor may have training at once
+MAX_SESSION_RUNS = max(4, len(peftcore.METHODS))  # runs one visitor may have training or waiting, across
+                                                  # tabs: a race of every method at once
 POLL_S = 0.75          # live curves refresh at least once a second (a rerun costs the GIL: not faster)
 WAITING_POLL_S = 2.0   # a session whose runs all wait in line: only its place changes (a class of 30
                        # polling at POLL_S cost the server ~0.6 of a core in refreshes)

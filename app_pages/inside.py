@@ -6,7 +6,7 @@ import peftcore
 import ui
 import views
 from peftcore import analysis
-from peftcore.presets import PRESETS
+from peftcore.presets import PRESETS, SOLVES_AT, robustness
 
 
 def methods_section(facts):
@@ -118,6 +118,29 @@ def pretraining_section():
                        help=f"{s['step']} steps, {s['seconds']:.1f} s")
 
 
+def recorded_section(facts):
+    """Every method's preset over 5 seeds on every task, from the recorded table: prompt tuning
+    (the input only) beside prefix tuning (every layer), LoRA beside IA3, in measured numbers."""
+    st.header("What each method reaches here")
+    rows, machines = [], set()
+    for view in ui.method_views():
+        preset = PRESETS[view.peft_type]
+        n = preset.config.num_params(facts["config"]) or facts["params"]
+        row = {"method": view.name, "phi %": f"{100 * n / facts['params']:.3g}%"}
+        for task in peftcore.TASKS:
+            rec = robustness(view.peft_type, task)
+            row[task] = "-" if rec is None else f"{rec['solved']} of {rec['seeds']} ({100 * rec['median']:.0f}%)"
+            machines |= {rec["machine"]} if rec else set()
+        rows.append(row)
+    st.table(rows, hide_index=True)
+    st.caption(f"Each preset, seeds 0-4: how many seeds reach {100 * SOLVES_AT:.0f}% held-out exact match, and the "
+               "median seed's score in brackets (python -m bench.presets --seeds 5). Measured on "
+               + "; ".join(sorted(machines)) + ".")
+    for view in ui.method_views():
+        if view.lesson or view.never_solves:
+            st.markdown(f"**{view.name}**: {view.lesson or view.never_solves}")
+
+
 def start(group, jobs, task, **train_kwargs):
     error = ui.start_group(group, jobs, task, url=True, seed=ui.seed(), device=ui.device(), **train_kwargs)
     if error:
@@ -127,12 +150,13 @@ def start(group, jobs, task, **train_kwargs):
 
 
 st.title("Inside: why it works")
+ways = [v.name for v in ui.method_views(shares_base=True)]
 st.markdown(
-    "Three ways to add a small trainable **phi** to a frozen transformer, what each one computes, and two "
-    "experiments you can run here: how small the change of a full fine-tune really is, and what PEFT can "
-    "do without a pretrained base.")
+    f"{len(ways)} ways to add a small trainable **phi** to a frozen transformer ({', '.join(ways)}), and full "
+    "fine-tuning beside them as the baseline: what each one computes, and two experiments you can run here: how "
+    "small the change of a full fine-tune really is, and what PEFT can do without a pretrained base.")
 facts = ui.base_facts(ui.device())
-for section, what in [(lambda: methods_section(facts), "The methods"), (lambda: spectrum_section(facts), "The spectrum"),
-                      (pretraining_section, "The pretraining experiment")]:
+for section, what in [(lambda: methods_section(facts), "The methods"), (lambda: recorded_section(facts), "The table"),
+                      (lambda: spectrum_section(facts), "The spectrum"), (pretraining_section, "The pretraining experiment")]:
     with ui.panel(what):
         section()

@@ -8,7 +8,9 @@ package imports them all, in the order the app lists them.
 from .base import base_file_bytes, fingerprint, load_base, random_base
 from .lora import LoraConfig
 from .adapter import AdapterConfig
+from .ia3 import IA3Config
 from .prompt import PromptTuningConfig
+from .prefix import PrefixTuningConfig
 from .full import FullFineTuneConfig
 from .model import BaseConfig, ToyTransformer
 from .peft_model import BASE_ROW, PeftModel, get_peft_model

@@ -65,3 +65,12 @@ def pad_to(t, size, dim):
     shape = list(t.shape)
     shape[dim] = size - t.shape[dim]
     return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def base_modules(module):
+    """The modules of the base architecture: never into phi containers (ModuleDicts and
+    ParameterDicts), so that an adapter's own `up` and `down` are not mistaken for the MLP's."""
+    yield module
+    for child in module.children():
+        if not isinstance(child, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+            yield from base_modules(child)

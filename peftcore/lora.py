@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, StackCache, check_range, pad_to
+from .config import PeftConfig, StackCache, base_modules, check_range, pad_to
 from .registry import Method, Preset, register
 
 from .model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
@@ -96,7 +96,10 @@ class LoraLinear(nn.Module):
         return self.base_layer
 
     def unloaded(self, name):
-        """A plain Linear in this wrapper's place, LoRA `name` folded in (merge_and_unload)."""
+        """A plain Linear in this wrapper's place, LoRA `name` folded in (merge_and_unload);
+        another method's wrapper under it unloads itself."""
+        if name not in self.lora_A and hasattr(self.base_layer, "unloaded"):
+            return self.base_layer.unloaded(name)
         w = self.base_layer.weight
         if name in self.lora_A:
             w = w + self.delta_weight(name).detach()
@@ -181,25 +184,18 @@ class CohortLora(nn.Module):
 
 
 def add_lora(view, name, cfg: LoraConfig, route, generator=None):
-    """Wrap every targeted Linear of `view` (once) and give it adapter `name`."""
-    for parent in list(_base_modules(view)):
+    """Wrap every targeted projection of `view` (once) and give it adapter `name`. A
+    projection another method already wraps (IA3's vectors) is wrapped as it is."""
+    for parent in list(base_modules(view)):
         for child_name, child in list(parent.named_children()):
             if child_name not in cfg.target_modules:
                 continue
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) or (hasattr(child, "get_base_layer") and hasattr(child, "weight")
+                                                and not isinstance(child, LoraLinear)):
                 child = LoraLinear(child, route)
                 setattr(parent, child_name, child)
             if isinstance(child, LoraLinear):
                 child.add(name, cfg, generator)
-
-
-def _base_modules(module):
-    """The modules of the base architecture: never descend into phi (held in ModuleDicts),
-    so that an adapter's own `up` and `down` are not mistaken for the MLP's."""
-    yield module
-    for child in module.children():
-        if not isinstance(child, nn.ModuleDict):
-            yield from _base_modules(child)
 
 
 def cohort_kind(cfg):

@@ -371,7 +371,8 @@ def _hf_key(parts, adapter_name):
     HF peft's saved layout (no adapter name, the model under base_model.model)."""
     out = []
     for i, part in enumerate(parts):
-        if part == "sublayer" or (i and parts[i - 1] in registry.containers() and part == adapter_name):
+        # wrappers (a phi layer around a projection or sublayer) and adapter names are not part of the saved name
+        if part in ("sublayer", "base_layer") or (i and parts[i - 1] in registry.containers() and part == adapter_name):
             continue  # wrappers and adapter names are not part of the saved name
         out.append(part)
     if out[0] == "base_model":

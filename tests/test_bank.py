@@ -126,7 +126,7 @@ BAD_FILES = {
     "random bytes": (lambda d: bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).tolist()), "safetensors"),
     "empty": (lambda d: b"", "safetensors"),
     "bad config json": (lambda d: st_save({"x": torch.zeros(1)}, metadata={"adapter_config": "{not json"}), "JSON"),
-    "unknown method": (lambda d: _rewrite(d, edit_config=lambda c: (c.update(peft_type="IA3"), c["peftcore"].update(method="IA3"))), "unknown method"),
+    "unknown method": (lambda d: _rewrite(d, edit_config=lambda c: (c.update(peft_type="NOT_A_METHOD"), c["peftcore"].update(method="NOT_A_METHOD"))), "unknown method"),
     "bad field": (lambda d: _rewrite(d, edit_config=lambda c: c.update(r=-3)), "r must be"),
     "no config": (lambda d: st_save({"x": torch.zeros(1)}), "no adapter config"),
     "too big": (lambda d: d + b"\0" * (MAX_FILE_BYTES + 1), "limit"),

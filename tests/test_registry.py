@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 import peftcore
 from apptest import ROOT
+from mixed import assert_rows_equal_alone
 from peftcore import library, registry
 from peftcore.config import PeftConfig
 from peftcore.store import Store, new_token
@@ -86,16 +87,7 @@ def test_a_toy_method_runs_end_to_end(base, toy, tmp_path):
     bank, _ = library.load_library(base)
     peftcore.load_adapter(bank, "shift", data)
     x = peftcore.TASKS["add_5"].batch(4, torch.Generator().manual_seed(0))[0]
-    rows = ["shift", "lora-add_5", "__base__", "shift"]
-    mixed = bank(x, adapter_names=rows)
-    for i, name in enumerate(rows):
-        if name == "__base__":
-            with bank.disable_adapter():
-                alone = bank(x[i:i + 1])
-        else:
-            bank.set_adapter(name)
-            alone = bank(x[i:i + 1])
-        assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5), name
+    assert_rows_equal_alone(bank, x, ["shift", "lora-add_5", "__base__", "shift"])
 
     store = Store(tmp_path / "s.sqlite3", base=base)
     rec = store.save_phi(new_token(), "my-shift", data)

@@ -68,6 +68,7 @@ class MethodView:
     diagram: Callable = lambda config: Diagram()
     note: str = ""                 # shown where its controls would be (full fine-tuning has none)
     never_solves: str = ""         # why its preset solves nothing here, when the table says so
+    lesson: str = ""               # what the Inside page's table of every method says about it
     rank: Optional[Callable] = None  # config -> the rank of its update (the spectrum's marker)
 
     @property
@@ -128,4 +129,4 @@ def phi_node(name, label):
 
 
 # every method's view, in its own file (each registers itself)
-from . import adapter, full, lora, prompt  # noqa: E402,F401
+from . import adapter, full, ia3, lora, prefix, prompt  # noqa: E402,F401

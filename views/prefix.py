@@ -1,0 +1,23 @@
+"""Prefix tuning as the app shows it."""
+from . import PHI_EDGE, Control, Diagram, MethodView, phi_node, register_view
+
+
+def diagram(cfg):
+    return Diagram((phi_node("prefix", f"P_K, P_V: {cfg.num_virtual_tokens} virtual keys\\nand values, every layer"),
+                    f'prefix -> attn {PHI_EDGE};'))
+
+
+register_view(MethodView(
+    "PREFIX_TUNING", "Prefix tuning", "#d62728",
+    controls=(Control("num_virtual_tokens", "num_virtual_tokens", "How many trainable keys and values go in front "
+                      "of every layer's attention.", 1, 64, 1, link="prefix_num_virtual_tokens"),),
+    formulas=(r"K' = [\,P_K\,;\, W_k x\,],\quad V' = [\,P_V\,;\, W_v x\,] \text{ in every layer}",
+              r"P_K, P_V \in \mathbb{R}^{n \times d}",
+              r"|\phi| = 2\, n\, d \text{ per block}"),
+    words="Trainable keys and values in front of every layer's attention: deep prompts. Prompt tuning changes only "
+          "what the first layer reads; a prefix steers every layer.",
+    diagram=diagram,
+    lesson="the working counterpart of prompt tuning. A soft prompt is read by the first layer only and must "
+           "steer everything after it through that; a prefix hands every layer keys and values to attend to, so "
+           "each layer is steered directly. Compare their rows: at this scale a direct prefix still depends on its "
+           "seed, where a soft prompt learns nothing."))
