@@ -27,6 +27,7 @@ SOLVES = {
     ("LORA", "add_5"): 0.9, ("LORA", "complement"): 0.9,
     ("BOTTLENECK_ADAPTER", "add_5"): 0.9, ("BOTTLENECK_ADAPTER", "complement"): 0.9,
     ("FULL", "add_5"): 0.9, ("FULL", "complement"): 0.9,
+    ("IA3", "add_5"): 0.9, ("IA3", "complement"): 0.9,
 }
 # (method, task): held-out exact match at most this. Sorting is a new algorithm no method
 # learns in a live budget; a soft prompt can only steer what the frozen base computes, so
@@ -41,7 +42,7 @@ STAYS_LOW = {
 RECORDED_LOW = {**{(m, "sort"): 0.1 for m in PRESETS}, ("PROMPT_TUNING", "complement"): 0.05}
 # method -> (task, how much lower the same phi scores on a random frozen base, and on what).
 # Prompt tuning solves no task on every seed, so its gap is in token accuracy.
-RANDOM_BASE = {"LORA": ("add_5", "exact", 0.5), "BOTTLENECK_ADAPTER": ("add_5", "exact", 0.5),
+RANDOM_BASE = {"LORA": ("add_5", "exact", 0.5), "BOTTLENECK_ADAPTER": ("add_5", "exact", 0.5), "IA3": ("add_5", "exact", 0.5),
                "PROMPT_TUNING": ("rotate_right_add_2", "token", 0.25)}
 
 _executor = None
@@ -120,7 +121,7 @@ def test_lora_matches_full_fine_tuning_on_new_digit_maps():
 
 def test_phi_sizes_of_the_presets(base):
     n = sum(p.numel() for p in base.parameters())
-    for method, limit in [("LORA", 0.01), ("PROMPT_TUNING", 0.01), ("BOTTLENECK_ADAPTER", 0.05)]:
+    for method, limit in [("LORA", 0.01), ("PROMPT_TUNING", 0.01), ("BOTTLENECK_ADAPTER", 0.05), ("IA3", 0.005)]:
         assert PRESETS[method].config.num_params(base.config) <= limit * n, method
 
 
@@ -146,3 +147,13 @@ def test_the_recorded_table_is_current_and_backs_these_claims():
         worst_pretrained = pre["min"] if metric == "exact" else pre["token_min"]
         best_random = rnd["max"] if metric == "exact" else rnd["token_max"]
         assert best_random <= worst_pretrained - gap, (method, pre, rnd)
+
+
+def test_a_prefix_in_every_layer_learns_where_a_prompt_at_the_input_does_not():
+    """The recorded table (5 seeds) backs the Inside page's lesson: prefix tuning's best seed
+    solves both new digit maps, prompt tuning's best seed solves neither. (Prefix tuning is
+    not 5 of 5 at this scale: its worst seed is recorded as it is, not asserted.)"""
+    for task in ("add_5", "complement"):
+        prefix, prompt = robustness("PREFIX_TUNING", task), robustness("PROMPT_TUNING", task)
+        assert prefix["max"] >= SOLVES_AT > 2 * prompt["max"], (task, prefix, prompt)
+        assert prefix["token_median"] > prompt["token_max"], (task, prefix, prompt)
