@@ -639,7 +639,7 @@ def default_steps(race=False):
     """Where the train page's Steps slider starts: the LoRA preset's budget, in either mode
     (the race's slider starts there too)."""
     from peftcore.presets import PRESETS
-    return PRESETS["LoRA"].train["steps"]
+    return PRESETS["LORA"].train["steps"]
 
 
 def core_jobs(n, race=False, distinct=False, steps=None, device=None):
@@ -650,7 +650,7 @@ def core_jobs(n, race=False, distinct=False, steps=None, device=None):
     from peftcore.presets import PRESETS
     from peftcore.train import resolve_device
     steps, device = steps or default_steps(race), device or resolve_device("auto")
-    methods = list(PRESETS) if race else ["LoRA"]
+    methods = list(PRESETS) if race else ["LORA"]
     jobs = []
     for i in range(n if distinct else 1):
         seed = i + 1 if distinct else 0

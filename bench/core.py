@@ -69,14 +69,14 @@ def main():
     for name, preset in PRESETS.items():
         models[name] = peftcore.get_peft_model(base, preset.config)
         steps[name], opts[name] = make_step(models[name], batch)
-    lora_cfg = PRESETS["LoRA"].config
+    lora_cfg = PRESETS["LORA"].config
     try:
         models["HF peft LoRA"] = hf_lora(base, lora_cfg)
         steps["HF peft LoRA"], opts["HF peft LoRA"] = make_step(models["HF peft LoRA"], batch)
     except ImportError:
         print("(peft not installed: HF comparison skipped)")
     secs = side_by_side(steps, repeats=args.reps, inner=10, warmup=2, device=device)
-    full = "Full fine-tuning"
+    full = "FULL"
     full_state = state_bytes(models[full], opts[full])
     full_peak = peak_bytes(steps[full], device)
     print("| method | trainable params | % of base | ms / step | x full FT | grad+AdamW bytes | x full FT | peak GPU MB |")
@@ -100,7 +100,7 @@ def main():
             diff = (ours(batch[0]) - theirs.eval()(batch[0])).abs().max().item()
         print(f"\npeftcore LoRA vs HF peft LoRA ({lora_cfg.r=}, {lora_cfg.target_modules=}): "
               f"max |output difference| {diff:.2e}; step time ratio peftcore/HF "
-              f"{secs['LoRA'] / secs['HF peft LoRA']:.2f}")
+              f"{secs['LORA'] / secs['HF peft LoRA']:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import torch
 
 import peftcore
-from peftcore import LoraConfig, PeftModel
+from peftcore import PeftModel
 from peftcore.presets import PRESETS
 
 from peftcore.timing import side_by_side
@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
     base = peftcore.load_base(device=args.device)
-    config = PRESETS["LoRA"].config
+    config = PRESETS["LORA"].config
     bank = lora_bank(base, args.adapters, config).to(args.device)
     names = list(bank.peft_config)
     rng = random.Random(0)

@@ -23,7 +23,7 @@ def busy(stop):
         a @ a
 
 
-def step_ms(threads, method="LoRA", reps=7):
+def step_ms(threads, method="LORA", reps=7):
     torch.set_num_threads(threads)
     base = peftcore.load_base()
     model = peftcore.get_peft_model(base, PRESETS[method].config, seed=0)
@@ -41,7 +41,7 @@ def main():
         if proc:
             proc.start()
         try:
-            for method in ("LoRA", "Full fine-tuning"):
+            for method in ("LORA", "FULL"):
                 one, two = step_ms(1, method), step_ms(2, method)
                 print(f"| {method} | {'one busy process' if neighbour else 'none'} | {one:.1f} | {two:.1f} | {two / one:.2f} |",
                       flush=True)

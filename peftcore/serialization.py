@@ -40,7 +40,7 @@ def _version():
     return __version__
 
 
-def adapter_config(model: "PeftModel", adapter_name):
+def adapter_config(model, adapter_name):
     cfg = model.peft_config[adapter_name]
     n = sum(p.numel() for _, p in model.named_adapter_parameters(adapter_name)) if not model.full \
         else sum(p.numel() for p in model.base_model.parameters())
@@ -54,7 +54,7 @@ def adapter_config(model: "PeftModel", adapter_name):
     return out
 
 
-def adapter_to_bytes(model: "PeftModel", adapter_name=None):
+def adapter_to_bytes(model, adapter_name=None):
     """One self-contained .safetensors file: tensors plus config in the header."""
     adapter_name = adapter_name or model.active_adapter
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict(adapter_name).items()}
@@ -62,7 +62,7 @@ def adapter_to_bytes(model: "PeftModel", adapter_name=None):
     return st_save(tensors, metadata=meta)
 
 
-def save_pretrained(model: "PeftModel", save_directory, adapter_name=None):
+def save_pretrained(model, save_directory, adapter_name=None):
     adapter_name = adapter_name or model.active_adapter
     d = Path(save_directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def _check_record(record):
             raise AdapterLoadError(f"the config's peftcore.{k} must be {want}, got {_short(v)}")
 
 
-def load_adapter(model: "PeftModel", adapter_name, data: bytes, config=None):
+def load_adapter(model, adapter_name, data: bytes, config=None):
     """Add phi `adapter_name` to `model` from safetensors bytes (config from `config`
     or from the file's header), not active: as HF peft's load_adapter, set_adapter to use it.
     Raises AdapterLoadError and leaves `model` exactly as it was."""

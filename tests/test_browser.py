@@ -160,13 +160,18 @@ def choose(page, label, option):
     wait_ready(page)
 
 
+def start_class(page, url, name):
+    """Start a class as a teacher does on the Class page; its join code (from the link)."""
+    visit(page, f"{url}/classroom")
+    page.get_by_role("textbox", name="Class name").fill(name)
+    page.get_by_role("button", name="Start a class").click()
+    see(page, "teacher key", timeout=60_000)
+    return re.search(r"class=([A-Z0-9]+)", page.url).group(1)
+
+
 def test_a_class_end_to_end_and_a_saved_phi_outlives_the_tab(new_page, url):
     teacher = new_page()
-    visit(teacher, f"{url}/classroom")
-    teacher.get_by_role("textbox", name="Class name").fill("Period 3")
-    teacher.get_by_role("button", name="Start a class").click()
-    see(teacher, "teacher key", timeout=60_000)
-    code = re.search(r"class=([A-Z0-9]+)", teacher.url).group(1)
+    code = start_class(teacher, url, "Period 3")
     for student, phi in [("Ada", "lora-add_5"), ("Grace", "adapter-complement")]:
         page = new_page()
         visit(page, f"{url}/classroom?class={code}")

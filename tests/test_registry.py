@@ -3,7 +3,6 @@ to end without a line of it anywhere else: it trains, saves and loads, rides in 
 batch beside the shipped methods, enters the store, is listed with the library's methods
 and appears on the Train page (under its peft_type: it has no view). An unknown config is
 an error, never a full fine-tune."""
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -133,5 +132,5 @@ def test_generic_code_names_no_method():
                 if any(word in code for word in not_methods):
                     continue
                 hits += [f"{path.relative_to(ROOT)}:{n}: {name}" for name in names
-                         if f'"{name}"' in code or f"'{name}'" in code or f"isinstance(" in code and name in code]
+                         if f'"{name}"' in code or f"'{name}'" in code or "isinstance(" in code and name in code]
     assert not hits, hits

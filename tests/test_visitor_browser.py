@@ -2,10 +2,8 @@
 titles with text (read from the rendered SVG, not the figure dict), the visitor's bank and
 class survive a sidebar click and a refresh, a teacher stays a teacher across a reload and
 a wrong key is told so, and the exercise link names the host the teacher's browser used."""
-import re
-
 from bench.appserver import wait_ready
-from test_browser import EXCEPTION, choose, press, see, short_run, visit
+from test_browser import EXCEPTION, press, see, short_run, start_class, visit
 
 TITLES = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot =>
     Array.from(plot.querySelectorAll('.g-xtitle text, .g-ytitle text, .g-y2title text'))
@@ -43,11 +41,7 @@ def test_every_chart_the_browser_draws_has_axis_titles(page, url):
 
 
 def test_the_bank_and_the_class_survive_a_sidebar_click_and_a_refresh(page, url):
-    visit(page, f"{url}/classroom")
-    page.get_by_role("textbox", name="Class name").fill("Kept")
-    page.get_by_role("button", name="Start a class").click()
-    see(page, "teacher key", timeout=60_000)
-    code = re.search(r"class=([A-Z0-9]+)", page.url).group(1)
+    code = start_class(page, url, "Kept")
     page.get_by_test_id("stSidebarNav").get_by_text("Train a sliver").click()
     wait_ready(page)
     short_run(page)
@@ -69,12 +63,7 @@ def test_the_bank_and_the_class_survive_a_sidebar_click_and_a_refresh(page, url)
 
 
 def test_a_wrong_teacher_key_is_told_and_the_exercise_link_names_this_host(new_page, url):
-    teacher = new_page()
-    visit(teacher, f"{url}/classroom")
-    teacher.get_by_role("textbox", name="Class name").fill("Keys")
-    teacher.get_by_role("button", name="Start a class").click()
-    see(teacher, "teacher key", timeout=60_000)
-    code = re.search(r"class=([A-Z0-9]+)", teacher.url).group(1)
+    code = start_class(new_page(), url, "Keys")
 
     student = new_page()
     visit(student, f"{url}/classroom?class={code}")

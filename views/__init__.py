@@ -4,7 +4,7 @@ controls a student may set (which a teacher's link may also name), its formulas 
 and where its phi sits in the diagram of a block. Pages ask VIEWS (via ui) and never name a
 method; a method without a view is still listed, under its peft_type, in grey.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import peftcore

@@ -1,10 +1,10 @@
 """Prompt tuning as the app shows it."""
-from . import PHI_EDGE, Control, Diagram, MethodView, phi_node, register_view
+from . import Control, Diagram, MethodView, phi_node, register_view
 
 
 def diagram(cfg):
     return Diagram((phi_node("P", f"P: {cfg.num_virtual_tokens} virtual tokens"),
-                    f'P -> x [color="#e65100", label="prepended"];'))
+                    'P -> x [color="#e65100", label="prepended"];'))
 
 
 register_view(MethodView(
