@@ -233,3 +233,17 @@ def test_the_server_shows_visitors_no_error_details():
     import tomllib
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["client"]["showErrorDetails"] == "none"
+
+
+def test_every_method_trains_from_its_own_controls_in_one_method_mode():
+    """The crawler presses Train with the default method; here each method is picked in turn,
+    its own controls drawn, a short run started and its result card shown."""
+    import ui
+    for view in ui.method_views():
+        at = fresh("app_pages/train.py")
+        at.selectbox(key="method").set_value(view.name).run()
+        at.slider(key=f"steps-{view.name}").set_value(10)
+        at.button(key="train_go").click().run()
+        settle(at, f"training {view.name}")
+        assert any(s.value == "Results on add_5" for s in at.subheader), view.name
+        assert at.get("download_button"), view.name
