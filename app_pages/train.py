@@ -1,12 +1,12 @@
 """Train a sliver: pick a task and a method, train phi live, or race the methods."""
+from dataclasses import replace
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import streamlit as st
 
 import peftcore
 import ui
-from dataclasses import replace
-
+import views
 from peftcore.analysis import changed_weights, sample_predictions
 from peftcore.presets import PRESETS, SOLVES_AT, robustness
 from peftcore.storage import human_bytes
@@ -14,7 +14,8 @@ from peftcore.tasks import EVAL_SIZE
 from peftcore.train import SOLVED
 
 LR_OPTIONS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1]
-STEPS = dict(min_value=10, max_value=1000, step=10)
+STEPS_CONTROL = views.Control("steps", "Steps", lo=10, hi=1000, step=10)  # the slider's range; parses a link's steps=
+STEPS = dict(min_value=STEPS_CONTROL.lo, max_value=STEPS_CONTROL.hi, step=STEPS_CONTROL.step)
 GROUP = "train"
 ss = st.session_state
 
@@ -55,23 +56,6 @@ def _float(text):
         return None
 
 
-def _number(lo, hi, kind):
-    def parse(text):
-        value = _float(text)
-        if value is None or not lo <= value <= hi or (kind is int and value != int(value)):
-            raise ValueError(f"must be {'a whole' if kind is int else 'a'} number from {lo} to {hi}")
-        return kind(value)
-    return parse
-
-
-class _Generic:
-    """A control every method has: a link name, a session key ({method}: one per method) and
-    a parser of the link's text."""
-
-    def __init__(self, key, parse):
-        self.key, self.parse = key, parse
-
-
 def method_key(view, control):
     """The session key of a method's control: one per method and field."""
     return f"{view.method.slug}.{control.field}"
@@ -85,7 +69,7 @@ def link_controls():
     for view in ui.method_views():
         for c in view.controls:
             out[c.name] = (method_key(view, c), c.parse)
-    out.update({"lr": ("lr-{method}", _choice(LR_OPTIONS)), "steps": ("steps-{method}", _number(10, 1000, int))})
+    out.update({"lr": ("lr-{method}", _choice(LR_OPTIONS)), "steps": ("steps-{method}", STEPS_CONTROL.parse)})
     return out
 
 

@@ -217,8 +217,9 @@ class PeftModel(nn.Module):
 
     def named_adapter_parameters(self, adapter_name=None):
         """(adapter name, parameter) for every phi parameter, or those of one adapter."""
+        containers = registry.containers()  # once: set_adapter runs this, and it is hot
         for layer in self._phi_layers():
-            for attr in registry.containers():
+            for attr in containers:
                 container = getattr(layer, attr, {})
                 names = list(container) if adapter_name is None else [adapter_name] if adapter_name in container else []
                 for name in names:
