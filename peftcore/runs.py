@@ -20,7 +20,12 @@ refresh only re-reads `run.events`. The manager is built for a class on one serv
   holds one run and the rest queue: more runs than cores wait rather than all crawl;
 - owners: a run belongs to the owners who started or joined it. Only an owner may stop
   it; a stop detaches that owner, and the run stops when no owner is left, or when
-  `reap()` finds none of its owners still connected.
+  `reap()` finds none of its owners still connected;
+- executors: this file decides which run trains when; an executor (peftcore.executors)
+  trains it. In-process, the default: a lane is a thread stepping a Cohort of live models.
+  Ray (peftcore.ray_executor): a lane drives a worker process that rebuilds the run from
+  its RunSpec (data) and sends its events and phi back; the same RunManager then lives in
+  one named actor, shared by every web server of a lecture hall.
 """
 import atexit
 import collections
@@ -34,8 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cohort import Cohort, cohort_key
-from .train import Trainer, resolve_device
+from .executors import InProcess, describe
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
 
@@ -57,6 +61,8 @@ class Run:
     kwargs: dict = field(default_factory=dict)
     key: object = None  # runs with equal keys are the same computation
     cohort: object = None  # runs with equal cohort keys may train together (None: alone)
+    spec: object = None  # the run as data (executors.RunSpec): what a worker process rebuilds it from
+    phi: bytes = None  # phi's file bytes, when a worker process trained it (None in-process)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     status: str = QUEUED
     events: list = field(default_factory=list)  # TrainEvents, appended by the worker
@@ -97,8 +103,11 @@ class Run:
 
 @dataclass(eq=False)
 class Lane:
-    """A training slot: one thread stepping its runs together as a Cohort."""
+    """A training slot: one thread stepping its runs together through an executor's session
+    (a Cohort in this process, or one worker process)."""
     cohort: object  # the runs' cohort key; None: a lane of one run
+    session: object = None  # the executor's: where its runs train
+    capacity: int = 1  # runs it may step together
     runs: list = field(default_factory=list)  # placed here; a new one starts at the next step
     thread: threading.Thread = None
 
@@ -134,13 +143,14 @@ class RunManager:
     visitor). A class behind one NAT or proxy shares one address: raise max_per_client there."""
 
     def __init__(self, max_concurrent=None, max_waiting=60, max_kept=256, torch_threads=1, grace_s=20.0,
-                 max_cohort=None, max_per_owner=4, max_per_client=8):
+                 max_cohort=None, max_per_owner=4, max_per_client=8, executor=None):
         # Many small runs at once: parallel across runs, one thread inside each op. Two
         # OpenMP threads per tiny matmul on busy cores run several times slower (BENCHMARKS.md).
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.max_concurrent = max_concurrent or default_concurrency()  # lanes
-        self.max_cohort = max_cohort or default_cohort_size()  # runs per lane
+        self.executor = executor or InProcess()
+        self.max_concurrent = max_concurrent or self.executor.slots or default_concurrency()  # lanes
+        self.max_cohort = max_cohort or default_cohort_size()  # runs per lane (in-process)
         self.max_waiting = max_waiting
         self.max_per_owner, self.max_per_client = max_per_owner, max_per_client  # None: no cap
         self.max_kept = max_kept
@@ -156,10 +166,12 @@ class RunManager:
         _MANAGERS.add(self)
 
     # ------------------------------------------------------------ starting and joining
-    def start(self, model, task, label="", owner=None, key=None, client=None, **train_kwargs) -> Run:
+    def start(self, model, task, label="", owner=None, key=None, client=None, spec=None, **train_kwargs) -> Run:
         """Queue a run of `model` (or of `model()`, built only when no run joins) for `owner`
         (a visitor) from `client` (an address) and return it; a live run with the same `key`
-        is joined and returned instead. Raises QueueFull when a cap refuses the start."""
+        is joined and returned instead. Raises QueueFull when a cap refuses the start.
+        `spec` (executors.RunSpec) is the run as data: an executor of worker processes needs
+        it, and builds no model here (`model` may then be None)."""
         with self._lock:
             twin = self._twin(key)
             self._check_caps(owner, client, twin)
@@ -168,10 +180,11 @@ class RunManager:
                 twin.owners.add(owner)
                 twin.clients[owner] = client
                 return twin
-            run = Run(model() if callable(model) and not isinstance(model, torch.nn.Module) else model,
-                      task, label, train_kwargs, key=key, owners={owner}, clients={owner: client})
-            run.cohort = cohort_key(run.model, train_kwargs.get("batch_size", 64),
-                                    resolve_device(train_kwargs.get("device", "auto")))
+            if self.executor.needs_model and callable(model) and not isinstance(model, torch.nn.Module):
+                model = model()
+            run = Run(model if self.executor.needs_model else None, task, label, train_kwargs, key=key,
+                      spec=spec, owners={owner}, clients={owner: client})
+            run.cohort = self.executor.cohort_key(run)
             # Round-robin by owner: a run's round is one after its owner's last waiting run,
             # and never before the round now being dispatched, so a visitor's k-th waiting
             # run goes after every other visitor's earlier ones. Rounds are fixed on arrival:
@@ -217,9 +230,10 @@ class RunManager:
         else into a free slot (a new lane); the others keep their place. Holds the lock."""
         for run in self._line():
             lane = next((ln for ln in self._lanes if run.cohort is not None and ln.cohort == run.cohort
-                         and len(ln.runs) < self.max_cohort), None)
+                         and len(ln.runs) < ln.capacity), None)
             if lane is None and len(self._lanes) < self.max_concurrent:
-                lane = Lane(run.cohort)
+                session = self.executor.open(run)
+                lane = Lane(run.cohort, session, getattr(session, "capacity", None) or self.max_cohort)
                 self._lanes.append(lane)
                 lane.thread = threading.Thread(target=self._work, args=(lane,), daemon=True, name=f"run-{run.id}")
                 lane.thread.start()
@@ -322,46 +336,48 @@ class RunManager:
     # ------------------------------------------------------------ the worker
     def _work(self, lane):
         """Step the lane's runs together until none is left; new runs join between steps."""
-        cohort, run_of = Cohort(), {}  # Trainer -> Run
+        session, joined = lane.session, set()
         while True:
             with self._lock:
-                joining = [r for r in lane.runs if r not in run_of.values()]
+                joining = [r for r in lane.runs if r not in joined]
                 if not lane.runs:
+                    session.close()  # its slot (a worker process) is free again for the dispatch below
                     self._lanes.remove(lane)
                     self._dispatch()
                     return
             for run in joining:
+                joined.add(run)
                 try:
-                    trainer = Trainer(run.model, run.task, **run.kwargs)
+                    session.add(run)
                 except Exception as e:  # bad settings: shown on the page; the lane carries on
                     self._end(lane, run, FAILED, e)
-                    continue
-                cohort.add(trainer)
-                run_of[trainer] = run
-            if not cohort.trainers:
+            if not session:
                 continue
-            try:
-                results = cohort.step()
-            except Exception as e:  # the whole step failed: every run in it ends
-                results = [(t, e) for t in cohort.trainers]
-            for trainer, result in results:
-                run = run_of[trainer]
+            stepped = {}  # a worker may send several steps of a run at once, in order
+            for run, result in session.step():
+                if run in stepped and stepped[run] is None:
+                    continue  # it ended earlier in this batch
                 if isinstance(result, Exception):
-                    self._end(lane, run, FAILED, result, cohort, trainer)
+                    self._end(lane, run, FAILED, result)
+                    stepped[run] = None
                     continue
                 run.events.append(result)
+                stepped[run] = result
                 if result.done:
-                    self._end(lane, run, DONE, None, cohort, trainer)
-                elif run._stop.is_set():
-                    self._end(lane, run, STOPPED, None, cohort, trainer)
+                    self._end(lane, run, DONE)
+                    stepped[run] = None
+            for run, last in stepped.items():
+                if last is not None and run._stop.is_set():  # between steps: phi keeps what it learned
+                    self._end(lane, run, STOPPED)
 
-    def _end(self, lane, run, status, error=None, cohort=None, trainer=None):
+    def _end(self, lane, run, status, error=None):
         if error is not None:  # shown on the page; the server and the other runs carry on
-            run.error = f"{type(error).__name__}: {error}"
+            run.error = describe(error)
             traceback.print_exception(error)
-        if trainer is not None and trainer in cohort.trainers:
-            cohort.remove(trainer)
-        run.model.eval()
+        try:
+            lane.session.remove(run)  # its phi is final now (a worker's comes back as file bytes)
+        except Exception as e:  # its phi could not be had (the worker died at the end): it failed
+            status, run.error = FAILED, describe(e)
         run.status = status
         with self._lock:
             lane.runs.remove(run)

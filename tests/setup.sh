@@ -8,3 +8,4 @@ if [ ! -x /usr/bin/chromium ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium > /dev/null
 fi
 python -m pip install -q -r requirements-dev.txt
+python -m pip install -q -r requirements-ray.txt  # the Ray executor's tests run for real in CI
