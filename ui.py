@@ -24,6 +24,7 @@ import peftcore
 import views
 from peftcore import library
 from peftcore import store as store_mod
+from peftcore.executors import RunSpec
 from peftcore.runs import QUEUED, QueueFull, RunManager
 from peftcore.storage import human_bytes
 from peftcore.train import solved_at, start_warm_up
@@ -88,8 +89,25 @@ def get_random_base(device):
 
 @st.cache_resource
 def get_manager():
-    """One RunManager per server process: runs outlive the pages that started them; one
-    training slot per core, a fair queue behind them."""
+    """One run service per server process: runs outlive the pages that started them; one
+    training slot per core, a fair queue behind them. In this process (the default), or on
+    Ray with PEFT_EXECUTOR=ray (README: a lecture hall)."""
+    return make_manager(os.environ.get("PEFT_EXECUTOR", "inprocess"))
+
+
+def make_manager(executor="inprocess"):
+    """The run service: on Ray (workers elsewhere; the queue shared by every web server of
+    the cluster, RAY_ADDRESS) or in this process. Ray not there: logged, and in-process."""
+    if executor == "ray":
+        from peftcore.ray_executor import RayUnavailable, ray_manager
+        try:
+            return ray_manager(base_of=lambda which, dev: BASES[which](dev),
+                               num_cpus=int(os.environ["PEFT_RAY_CPUS"]) if os.environ.get("PEFT_RAY_CPUS") else None,
+                               name=os.environ.get("PEFT_RAY_SERVICE") or "run-service", max_per_owner=MAX_SESSION_RUNS)
+        except RayUnavailable as e:
+            log.error("PEFT_EXECUTOR=ray, but %s: training runs in this web process instead.", e)
+    elif executor != "inprocess":
+        log.error("PEFT_EXECUTOR=%r is not an executor (inprocess, ray): training runs in this process.", executor)
     manager = RunManager(max_per_owner=MAX_SESSION_RUNS)  # across tabs; and per address (the default)
     # the first training of a process pays ~3 s of one-time setup: at server start, in the
     # background, not on the first student's click
@@ -387,9 +405,10 @@ def start_group(group, jobs, task, url=False, **train_kwargs):
         kwargs.setdefault("eval_every", eval_every(kwargs.get("steps", 300)))
         base = BASES[which](kwargs["device"])
         make = functools.partial(peftcore.get_peft_model, base, config, seed=kwargs.get("seed", 0))
+        spec = RunSpec(config.to_dict(), kwargs.get("seed", 0), which, base_fingerprint(which, kwargs["device"]))
         try:
             run = manager.start(make, task, label=label, owner=owner(), client=st.context.ip_address,
-                                key=run_key(which, config, task, kwargs), **kwargs)
+                                key=run_key(which, config, task, kwargs), spec=spec, **kwargs)
         except QueueFull as e:
             for i in ids:  # all of the group or none of it
                 manager.stop(manager.runs[i], owner())

@@ -1,0 +1,270 @@
+"""The run service on both executors (issue 17): one contract, run in this process and on Ray
+worker processes; a worker killed mid-run; starts from other threads; Ray not reachable;
+two `streamlit run` servers sharing one Ray run service.
+
+One single-node Ray (`ray start --head`, no dashboard) serves the whole test session; it is
+real Ray, never mocked. Where Ray is not installed these tests skip, except in CI
+(PEFT_REQUIRE_BROWSER, set by .ci/run, means the setup ran: a missing Ray fails there)."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+
+import peftcore
+from peftcore import LoraConfig
+from peftcore.executors import BaseMismatch, RunSpec, WorkerRuns, load_trained
+from peftcore.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, QueueFull, RunManager
+
+from conftest import ROOT
+
+CFG = LoraConfig(r=1, lora_alpha=4, target_modules=("q", "v"))
+KW = dict(batch_size=8, eval_every=5, device="cpu", lr=1e-2)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("PEFT_REQUIRE_BROWSER"):
+            raise RuntimeError("ray is missing in CI: tests/setup.sh installs requirements-ray.txt") from None
+        pytest.skip("ray is not installed (pip install -r requirements-ray.txt)")
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A single-node Ray for the session, in its own process group (stopped with it only)."""
+    _ray()
+    from bench.appserver import free_port
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a test cluster on 127.0.0.1 only
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                             f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        import ray
+        deadline = time.time() + 60
+        while True:
+            try:
+                ray.init(address=address, namespace="peft-playground", log_to_driver=False)
+                break
+            except ConnectionError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield address
+    finally:
+        import ray
+        ray.shutdown()
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM...
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:  # ...or is made to
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def ray_service(**kw):
+    from peftcore.ray_executor import RayRunManager, service
+    return RayRunManager(service(f"test-{uuid.uuid4().hex[:6]}", **kw))
+
+
+def close(manager):
+    if hasattr(manager, "service"):
+        manager.shutdown()
+        _ray().kill(manager.service)
+    else:
+        manager.shutdown()
+
+
+@pytest.fixture(scope="module", params=["inprocess", "ray"])
+def manager(request):
+    """One slot and a fair line: a run service per executor for the contract below."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_address")
+        m = ray_service(cpu_workers=1, gpu_workers=0, max_concurrent=1, max_per_owner=3)
+    else:
+        m = RunManager(max_concurrent=1, max_cohort=1, max_per_owner=3, torch_threads=None)
+    yield m
+    close(m)
+
+
+def spec(base_fp, seed=0):
+    return RunSpec(CFG.to_dict(), seed=seed, fingerprint=base_fp)
+
+
+def start(manager, base, base_fp, owner, seed=0, steps=10, key=None, **kw):
+    s = spec(base_fp, seed)
+    return manager.start(lambda: s.build(base), "add_5", label="LoRA", owner=owner, key=key, spec=s,
+                         steps=steps, **KW, seed=seed, **kw)
+
+
+def values(events):
+    return [(e.step, e.loss, e.train_exact, e.eval_exact, e.eval_token, e.done) for e in events]
+
+
+def wait_for(predicate, timeout=60):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ the contract
+def test_same_seed_same_events_and_bit_identical_phi(manager, base, base_fp):
+    run = start(manager, base, base_fp, "a", seed=7, steps=12).wait(120)
+    alone = spec(base_fp, 7).build(base)
+    events = list(peftcore.train(alone, "add_5", steps=12, **KW, seed=7))
+    assert run.status == DONE, run.error
+    assert values(run.events) == values(events)  # values, not elapsed
+    assert peftcore.adapter_to_bytes(run.model) == peftcore.adapter_to_bytes(alone)
+    assert run.model.get_nb_trainable_parameters() == alone.get_nb_trainable_parameters()
+
+
+def test_identical_runs_are_computed_once(manager, base, base_fp):
+    first = start(manager, base, base_fp, "a", seed=1, key=("same", 1))
+    second = start(manager, base, base_fp, "b", seed=1, key=("same", 1))
+    assert second is first and first.owners == {"a", "b"} and first.joined == 1
+    assert first.wait(120).status == DONE
+    again = start(manager, base, base_fp, "c", seed=1, key=("same", 1))
+    assert again is not first  # a finished run is not joined
+    assert again.wait(120).status == DONE
+
+
+def test_only_owners_stop_and_a_stopped_run_keeps_its_phi(manager, base, base_fp):
+    run = start(manager, base, base_fp, "a", steps=5000)
+    wait_for(lambda: len(run.events) >= 3)
+    assert not manager.stop(run, "stranger") and run.owners == {"a"}
+    assert manager.stop(run, "a")
+    assert run.wait(60).status == STOPPED and 3 <= len(run.events) < 5000
+    again = spec(base_fp).build(base)
+    for _ in zip(range(len(run.events)), peftcore.train(again, "add_5", steps=5000, **KW, seed=0)):
+        pass  # the same number of steps in the core: the phi a stop hands back is that one
+    assert peftcore.adapter_to_bytes(run.model) == peftcore.adapter_to_bytes(again)
+
+
+def test_the_line_is_fair_across_owners_and_caps_say_why(manager, base, base_fp):
+    blocker = start(manager, base, base_fp, "x", steps=5000)
+    wait_for(lambda: blocker.status == RUNNING)
+    a1, a2 = start(manager, base, base_fp, "a", seed=1), start(manager, base, base_fp, "a", seed=2)
+    b = start(manager, base, base_fp, "b", seed=3)
+    assert [r.status for r in (a1, a2, b)] == [QUEUED] * 3
+    assert [manager.place_in_line(r) for r in (a1, b, a2)] == [1, 2, 3]  # b before a's second
+    a3 = start(manager, base, base_fp, "a", seed=4)
+    with pytest.raises(QueueFull, match="You already have 3 runs") as refused:
+        start(manager, base, base_fp, "a", seed=5)
+    assert refused.value.reason == "owner"
+    for r, o in ((a3, "a"), (a2, "a"), (blocker, "x")):
+        manager.stop(r, o)
+    for r in (a1, b):
+        assert r.wait(120).status == DONE, r.error
+    assert a1.started <= b.started
+
+
+# ------------------------------------------------------------------ faults and threads
+def test_a_worker_killed_mid_run_fails_that_run_only_and_its_slot_comes_back(ray_address, base, base_fp):
+    manager = ray_service(cpu_workers=2, gpu_workers=0)
+    try:
+        victim, other = start(manager, base, base_fp, "a", steps=5000), start(manager, base, base_fp, "b", seed=1, steps=5000)
+        wait_for(lambda: len(victim.events) >= 2 and len(other.events) >= 2, 120)
+        os.kill(manager.worker_pids()[victim.id], signal.SIGKILL)
+        assert victim.wait(60).status == FAILED
+        assert "worker process training this run stopped" in victim.error and "\n" not in victim.error
+        seen = len(other.events)
+        wait_for(lambda: len(other.events) > seen + 2)  # the other run trains on
+        assert other.status == RUNNING
+        again = start(manager, base, base_fp, "a", seed=2, steps=10)  # the dead worker's slot, a fresh process
+        assert again.wait(120).status == DONE, again.error
+        manager.stop(other, "b")
+        assert other.wait(60).status == STOPPED
+    finally:
+        close(manager)
+
+
+def test_starting_from_other_threads_works(ray_address, base, base_fp):
+    manager = ray_service(cpu_workers=1, gpu_workers=0)
+    try:
+        got = []
+        threads = [threading.Thread(target=lambda i=i: got.append(
+            start(manager, base, base_fp, f"s{i}", key=("k",), steps=10))) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({r.id for r in got}) == 1 and len(got[0].owners) == 4
+        assert got[0].wait(120).status == DONE
+    finally:
+        close(manager)
+
+
+def test_a_worker_refuses_another_base_and_a_bad_config_in_one_line(base_fp):
+    worker = WorkerRuns("cpu")
+    other = "0" * 64
+    error = worker.add("r1", spec(other).to_dict(), "add_5", dict(steps=5, **KW))
+    assert error.startswith(f"{BaseMismatch.__name__}: this worker's pretrained base is {base_fp[:16]}")
+    assert "different base files" in error and "\n" not in error
+    bad = dict(CFG.to_dict(), r=-1)
+    assert worker.add("r2", RunSpec(bad, fingerprint=base_fp).to_dict(), "add_5", dict(steps=5, **KW)).startswith(
+        "ValueError: r must be")
+    assert not worker.session  # nothing was queued
+
+
+def test_phi_from_a_worker_enters_through_the_loaders_checks(base, base_fp):
+    worker = WorkerRuns("cpu")
+    assert worker.add("r", spec(base_fp).to_dict(), "add_5", dict(steps=3, **KW)) is None
+    while worker.session:
+        worker.step()
+    data = worker.finish("r")
+    assert peftcore.adapter_to_bytes(load_trained(base, data)) == data
+    with pytest.raises(peftcore.AdapterLoadError, match="trained on another base"):
+        load_trained(peftcore.random_base(), data)
+
+
+LOCAL_FROM_A_THREAD = """
+import threading, peftcore
+from peftcore import LoraConfig
+from peftcore.executors import RunSpec
+from peftcore.ray_executor import ray_manager
+box = []
+t = threading.Thread(target=lambda: box.append(ray_manager(num_cpus=1, name="thread-test")))
+t.start(); t.join()  # the thread that started Ray has ended, as a Streamlit script run does
+spec = RunSpec(LoraConfig(r=1, target_modules=("q",)).to_dict(), fingerprint=peftcore.fingerprint(peftcore.load_base()))
+run = box[0].start(None, "add_5", owner="a", spec=spec, steps=5, batch_size=8, eval_every=5, device="cpu").wait(120)
+print(run.status, run.error)
+"""
+
+
+def test_ray_started_by_a_script_thread_outlives_the_thread():
+    _ray()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", LOCAL_FROM_A_THREAD], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert done.stdout.strip().splitlines()[-1:] == ["done"], done.stdout[-1000:] + done.stderr[-3000:]
+
+
+NOT_REACHABLE = """
+import logging, ui
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+print(type(ui.make_manager("ray")).__name__)
+"""
+
+
+def test_ray_not_reachable_logs_one_line_and_trains_in_process():
+    from bench.appserver import free_port
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-c", NOT_REACHABLE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.stdout.strip().splitlines()[-1:] == ["RunManager"], done.stderr[-3000:]
+    assert "Ray is not reachable at 127.0.0.1" in done.stderr and "training runs in this web process" in done.stderr
+    assert "Traceback" not in done.stderr and time.time() - t0 < 60
