@@ -268,3 +268,46 @@ def test_ray_not_reachable_logs_one_line_and_trains_in_process():
     assert done.stdout.strip().splitlines()[-1:] == ["RunManager"], done.stderr[-3000:]
     assert "Ray is not reachable at 127.0.0.1" in done.stderr and "training runs in this web process" in done.stderr
     assert "Traceback" not in done.stderr and time.time() - t0 < 60
+
+
+# ------------------------------------------------------------------ two web servers, one line
+def test_two_web_servers_share_one_fair_line_and_compute_identical_runs_once(ray_address, new_page, monkeypatch):
+    """Two `streamlit run` on two ports against one Ray: a teacher's long run holds the only
+    worker, so the students' runs wait; a student on either server sees their place in the
+    one line, and the same default run pressed on both servers is one computation."""
+    from bench.appserver import streamlit_server, wait_ready
+    from peftcore.ray_executor import RayRunManager, service
+    from test_browser import see
+    name = f"test-two-{uuid.uuid4().hex[:6]}"
+    for k, v in dict(PEFT_EXECUTOR="ray", RAY_ADDRESS=ray_address, PEFT_RAY_SERVICE=name).items():
+        monkeypatch.setenv(k, v)
+    teacher = RayRunManager(service(name, cpu_workers=1, gpu_workers=0))  # the servers find this one
+    try:
+        with streamlit_server() as a, streamlit_server() as b:
+            pages = {}
+            for who, server in (("a", a), ("b1", b), ("b2", b)):
+                pages[who] = new_page()
+                pages[who].goto(f"{server.url}/train")
+                wait_ready(pages[who])
+            box = pages["b2"].get_by_test_id("stSidebar").get_by_role("spinbutton", name="Seed")
+            box.fill("5")
+            box.press("Enter")
+            wait_ready(pages["b2"])
+            hold = teacher.start(None, "add_5", owner=None, spec=RunSpec(CFG.to_dict(), fingerprint=peftcore.fingerprint(
+                peftcore.load_base())), steps=100_000, **KW)
+            wait_for(lambda: hold.status == RUNNING)
+            for who in ("a", "b1", "b2"):
+                pages[who].get_by_role("button", name="Train", exact=True).click()
+                wait_ready(pages[who])
+            see(pages["a"], "waiting: number 1 in line")
+            see(pages["b1"], "waiting: number 1 in line")  # joined a's run, from the other server
+            see(pages["b1"], "shared with 1 other visitor")
+            see(pages["b2"], "waiting: number 2 in line")
+            teacher.stop(hold, None)
+            for who in ("a", "b1", "b2"):
+                see(pages[who], "Results on add_5", timeout=180_000)
+            see(pages["a"], "This run was shared: 2 starts")
+            for page in pages.values():
+                assert page.locator("[data-testid=stException]").count() == 0
+    finally:
+        close(teacher)
