@@ -130,13 +130,16 @@ def _serve_with_thread_probe():
 
 
 @contextlib.contextmanager
-def streamlit_server(timeout=90, flags=(), thread_probe=False):
+def streamlit_server(timeout=90, flags=(), thread_probe=False, env=None, executor=None):
     """Yield a Server for a fresh `streamlit run app.py` (extra command-line `flags` such as
-    ["--runner.postScriptGC", "true"]); kill it (and only it) afterwards."""
+    ["--runner.postScriptGC", "true"], extra environment `env`); kill it (and only it, with
+    the local Ray it may have started) afterwards. `executor`: "ray" trains on Ray worker
+    processes (RAY_ADDRESS from `env` or the environment, else a local Ray the app starts),
+    "inprocess" in the server; None: as the environment says (PEFT_EXECUTOR)."""
     port = free_port()
     args = ["run", "app.py", "--server.headless", "true", "--server.port", str(port),
             "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", *flags]
-    env, thread_log = dict(os.environ), None
+    env, thread_log = {**os.environ, **(env or {}), **({"PEFT_EXECUTOR": executor} if executor else {})}, None
     if thread_probe:
         fd, name = tempfile.mkstemp(prefix="peft-threads-", suffix=".tsv")
         os.close(fd)

@@ -1,6 +1,6 @@
 """A class on one server: N students press Train at about the same moment, in real browsers.
 
-    python -m bench.classroom N [N ...] [--race] [--distinct-seeds] [--steps S] [--timeout T]
+    python -m bench.classroom N [N ...] [--race] [--distinct-seeds] [--steps S] [--timeout T] [--executor ray]
 
 For each N: a fresh `streamlit run` (bench.appserver), one headless Chromium with N+1
 contexts (one visitor each, background throttling off). The N students open /train, wait
@@ -548,20 +548,21 @@ class ClassResult:
 
 
 async def run_class(n, race=False, distinct=False, steps=None, device=None, timeout=900, storage=True, flags=(),
-                    load_at_once=4, server_timeout=120):
+                    load_at_once=4, server_timeout=120, executor="inprocess"):
     """Start a server, seat n students, press Train together, measure; returns a ClassResult.
 
     race: Mode Race; distinct: student i sets Seed i+1; steps: the Steps slider (None: the
     preset's); device: the sidebar's Device (None: the app's default); timeout: seconds from
     the click to the last result; storage: also time the storage page in another session;
-    flags: extra `streamlit run` flags."""
+    flags: extra `streamlit run` flags; executor: where the server trains ("inprocess", or
+    "ray": worker processes of a local Ray the app starts, one per core)."""
     from playwright.async_api import async_playwright
 
     from peftcore import TASKS
     students = [Student(i, seed=i + 1 if distinct else None) for i in range(n)]
     result = ClassResult(n, race, distinct, steps or default_steps(race), next(iter(TASKS)), students)
     t0 = time.time()
-    with streamlit_server(timeout=server_timeout, flags=flags, thread_probe=True) as server:
+    with streamlit_server(timeout=server_timeout, flags=flags, thread_probe=True, executor=executor) as server:
         result.phases["server start"] = time.time() - t0
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -794,6 +795,9 @@ def main():
     ap.add_argument("--no-storage", action="store_true", help="skip the storage page session")
     ap.add_argument("--server-flags", default="",
                     help='extra `streamlit run` flags, e.g. --server-flags="--runner.postScriptGC true"')
+    ap.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
+                    help="where the server trains: its own threads, or Ray worker processes (one per core; "
+                         "pip install -r requirements-ray.txt)")
     ap.add_argument("--details", action="store_true", help="a line per student under the table")
     ap.add_argument("--json", metavar="PATH", help="also write every measurement (each page's log) to PATH")
     args = ap.parse_args()
@@ -804,7 +808,8 @@ def main():
     results = []
     for n in args.n:
         r = classroom(n, race=args.race, distinct=args.distinct_seeds, steps=args.steps, device=args.device,
-                      timeout=args.timeout, storage=not args.no_storage, flags=shlex.split(args.server_flags))
+                      timeout=args.timeout, storage=not args.no_storage, flags=shlex.split(args.server_flags),
+                      executor=args.executor)
         if not args.no_core:
             r.core = core_alone(core_jobs(n, args.race, args.distinct_seeds, args.steps, args.device), r.task)
         results.append(r)
