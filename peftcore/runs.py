@@ -311,7 +311,9 @@ class RunManager:
 
     def seconds_per_step(self):
         """Measured: wall seconds per training step of recent runs, one slot each."""
-        recent = [r for r in self.runs.values() if r.last and r.last.step >= 5][-16:]
+        with self._lock:  # a start on another thread may add a run meanwhile
+            runs = list(self.runs.values())
+        recent = [r for r in runs if r.last and r.last.step >= 5][-16:]
         if not recent:
             return None
         return sum(r.last.elapsed / r.last.step for r in recent) / len(recent)
