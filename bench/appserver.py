@@ -178,6 +178,48 @@ def streamlit_server(timeout=90, flags=(), thread_probe=False, env=None, executo
             thread_log.unlink(missing_ok=True)
 
 
+class RayHead(NamedTuple):
+    address: str  # host:port, for RAY_ADDRESS
+    pid: int      # `ray start`'s process: its group holds the whole local cluster
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus=None, timeout=90):
+    """Yield a RayHead (address, pid) for a fresh single-node Ray (`ray start --head --block`, no dashboard,
+    127.0.0.1 only) in its own process group, stopped (it only) afterwards: what several web
+    servers of a lecture hall share (README: Run a lecture hall)."""
+    port = free_port()
+    num_cpus = num_cpus or len(os.sched_getaffinity(0))
+    # a local cluster on 127.0.0.1 only; its workers at nice 0, not Ray's default 15 (they train
+    # beside the web servers on the same cores: README, Run a lecture hall)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                             f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:  # the head's GCS answers a TCP connect once it is up
+            if proc.poll() is not None:
+                raise RuntimeError(f"`ray start --head` exited with {proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise TimeoutError(f"Ray did not answer on {address} within {timeout} s") from None
+                time.sleep(0.5)
+        yield RayHead(address, proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @contextlib.contextmanager
 def app_server(timeout=90, flags=()):
     """Yield the base URL of a fresh `streamlit run app.py`; kill it (and only it) afterwards."""

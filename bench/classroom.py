@@ -1,9 +1,11 @@
 """A class on one server: N students press Train at about the same moment, in real browsers.
 
     python -m bench.classroom N [N ...] [--race] [--distinct-seeds] [--steps S] [--timeout T] [--executor ray]
+                              [--servers K]
 
-For each N: a fresh `streamlit run` (bench.appserver), one headless Chromium with N+1
-contexts (one visitor each, background throttling off). The N students open /train, wait
+For each N: a fresh `streamlit run` (bench.appserver; --servers K: K of them on one fresh
+`ray start --head`, student i on server i mod K), one headless Chromium with N+1
+contexts (one visitor each, background throttling off; it and Playwright's driver at nice 19). The N students open /train, wait
 for the app, set their seed / mode / steps, and press Train together (a barrier; the pages
 are driven concurrently with Playwright's async API). Meanwhile the extra session moves the
 p slider of the storage page (/) again and again. Then the same runs train in this process
@@ -43,6 +45,7 @@ without --distinct-seeds the core alone trains one run (or one race) whatever N 
 """
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -56,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bench.appserver import CHROMIUM, CHROMIUM_ARGS, CLK_TCK, READY, streamlit_server
+from bench.appserver import CHROMIUM, CHROMIUM_ARGS, CLK_TCK, READY, proc_cpu_seconds, ray_head, streamlit_server
 
 # ------------------------------------------------------------------ what the pages show
 # The texts and selectors this benchmark (and tests/test_classroom.py) depends on.
@@ -437,6 +440,46 @@ def descendants_cpu(root, skip=()):
     return sum(c for pid, c in cpu.items() if pid not in skip and below(pid))
 
 
+def renice_below(root, skip=()):
+    """Give the processes below `root`, outside the trees of the pids in `skip` (the servers,
+    a Ray head), the lowest CPU priority (nice 19): the browsers and Playwright's driver."""
+    for pid in _below(root, skip):
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, 19)
+        except OSError:  # it exited meanwhile
+            pass
+
+
+def _below(root, skip=()):
+    parent = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                parent[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out = []
+    for pid in parent:
+        p = pid
+        while p in parent and p not in skip and pid not in skip:
+            p = parent[p]
+            if p == root:
+                out.append(pid)
+                break
+    return out
+
+
+def machine_busy():
+    """CPU s the whole machine has been busy (every core, every process), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK  # all but idle and iowait
+
+
+def own_cpu():
+    """CPU s of this process and every process below it (servers, Ray, browsers)."""
+    return proc_cpu_seconds("/proc/self/stat") + descendants_cpu(os.getpid())
+
+
 def cpu_by_thread(before, after):
     """CPU s between two thread_cpu() readings, by thread name ("run-1a2b" -> "run-*")."""
     out = {}
@@ -479,6 +522,9 @@ class ClassResult:
     phases: dict = field(default_factory=dict)           # s spent: server start, seating, class
     by_thread: dict = field(default_factory=dict)        # server CPU s over the class by thread name
     browser_cpu: float = 0.0                             # s, chromium + Playwright's driver over the class
+    other_cpu: float = 0.0           # s, the machine's CPU over the class outside this benchmark (others' jobs)
+    executor: str = "inprocess"
+    servers: int = 1
 
     @property
     def results(self):
@@ -548,30 +594,47 @@ class ClassResult:
 
 
 async def run_class(n, race=False, distinct=False, steps=None, device=None, timeout=900, storage=True, flags=(),
-                    load_at_once=4, server_timeout=120, executor="inprocess"):
+                    load_at_once=4, server_timeout=120, executor="inprocess", servers=1):
     """Start a server, seat n students, press Train together, measure; returns a ClassResult.
 
     race: Mode Race; distinct: student i sets Seed i+1; steps: the Steps slider (None: the
     preset's); device: the sidebar's Device (None: the app's default); timeout: seconds from
     the click to the last result; storage: also time the storage page in another session;
     flags: extra `streamlit run` flags; executor: where the server trains ("inprocess", or
-    "ray": worker processes of a local Ray the app starts, one per core)."""
+    "ray": worker processes of a local Ray the app starts, one per core); servers: web servers
+    (more than one: executor "ray", one `ray start --head` they all join, student i on server
+    i mod servers; the server CPU figures are then the first server's)."""
     from playwright.async_api import async_playwright
 
     from peftcore import TASKS
+    if servers > 1 and executor != "ray":
+        raise ValueError("several web servers share one run service only on Ray (executor='ray')")
     students = [Student(i, seed=i + 1 if distinct else None) for i in range(n)]
-    result = ClassResult(n, race, distinct, steps or default_steps(race), next(iter(TASKS)), students)
+    result = ClassResult(n, race, distinct, steps or default_steps(race), next(iter(TASKS)), students,
+                         executor=executor, servers=servers)
     t0 = time.time()
-    with streamlit_server(timeout=server_timeout, flags=flags, thread_probe=True, executor=executor) as server:
+    with contextlib.ExitStack() as stack:
+        env, head = None, None
+        if servers > 1:  # the lecture hall: one Ray, every web server joins its one run service
+            head = stack.enter_context(ray_head())
+            env = {"RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "disabled"}
+        every = [stack.enter_context(streamlit_server(timeout=server_timeout, flags=flags, thread_probe=True,
+                                                      executor=executor, env=env)) for _ in range(servers)]
+        server = every[0]
+        ours = {sv.pid for sv in every} | ({head.pid} if head else set())  # not the browsers
         result.phases["server start"] = time.time() - t0
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            # the students' browsers run on their own laptops in a class: here they take the
+            # lowest CPU priority (chromium and Playwright's driver; a page's processes inherit it)
+            renice_below(os.getpid(), ours)
             try:
                 gate = asyncio.Semaphore(load_at_once)
                 probe = await StorageProbe.open(browser, server.url, result.foreign) if storage else None
                 sessions = await script_sessions(server) if storage else set()  # the storage page's only
-                pages = await asyncio.gather(*(open_student(browser, server.url, s, race, steps, device, gate,
-                                                            result.foreign) for s in students))
+                pages = await asyncio.gather(*(open_student(browser, every[s.index % servers].url, s, race, steps,
+                                                            device, gate, result.foreign) for s in students))
+                renice_below(os.getpid(), ours)  # the pages opened since launch too
                 result.phases["seating"] = time.time() - t0 - result.phases["server start"]
                 if probe:  # the CPU of one storage rerun with nothing else running
                     _, total0, _, script0, _ = cpu_sample(server, sessions)
@@ -586,7 +649,8 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
                 go, stop = asyncio.Event(), asyncio.Event()
                 deadline = time.time() + timeout
                 watchers = [press_and_watch(p, s, go, deadline) for p, s in zip(pages, students)]
-                threads0, browser0 = server.thread_cpu(), descendants_cpu(os.getpid(), {server.pid})
+                threads0, browser0 = server.thread_cpu(), descendants_cpu(os.getpid(), ours)
+                busy0, ours0 = machine_busy(), own_cpu()
                 sampler = asyncio.ensure_future(sample_cpu(server, stop, sessions))
                 await asyncio.sleep(0)  # its first sample: before the clicks
                 go.set()
@@ -597,7 +661,8 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
                 stop.set()
                 result.cpu = await sampler
                 result.by_thread = cpu_by_thread(threads0, server.thread_cpu())
-                result.browser_cpu = descendants_cpu(os.getpid(), {server.pid}) - browser0
+                result.browser_cpu = descendants_cpu(os.getpid(), ours) - browser0
+                result.other_cpu = (machine_busy() - busy0) - (own_cpu() - ours0)
                 if storage_task:
                     await storage_task
                     result.storage_moved, result.storage_quiet = probe.moved[IDLE_MOVES:], probe.quiet
@@ -606,7 +671,7 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
                     result.storage_client_s = await probe.script_seconds()
             finally:
                 await browser.close()
-        log = re.sub(r"\x1b\[[0-9;]*m", "", server.log_text())  # no colours
+        log = re.sub(r"\x1b\[[0-9;]*m", "", "".join(sv.log_text() for sv in every))  # no colours
         result.server_errors = [line.strip() for line in log.splitlines() if re.search(r"Traceback|Error\b", line)][:10]
     return result
 
@@ -720,7 +785,8 @@ def row(r: ClassResult):
     live = [s.live_rate for s in r.students if s.live_rate is not None]
     gaps = [s.max_gap for s in r.students if s.max_gap is not None]
     waited = [s for s in r.students if s.saw_queue]
-    mode = ("race" if r.race else "one method") + (", distinct seeds" if r.distinct else "") + f", {r.steps} steps"
+    mode = (("race" if r.race else "one method") + (", distinct seeds" if r.distinct else "") + f", {r.steps} steps"
+            + f", {'Ray' if r.executor == 'ray' else 'in-process'}" + (f", {r.servers} servers" if r.servers > 1 else ""))
     whole = r.whole or dict(server=0.0, training=0.0)
     core = r.core["last"] if r.core else None
     ratio = max(done) / core if done and core and len(done) == r.n else None
@@ -766,7 +832,8 @@ def details(r: ClassResult, students=True):
     if r.phases.get("class"):
         lines.append(f"the browsers (chromium, {r.n + 1} pages, and Playwright's driver) used {r.browser_cpu:.1f} s "
                      f"of CPU over the class: {100 * r.browser_cpu / r.phases['class'] / os.cpu_count():.0f}% "
-                     f"of this machine's {os.cpu_count()} cores, beside the server")
+                     f"of this machine's {os.cpu_count()} cores, beside the server; other processes "
+                     f"(not this benchmark's) {r.other_cpu:.1f} s = {100 * r.other_cpu / r.phases['class'] / os.cpu_count():.0f}%")
     lines.append("time spent: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.phases.items()))
     for s in r.students if students else []:
         lines.append(f"  student {s.index}{'' if s.seed is None else f' (seed {s.seed})'}: first curve "
@@ -798,9 +865,14 @@ def main():
     ap.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
                     help="where the server trains: its own threads, or Ray worker processes (one per core; "
                          "pip install -r requirements-ray.txt)")
+    ap.add_argument("--servers", type=int, default=1,
+                    help="web servers the students are split across (student i on server i mod K); more than one "
+                         "needs --executor ray: they join one `ray start --head` and share its run service")
     ap.add_argument("--details", action="store_true", help="a line per student under the table")
     ap.add_argument("--json", metavar="PATH", help="also write every measurement (each page's log) to PATH")
     args = ap.parse_args()
+    if args.servers > 1 and args.executor != "ray":
+        ap.error("--servers > 1 needs --executor ray (the servers share Ray's one run service)")
     if args.steps is not None and not (10 <= args.steps <= 1000 and args.steps % 10 == 0):
         ap.error("--steps: 10 to 1000, a multiple of 10")
 
@@ -809,7 +881,7 @@ def main():
     for n in args.n:
         r = classroom(n, race=args.race, distinct=args.distinct_seeds, steps=args.steps, device=args.device,
                       timeout=args.timeout, storage=not args.no_storage, flags=shlex.split(args.server_flags),
-                      executor=args.executor)
+                      executor=args.executor, servers=args.servers)
         if not args.no_core:
             r.core = core_alone(core_jobs(n, args.race, args.distinct_seeds, args.steps, args.device), r.task)
         results.append(r)

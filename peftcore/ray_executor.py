@@ -102,6 +102,10 @@ def _start_local(ray, num_cpus):
     """Start Ray here. From a thread that stays alive: Ray's processes die with the thread that
     started them (PR_SET_PDEATHSIG), and a Streamlit script thread ends with its script run."""
     done, failed = threading.Event(), []
+    # Ray starts its worker processes at nice 15 by default: here they train beside the web
+    # server (nice 0) on the same cores, and at 15 they lost to it and to every other job
+    # (measured: bench/RAY_RESULTS.md). At 0 they compete as the in-process lanes do.
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
     def hold():
         try:
@@ -127,7 +131,12 @@ class Worker:
         torch.set_num_threads(1)  # as the in-process lanes: same kernels, same bits
         self.runs = WorkerRuns(device)
         from .train import warm_up
-        warm_up(self.runs.base("pretrained")[0], device)  # its first run pays no one-time setup
+        try:  # its first run pays no one-time setup (~3 s: lazy imports, kernel selection)
+            warm_up(self.runs.base("pretrained")[0], device)
+        except Exception:  # noqa: BLE001 - best effort: a failing warm-up must not kill the worker
+            # (an actor whose __init__ raises is dead, and every run on it would only say "the
+            # worker stopped"); a run that fails the same way says why on its page
+            log.exception("warming up a worker failed; its runs will report their own errors")
 
     def pid(self):
         return os.getpid()

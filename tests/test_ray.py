@@ -44,7 +44,8 @@ def ray_address():
     _ray()
     from bench.appserver import free_port
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a test cluster on 127.0.0.1 only
+    # a test cluster on 127.0.0.1 only; workers at nice 0 as the README's `ray start` has them
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
     proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
                              "--include-dashboard=false", "--node-ip-address=127.0.0.1",
                              f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"], env=env, cwd=ROOT,
@@ -177,7 +178,9 @@ def test_a_worker_killed_mid_run_fails_that_run_only_and_its_slot_comes_back(ray
     try:
         victim, other = start(manager, base, base_fp, "a", steps=5000), start(manager, base, base_fp, "b", seed=1, steps=5000)
         wait_for(lambda: len(victim.events) >= 2 and len(other.events) >= 2, 120)
-        os.kill(manager.worker_pids()[victim.id], signal.SIGKILL)
+        pid = manager.worker_pids()[victim.id]
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 0  # not Ray's default nice 15: it trains beside the web server
+        os.kill(pid, signal.SIGKILL)
         assert victim.wait(60).status == FAILED
         assert "worker process training this run stopped" in victim.error and "\n" not in victim.error
         seen = len(other.events)
