@@ -65,17 +65,19 @@ def _ray():
 def connect(address=None, num_cpus=None):
     """Join the Ray cluster at `address` (or $RAY_ADDRESS), or start one on this machine with
     `num_cpus` worker slots. Raises RayUnavailable with the reason, fast."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+        # a head started by `ray start` asks for its token; this process reads it from
+        # ~/.ray/auth_token only in token mode (Ray does not switch a joining driver to it),
+        # and Ray reads the mode when it is imported: set it first (set after the import, the
+        # README's lecture-hall command fell back in-process: "InvalidAuthToken")
+        os.environ["RAY_AUTH_MODE"] = "token"
     ray = _ray()
     if ray.is_initialized():
         return ray
-    address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
             _check_reachable(address)
-            # a head started by `ray start` asks for its token; this process reads it from
-            # ~/.ray/auth_token only in token mode (Ray does not switch a joining driver to it)
-            if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
-                os.environ["RAY_AUTH_MODE"] = "token"
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
             _start_local(ray, num_cpus)

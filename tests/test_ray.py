@@ -273,6 +273,43 @@ def test_ray_not_reachable_logs_one_line_and_trains_in_process():
     assert "Traceback" not in done.stderr and time.time() - t0 < 60
 
 
+def test_a_head_with_token_auth_is_joined_with_its_address_alone(tmp_path):
+    """`ray start --head` as the README has it (Ray's default: token auth, the token in
+    ~/.ray/auth_token): a web server joins it with RAY_ADDRESS alone. (The mode must be set
+    before Ray is imported: set after, the README's command fell back in-process.)"""
+    _ray()
+    from bench.appserver import free_port
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["HOME"] = str(tmp_path)  # its own ~/.ray/auth_token
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                             f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        from peftcore.ray_executor import _check_reachable, RayUnavailable
+        deadline = time.time() + 90
+        while True:
+            try:
+                _check_reachable(f"127.0.0.1:{port}")
+                if (tmp_path / ".ray" / "auth_token").exists():
+                    break
+            except RayUnavailable:
+                pass
+            assert time.time() < deadline, "the head did not start"
+            time.sleep(0.5)
+        code = f"from peftcore.ray_executor import connect; connect('127.0.0.1:{port}'); print('joined')"
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert "joined" in done.stdout, done.stderr[-2000:]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
 # ------------------------------------------------------------------ two web servers, one line
 def test_two_web_servers_share_one_fair_line_and_compute_identical_runs_once(ray_address, new_page, monkeypatch):
     """Two `streamlit run` on two ports against one Ray: a teacher's long run holds the only
