@@ -281,7 +281,8 @@ def test_a_head_with_token_auth_is_joined_with_its_address_alone(tmp_path):
     from bench.appserver import free_port
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    env["HOME"] = str(tmp_path)  # its own ~/.ray/auth_token
+    env["HOME"] = str(tmp_path)  # its own ~/.ray/auth_token: a head has token auth once one exists
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, cwd=ROOT, capture_output=True, timeout=60, check=True)
     head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
                              "--include-dashboard=false", "--node-ip-address=127.0.0.1",
                              f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"], env=env, cwd=ROOT,
@@ -292,8 +293,7 @@ def test_a_head_with_token_auth_is_joined_with_its_address_alone(tmp_path):
         while True:
             try:
                 _check_reachable(f"127.0.0.1:{port}")
-                if (tmp_path / ".ray" / "auth_token").exists():
-                    break
+                break
             except RayUnavailable:
                 pass
             assert time.time() < deadline, "the head did not start"
