@@ -104,9 +104,10 @@ def _start_local(ray, num_cpus):
     """Start Ray here. From a thread that stays alive: Ray's processes die with the thread that
     started them (PR_SET_PDEATHSIG), and a Streamlit script thread ends with its script run."""
     done, failed = threading.Event(), []
-    # Ray starts its worker processes at nice 15 by default: here they train beside the web
-    # server (nice 0) on the same cores, and at 15 they lost to it and to every other job
-    # (measured: bench/RAY_RESULTS.md). At 0 they compete as the in-process lanes do.
+    # Ray starts its worker processes at nice 15 by default (ps: ray::Worker at 15): here they
+    # train beside the web server (nice 0) on the same cores, and whenever the cores are
+    # oversubscribed a nice-15 process gets 36/1024 of a nice-0 one's share. At 0 they
+    # compete as the in-process lanes do (bench/RAY_RESULTS.md).
     os.environ.setdefault("RAY_worker_niceness", "0")
 
     def hold():
