@@ -294,7 +294,10 @@ class RunService:
         return self.pool.pids()
 
     def _snapshot(self, run, n):
-        snap = dict(id=run.id, status=run.status, events=run.events[max(n, 0):], error=run.error,
+        # `at` first, then the state: a snapshot with a later `at` saw every change that an
+        # earlier one saw (starts from several threads answer out of order: a mirror must not
+        # go back to an older owner list)
+        snap = dict(at=time.monotonic(), id=run.id, status=run.status, events=run.events[max(n, 0):], error=run.error,
                     owners=sorted(run.owners, key=str), joined=run.joined, started=run.started)
         if n < 0:  # the whole run: what a mirror is built from
             snap.update(spec=run.spec.to_dict(), task=run.task, label=run.label, kwargs=run.kwargs)
@@ -350,6 +353,7 @@ class RayRunManager:
         self.poll_s, self.runs = poll_s, _Runs(self)
         self._lock = threading.Lock()  # mirrors are updated by the sync thread and by stop()
         self._line, self._last_reap, self._closed = {}, 0.0, threading.Event()
+        self._at = {}  # run id -> the service's `at` of the newest snapshot applied to its mirror
         info = self.ray.get(service_handle.info.remote())
         self.max_concurrent = info["slots"]
         self._thread = threading.Thread(target=self._sync, daemon=True, name="ray-runs-sync")
@@ -442,7 +446,12 @@ class RayRunManager:
             return
         if snap is None:
             snap = dict(status=FAILED, error="the run service no longer has this run (it was restarted)", events=[])
-        run.events.extend(snap["events"])
+        run.events.extend(snap["events"])  # always new ones: every caller slices them by count
+        at = snap.get("at")
+        if at is not None and at < self._at.get(run.id, at):
+            return  # an older answer than one applied already (a start on another thread)
+        if at is not None:
+            self._at[run.id] = at
         run.owners, run.joined = set(snap.get("owners", ())), snap.get("joined", run.joined)
         run.error, run.started = snap.get("error", ""), snap.get("started", run.started)
         status = snap["status"]
