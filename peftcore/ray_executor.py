@@ -107,7 +107,7 @@ def _start_local(ray, num_cpus):
     # Ray starts its worker processes at nice 15 by default (ps: ray::Worker at 15): here they
     # train beside the web server (nice 0) on the same cores, and whenever the cores are
     # oversubscribed a nice-15 process gets 36/1024 of a nice-0 one's share. At 0 they
-    # compete as the in-process lanes do (bench/RAY_RESULTS.md).
+    # compete as the in-process lanes do (BENCHMARKS.md, "The lecture hall").
     os.environ.setdefault("RAY_worker_niceness", "0")
 
     def hold():
