@@ -494,6 +494,8 @@ def live_runs(group):
     polling = any(not r.finished for r in runs)
     waiting = polling and all(r.status == QUEUED for r in runs if not r.finished)
 
+    inline = [True]  # False once this full run is over: the panel then runs on its own
+
     @st.fragment(run_every=(WAITING_POLL_S if waiting else POLL_S) if polling else None)
     def live_panel():
         get_manager().reap(connected)
@@ -508,12 +510,17 @@ def live_runs(group):
             elif not mine:
                 st.caption("Shared link: you are watching another visitor's runs (read-only).")
             plot(live_figure(runs), key=f"curves-{group}")
-        if polling and all(r.finished for r in runs):
-            st.rerun()  # the result cards below the panel appear; polling stops
+        if not inline[0] and all(r.finished for r in runs):
+            # the result cards below the panel appear; polling stops. Also on a panel run of
+            # its own after the full run that drew them: a timer tick sent just before that
+            # run is queued behind it, and the page can drop what that run drew (seen with
+            # 30 pages on 2 cores), so the page is drawn whole again.
+            st.rerun()
         if waiting and any(r.status != QUEUED for r in runs):
             st.rerun()  # its turn came: poll at the live rate from now on
 
     live_panel()
+    inline[0] = False
 
 
 def progress_line(run):
