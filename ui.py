@@ -511,10 +511,10 @@ def live_runs(group):
                 st.caption("Shared link: you are watching another visitor's runs (read-only).")
             plot(live_figure(runs), key=f"curves-{group}")
         if not inline[0] and all(r.finished for r in runs):
-            # the result cards below the panel appear; polling stops. Also on a panel run of
-            # its own after the full run that drew them: a timer tick sent just before that
-            # run is queued behind it, and the page can drop what that run drew (seen with
-            # 30 pages on 2 cores), so the page is drawn whole again.
+            # the result cards below the panel appear; polling stops. Asked on every panel run
+            # of its own, even after the full run that drew the cards: a timer tick sent just
+            # before that run is queued behind it, and such a page was seen without its cards
+            # (8 of 30 pages on 2 cores, BENCHMARKS.md): one more full run draws them.
             st.rerun()
         if waiting and any(r.status != QUEUED for r in runs):
             st.rerun()  # its turn came: poll at the live rate from now on
