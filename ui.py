@@ -27,6 +27,7 @@ from peftcore import store as store_mod
 from peftcore.executors import RunSpec
 from peftcore.runs import QUEUED, QueueFull, RunManager
 from peftcore.storage import human_bytes
+from peftcore.pretrain import evaluate as evaluate_pretraining, first_loss
 from peftcore.train import solved_at, start_warm_up
 from peftcore.tasks import EVAL_SIZE
 
@@ -123,6 +124,14 @@ BASES = {"pretrained": get_base, "random": get_random_base}
 @st.cache_resource
 def base_fingerprint(which, device):
     return peftcore.fingerprint(BASES[which](device))
+
+
+@st.cache_resource
+def base_skills():
+    """The shipped base measured once per process, on CPU: held-out exact match on every
+    pretraining task, and the loss per answer digit on every downstream task before training."""
+    base = get_base("cpu")
+    return evaluate_pretraining(base), first_loss(base)
 
 
 @st.cache_resource

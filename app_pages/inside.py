@@ -1,5 +1,7 @@
 """Inside: where each phi plugs into a transformer block, why a small update is enough,
 and why the pretrained base matters."""
+import math
+
 import streamlit as st
 
 import peftcore
@@ -92,8 +94,28 @@ def show_spectrum(run):
                    f"{100 * max(x['random_energy'] for x in summary):.1f}% at most.")
 
 
+def skills_grid():
+    """What the base learned, as a grid of skills, with the two cells it never saw."""
+    exact, loss = ui.base_skills()
+    grid = peftcore.skill_grid()
+    rows = [{"routing": r, **{m: f"{t.name}: {100 * exact[t.name]:.0f}%" if t.name in exact else f"{t.name}: held out"
+                              for m in peftcore.DIGIT_MAPS for t in [grid[r, m]]}}
+            for r in peftcore.ROUTINGS]
+    st.markdown("The base was pretrained on a grid of skills: where each answer digit comes from (a routing, the "
+                "rows) times what is done to it (a digit map, the columns). Two cells were held out: they are "
+                "downstream tasks, new compositions of skills the base has.")
+    st.table(rows, hide_index=True)
+    losses = ", ".join(f"{name} {value:.2f}" for name, value in loss.items())
+    st.caption(f"Each pretraining cell: the shipped base's held-out exact match. Before any training, its loss on "
+               f"each downstream task, in nats per answer digit: {losses}. A uniform guess over the ten digits is "
+               f"ln 10 = {math.log(10):.2f}, and every new task starts within {max(loss.values()) - math.log(10):.1f} "
+               "nats of it: the base meets a new task unsure, not sure of a wrong answer, so phi's gradient has "
+               "somewhere to go.")
+
+
 def pretraining_section():
     st.header("Pretraining matters")
+    skills_grid()
     st.markdown(
         "PEFT steers what the base already knows. Train the same phi, with the same budget and seed, on the "
         "pretrained base and on a **randomly initialised** frozen base of the same shape.")

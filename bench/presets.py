@@ -11,6 +11,10 @@ To try a setting before it becomes a preset (refused with --write):
     python -m bench.presets --methods BOTTLENECK_ADAPTER --tasks add_5 --seeds 5 --jobs 2 --lr 1e-2
     python -m bench.presets --methods PROMPT_TUNING --config num_virtual_tokens=16
 
+What a live demo waits for (the Train page stops a run once it is solved), one run at a time:
+
+    python -m bench.presets --tasks add_5 complement reverse_add_1 rotate_right_add_2 --stop-when-solved
+
 Methods are named by peft_type (LORA, BOTTLENECK_ADAPTER, PROMPT_TUNING, FULL, ...).
 
 Float rounding differs between CPUs, so a run that sits on a knife edge here may fall the
@@ -99,10 +103,14 @@ def main():
     ap.add_argument("--write", action="store_true", help=f"record the table in {TABLE_PATH.name}")
     for name, kind in TRAIN_OVERRIDES.items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=kind, help="override the presets' training argument (trials only)")
+    ap.add_argument("--stop-when-solved", action="store_true",
+                    help="end each run once solved, as the Train page does: the seconds are then time to solved")
     ap.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="override a field of the presets' configs (trials only)")
     args = ap.parse_args()
     train_over = {k: getattr(args, k) for k in TRAIN_OVERRIDES if getattr(args, k) is not None}
+    if args.stop_when_solved:
+        train_over["stop_when_solved"] = True
     config_over = {k: parse_value(v) for k, v in (c.split("=", 1) for c in args.config)}
     if args.write and (train_over or config_over or args.first_seed):
         ap.error("--write records the presets as they are: drop the overrides and --first-seed")

@@ -15,7 +15,7 @@ from .full import FullFineTuneConfig
 from .model import BaseConfig, ToyTransformer
 from .peft_model import BASE_ROW, PeftModel, get_peft_model
 from .registry import METHODS, Method, UnknownMethod, method_of, register
-from .tasks import PRETRAIN_TASKS, TASKS, Task
+from .tasks import DIGIT_MAPS, PRETRAIN_TASKS, ROUTINGS, TASKS, Task, skill_grid
 from .train import NonFiniteLossError, TrainEvent, evaluate, resolve_device, run, train
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ PROJECTIONS = ("q", "k", "v", "o", "up", "down")  # the Linears a method may tar
 
 @dataclass
 class BaseConfig:
-    vocab_size: int = 23  # 10 digits, SEP, 12 task tokens (see tasks.py)
+    vocab_size: int = 30  # 10 digits, SEP, 19 task tokens (see tasks.py)
     block_size: int = 18  # longest sequence of real tokens
     n_layer: int = 4
     n_head: int = 4

@@ -1,17 +1,15 @@
 """Default presets: a config plus a training budget per method, sized for a live demo.
 
 The budgets are steps, not seconds, so what a preset learns does not depend on the
-machine's speed; how long it takes does. Measured (BENCHMARKS.md, "The presets"): a median
-of 11-20 s per run on a 2-core virtualised Intel Xeon (2.1 GHz, AVX-512), one torch thread,
-two runs side by side, LoRA the slowest; issue 8 reports 27 s for LoRA on another x86 CPU.
-preset_table.json holds the seconds and machine of each row (`robustness`).
+machine's speed; how long it takes does. preset_table.json holds the seconds and machine of
+each row (`robustness`); BENCHMARKS.md ("The presets") the figures and the commands.
 
 Each preset was chosen so that its *worst* of 5 seeds (seed = phi's init and the data
 order) still shows the lesson, not for one lucky run: `python -m bench.presets --seeds 5`
-measures it, and `--write` records the table this module reads back. Every method that can
-solves the new digit maps (add_5, complement) on every seed; the compositions
-(reverse_add_1, rotate_right_add_2) depend on the seed for every method in this budget,
-and no method learns sort: the app shows how often, from the table.
+measures it, and `--write` records the table this module reads back. On the grid base
+(pretrain.py) LoRA, the adapter and full fine-tuning solve every task but sort on every
+seed; IA3, prefix and prompt tuning solve some rows on some seeds, and no method learns
+sort in a live budget: the app shows how often, from the table.
 """
 import json
 from collections.abc import Mapping

@@ -1,12 +1,16 @@
 """Synthetic digit tasks: the base pretrains on some, PEFT learns the others.
 
+The pretraining tasks are a grid of skills, a routing (copy, reverse, rotate) times a digit
+map (add 0-3), less two held-out cells; the downstream tasks are those two cells (new
+compositions of known skills), two new digit maps, and sort (a new algorithm).
+
 A sequence is [task token, 8 digits, SEP, 8 answer digits]. The model reads the first
 17 tokens and must predict the 8 answer digits. Exact match under teacher forcing equals
 exact match under greedy decoding: if every answer digit is right given a right prefix,
 greedy decoding produces that same prefix.
 """
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -24,6 +28,7 @@ class Task:
     token: int
     description: str
     fn: Callable[[torch.Tensor], torch.Tensor]  # (B, 8) digits -> (B, 8) answer
+    skills: Optional[Tuple[str, str]] = None  # (routing, digit map) of a pretraining task
 
     def batch(self, n, generator=None, device="cpu"):
         """(inputs, targets): inputs (n, 17); targets (n, 17) with -100 everywhere but the
@@ -49,37 +54,60 @@ def _add(k):
     return lambda d: (d + k) % 10
 
 
-def _make(specs, first_token):
-    return {name: Task(name, first_token + i, desc, fn)
-            for i, (name, desc, fn) in enumerate(specs)}
+# The skills a base learns, as a real model's skills compose: where each answer digit comes
+# from (a routing) and what is done to it (a digit map).
+ROUTINGS = {
+    "copy": ("copy the digits", lambda d: d),
+    "reverse": ("reverse the digits", lambda d: d.flip(1)),
+    "rotate_left": ("rotate the digits one place left", _rotate(1)),
+    "rotate_right": ("rotate the digits one place right", _rotate(-1)),
+}
+DIGIT_MAPS = {f"add_{k}": (f"add {k} to each digit (mod 10)", _add(k)) for k in range(4)}
 
-
-# What the base learns in pretraining: routing digits (copy, reverse, rotate) and
-# mapping them (add k, modulo 10).
-PRETRAIN_TASKS = _make([
-    ("copy", "copy the digits", lambda d: d.clone()),
-    ("reverse", "reverse the digits", lambda d: d.flip(1)),
-    ("rotate_left_1", "rotate the digits one place left", _rotate(1)),
-    ("rotate_right_1", "rotate the digits one place right", _rotate(-1)),
-    ("add_1", "add 1 to each digit (mod 10)", _add(1)),
-    ("add_2", "add 2 to each digit (mod 10)", _add(2)),
-    ("add_3", "add 3 to each digit (mod 10)", _add(3)),
-], FIRST_TASK_TOKEN)
-
-# What PEFT learns: tasks the base never saw, each with its own new task token.
-TASKS = _make([
-    ("add_5", "add 5 to each digit (mod 10): a new shift", _add(5)),
-    ("complement", "replace each digit d by 9 - d: a new digit map", lambda d: 9 - d),
+# What PEFT learns: tasks the base never saw, each with its own new task token; every answer
+# differs from every pretraining task's. The two compositions are cells of the grid, held out
+# of pretraining: new compositions of skills the base has.
+_DOWNSTREAM = [
+    ("add_5", "add 5 to each digit (mod 10): a new digit map", _add(5), None),
+    ("complement", "replace each digit d by 9 - d: a new digit map", lambda d: 9 - d, None),
     ("reverse_add_1", "reverse the digits, then add 1 to each (mod 10): two known skills composed",
-     lambda d: (d.flip(1) + 1) % 10),
+     lambda d: (d.flip(1) + 1) % 10, ("reverse", "add_1")),
     ("rotate_right_add_2", "rotate one place right, then add 2 to each (mod 10): two known skills composed",
-     lambda d: (torch.roll(d, 1, dims=1) + 2) % 10),
+     lambda d: (torch.roll(d, 1, dims=1) + 2) % 10, ("rotate_right", "add_2")),
     ("sort", "sort the digits in ascending order: a new algorithm, hard for a small phi",
-     lambda d: d.sort(1).values),
-], FIRST_TASK_TOKEN + len(PRETRAIN_TASKS))
+     lambda d: d.sort(1).values, None),
+]
+HELD_OUT = {skills for *_, skills in _DOWNSTREAM if skills}
+
+
+def _cell_name(routing, digit_map):
+    if digit_map == "add_0":
+        return {"rotate_left": "rotate_left_1", "rotate_right": "rotate_right_1"}.get(routing, routing)
+    return digit_map if routing == "copy" else f"{routing}_{digit_map}"
+
+
+def _cell(routing, digit_map, token):
+    (route_desc, route), (map_desc, mapping) = ROUTINGS[routing], DIGIT_MAPS[digit_map]
+    desc = route_desc if digit_map == "add_0" else map_desc if routing == "copy" else f"{route_desc}, then {map_desc}"
+    return Task(_cell_name(routing, digit_map), token, desc, lambda d: mapping(route(d)) % 10,
+                skills=(routing, digit_map))
+
+
+# What the base learns in pretraining: every cell of the grid but the held-out ones
+# (copy, reverse, rotate_left_1, add_1, reverse_add_2, ...).
+_CELLS = [(r, m) for m in DIGIT_MAPS for r in ROUTINGS if (r, m) not in HELD_OUT]
+PRETRAIN_TASKS = {t.name: t for t in (_cell(r, m, FIRST_TASK_TOKEN + i) for i, (r, m) in enumerate(_CELLS))}
+TASKS = {name: Task(name, FIRST_TASK_TOKEN + len(PRETRAIN_TASKS) + i, desc, fn, skills)
+         for i, (name, desc, fn, skills) in enumerate(_DOWNSTREAM)}
 
 ALL_TASKS = {**PRETRAIN_TASKS, **TASKS}
 VOCAB_SIZE = FIRST_TASK_TOKEN + len(ALL_TASKS)
+
+
+def skill_grid():
+    """{(routing, digit map): task} over the whole grid: a pretraining task, or the downstream
+    task held out in that cell."""
+    return {t.skills: t for t in ALL_TASKS.values() if t.skills}
 
 
 def get_task(task):

@@ -3,10 +3,10 @@ matters. Budgets are steps, not seconds: the results do not depend on machine sp
 
 Float rounding differs between CPUs and thread counts, and a run that sits on a knife edge
 on one machine falls the other way on another. So each claim here is one that held for
-every one of 5 seeds in `python -m bench.presets --seeds 5` (peftcore/preset_table.json),
-asserted with a margin; the seed-fragile rows (the compositions reverse_add_1 and
-rotate_right_add_2, where the outcome depends on the seed) are not asserted run by run:
-the recorded table says how often they solve, and a test checks that the table is current.
+every one of 5 seeds in `python -m bench.presets --seeds 5` (peftcore/preset_table.json)
+and on torch's AVX2 kernels too (BENCHMARKS.md), asserted with a margin; a row that
+depends on the seed (IA3 on add_5, prefix and prompt tuning) is not asserted run by run:
+the recorded table says how often it solves, and a test checks that the table is current.
 The runs go two at a time in worker processes (one torch thread each), started as soon
 as the module's first test asks.
 """
@@ -22,28 +22,27 @@ from bench.presets import one_run
 from peftcore.presets import PRESETS, SOLVES_AT, robustness
 
 SEED = 0
-# (method, task): held-out exact match at least this. Every seed of 5 reached 1.000.
+NEW_MAPS = ("add_5", "complement")
+COMPOSITIONS = ("reverse_add_1", "rotate_right_add_2")
+# (method, task): held-out exact match at least this. Every seed of 5 reached 1.000, on both
+# kernel sets: the lesson holds for every student, whatever the seed.
 SOLVES = {
-    ("LORA", "add_5"): 0.9, ("LORA", "complement"): 0.9,
-    ("BOTTLENECK_ADAPTER", "add_5"): 0.9, ("BOTTLENECK_ADAPTER", "complement"): 0.9,
-    ("FULL", "add_5"): 0.9, ("FULL", "complement"): 0.9,
-    ("IA3", "add_5"): 0.9, ("IA3", "complement"): 0.9,
+    **{(m, t): 0.9 for m in ("LORA", "BOTTLENECK_ADAPTER", "FULL") for t in NEW_MAPS + COMPOSITIONS},
+    **{("IA3", t): 0.9 for t in ("complement",) + COMPOSITIONS},
 }
-# (method, task): held-out exact match at most this. Sorting is a new algorithm no method
-# learns in a live budget; a soft prompt can only steer what the frozen base computes, so
-# it cannot learn a new digit map (Lester et al. find prompt tuning catches up only at
-# billions of parameters). Ceilings sit well above the worst seed's figure and far below
-# SOLVES_AT, so they hold on any CPU and still fail if a "failure" starts to solve the task.
-STAYS_LOW = {
-    ("LORA", "sort"): 0.2, ("BOTTLENECK_ADAPTER", "sort"): 0.2, ("FULL", "sort"): 0.3,
-    ("PROMPT_TUNING", "add_5"): 0.1,
-}
-# Checked in the recorded table only (no run here): every method's worst and best seed.
-RECORDED_LOW = {**{(m, "sort"): 0.1 for m in PRESETS}, ("PROMPT_TUNING", "complement"): 0.05}
+# (method, task): held-out exact match at most this. Sorting is a new algorithm, not a mix of
+# the skills the base learned: no method solves it in a live budget. A soft prompt can only
+# steer what the frozen base computes, so it cannot make a new digit map. A run's ceiling sits
+# far below SOLVES_AT and above every recorded seed by 0.2 (or by half the ceiling, if less).
+STAYS_LOW = {("LORA", "sort"): 0.7, ("BOTTLENECK_ADAPTER", "sort"): 0.5, ("FULL", "sort"): 0.7,
+             ("PROMPT_TUNING", "add_5"): 0.1}
+# Checked in the recorded table only (no run here): every method's best seed on sort.
+RECORDED_LOW = {**{(m, "sort"): 0.5 for m in PRESETS}, ("PROMPT_TUNING", "complement"): 0.05}
 # method -> (task, how much lower the same phi scores on a random frozen base, and on what).
-# Prompt tuning solves no task on every seed, so its gap is in token accuracy.
-RANDOM_BASE = {"LORA": ("add_5", "exact", 0.5), "BOTTLENECK_ADAPTER": ("add_5", "exact", 0.5), "IA3": ("add_5", "exact", 0.5),
-               "PROMPT_TUNING": ("rotate_right_add_2", "token", 0.25)}
+# Prompt tuning solves nothing on every seed, so its gap is in token accuracy.
+RANDOM_BASE = {"LORA": ("add_5", "exact", 0.8), "BOTTLENECK_ADAPTER": ("add_5", "exact", 0.8),
+               "IA3": ("complement", "exact", 0.8), "PROMPT_TUNING": ("reverse_add_1", "token", 0.25)}
+RANDOM_BASE_CEILING = 0.1  # a random frozen base: below this exact match on every task but sort, every seed
 
 _executor = None
 _futures = {}
@@ -58,8 +57,8 @@ def _runs_of(item):
     if name == "test_pretraining_matters":
         task = RANDOM_BASE[params["method"]][0]
         return [(params["method"], task, False), (params["method"], task, True)]
-    if name == "test_lora_matches_full_fine_tuning_on_new_digit_maps":
-        return [(m, t, False) for m in ("LORA", "FULL") for t in ("add_5", "complement")]
+    if name == "test_lora_matches_full_fine_tuning_on_every_task_but_sort":
+        return [(m, t, False) for m in ("LORA", "FULL") for t in NEW_MAPS + COMPOSITIONS]
     return []
 
 
@@ -113,15 +112,15 @@ def test_pretraining_matters(method):
     assert random[metric] <= pretrained[metric] - gap, (pretrained, random)
 
 
-def test_lora_matches_full_fine_tuning_on_new_digit_maps():
-    for task in ("add_5", "complement"):
+def test_lora_matches_full_fine_tuning_on_every_task_but_sort():
+    for task in NEW_MAPS + COMPOSITIONS:
         lora, full = result("LORA", task), result("FULL", task)
         assert lora["exact"] >= 0.9 * full["exact"], (task, lora, full)
 
 
 def test_phi_sizes_of_the_presets(base):
     n = sum(p.numel() for p in base.parameters())
-    for method, limit in [("LORA", 0.01), ("PROMPT_TUNING", 0.01), ("BOTTLENECK_ADAPTER", 0.05), ("IA3", 0.005)]:
+    for method, limit in [("LORA", 0.01), ("PROMPT_TUNING", 0.01), ("BOTTLENECK_ADAPTER", 0.05), ("IA3", 0.01)]:
         assert PRESETS[method].config.num_params(base.config) <= limit * n, method
 
 
@@ -138,7 +137,7 @@ def test_the_recorded_table_is_current_and_backs_these_claims():
         r = robustness(method, task)
         assert r["solved"] == r["seeds"] and r["min"] >= max(floor, SOLVES_AT), (method, task, r)
     for (method, task), ceiling in STAYS_LOW.items():
-        assert robustness(method, task)["max"] <= ceiling / 2, (method, task)
+        assert robustness(method, task)["max"] <= ceiling - min(0.2, ceiling / 2), (method, task)
     for (method, task), ceiling in RECORDED_LOW.items():
         assert robustness(method, task)["max"] <= ceiling, (method, task)
     for method, (task, metric, gap) in RANDOM_BASE.items():
@@ -147,13 +146,19 @@ def test_the_recorded_table_is_current_and_backs_these_claims():
         worst_pretrained = pre["min"] if metric == "exact" else pre["token_min"]
         best_random = rnd["max"] if metric == "exact" else rnd["token_max"]
         assert best_random <= worst_pretrained - gap, (method, pre, rnd)
+    for method in PRESETS:
+        if not peftcore.METHODS[method].shares_base:
+            continue
+        for task in NEW_MAPS + COMPOSITIONS:  # sort: below 0.2 on a random base, and unsolved on the pretrained
+            rnd = robustness(method, task, "random base")
+            assert rnd is not None and rnd["seeds"] >= 5, (method, task, "no 5-seed random-base row")
+            assert rnd["max"] < RANDOM_BASE_CEILING, (method, task, rnd)
 
 
-def test_a_prefix_in_every_layer_learns_where_a_prompt_at_the_input_does_not():
-    """The recorded table (5 seeds) backs the Inside page's lesson: prefix tuning's best seed
-    solves both new digit maps, prompt tuning's best seed solves neither. (Prefix tuning is
-    not 5 of 5 at this scale: its worst seed is recorded as it is, not asserted.)"""
-    for task in ("add_5", "complement"):
+def test_a_prefix_in_every_layer_gets_further_than_a_prompt_at_the_input():
+    """The recorded table (5 seeds) backs the Inside page's lesson: on the new digit maps every
+    seed of prefix tuning gets more answer digits right than the best seed of prompt tuning.
+    (Neither is 5 of 5 on any new map at this scale: their rows are recorded as they are.)"""
+    for task in NEW_MAPS:
         prefix, prompt = robustness("PREFIX_TUNING", task), robustness("PROMPT_TUNING", task)
-        assert prefix["max"] >= SOLVES_AT > 2 * prompt["max"], (task, prefix, prompt)
-        assert prefix["token_median"] > prompt["token_max"], (task, prefix, prompt)
+        assert prefix["token_min"] > prompt["token_max"] + 0.2, (task, prefix, prompt)

@@ -196,12 +196,11 @@ def test_merge_and_unload_leaves_no_prefix_wrapper(base, batch):
 
 
 def test_the_preset_learns_add_5(base):
-    """The preset learns add_5 live. Which seeds reach 90% exact match is a knife edge at this
-    scale (bench.presets here: seeds 1 and 2 of 0-4, and another CPU's rounding may move them),
-    so the live run asserts what every seed shows: most answer digits right (median token
-    accuracy 0.94 over 5 seeds), where prompt tuning's preset gets 0.09. Solving on its best
-    seeds is asserted from the recorded table (test_learning)."""
+    """The preset learns add_5 live, partly. No seed of 0-4 reaches 90% exact match on this new
+    digit map (bench.presets: the best, seed 0, 0.79), so the live run asserts what every seed
+    shows: most answer digits right (token accuracy 0.72-0.97 over 5 seeds, 0.72 for seed 2),
+    where prompt tuning's preset gets 0.10-0.24. The table is asserted in test_learning."""
     preset = PRESETS["PREFIX_TUNING"]
     model = get_peft_model(base, preset.config, seed=2)
     events = list(peftcore.train(model, "add_5", device="cpu", seed=2, **preset.train))
-    assert events[-1].eval_token >= 0.4, events[-1]
+    assert events[-1].eval_token >= 0.5, events[-1]

@@ -145,6 +145,24 @@ def test_the_random_base_run_trains_on_the_random_base_and_is_never_joined_to_th
     assert pretrained.model.base_fingerprint == peftcore_fingerprint(ui.get_base("cpu"))
 
 
+def test_the_inside_page_shows_the_skills_the_base_learned_and_the_cells_it_never_saw():
+    import math
+
+    import peftcore
+    from peftcore.pretrain import first_loss
+    at = fresh("app_pages/inside.py")
+    grid = next(t.value for t in at.table if "routing" in t.value.columns)
+    cells = {(row["routing"], m): row[m] for _, row in grid.iterrows() for m in peftcore.DIGIT_MAPS}
+    assert set(cells) == set(peftcore.skill_grid())
+    for (routing, digit_map), text in cells.items():
+        task = peftcore.skill_grid()[routing, digit_map]
+        assert text == (f"{task.name}: held out" if task.name in peftcore.TASKS else f"{task.name}: 100%"), text
+    caption = next(c.value for c in at.caption if "nats per answer digit" in c.value)
+    for name, loss in first_loss(peftcore.load_base()).items():
+        assert f"{name} {loss:.2f}" in caption
+    assert f"ln 10 = {math.log(10):.2f}" in caption
+
+
 def peftcore_fingerprint(model):
     import peftcore
     return peftcore.fingerprint(model)

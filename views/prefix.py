@@ -17,7 +17,8 @@ register_view(MethodView(
     words="Trainable keys and values in front of every layer's attention: deep prompts. Prompt tuning changes only "
           "what the first layer reads; a prefix steers every layer.",
     diagram=diagram,
-    lesson="the working counterpart of prompt tuning. A soft prompt is read by the first layer only and must "
-           "steer everything after it through that; a prefix hands every layer keys and values to attend to, so "
-           "each layer is steered directly. Compare their rows: at this scale a direct prefix still depends on its "
-           "seed, where a soft prompt learns nothing."))
+    lesson="a prompt in every layer, and what steering cannot do. A soft prompt is read by the first layer only; "
+           "a prefix hands every layer keys and values to attend to. Both only add to what the frozen base's "
+           "attention reads, so both can pick a mix of skills the base has (a composition) but must build a new "
+           "digit map out of attention outputs: compare their rows with LoRA's and IA3's, which change the "
+           "base's projections themselves."))
