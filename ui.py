@@ -26,8 +26,8 @@ from peftcore import library
 from peftcore import store as store_mod
 from peftcore.executors import RunSpec
 from peftcore.runs import QUEUED, QueueFull, RunManager
-from peftcore.storage import human_bytes
 from peftcore.pretrain import evaluate as evaluate_pretraining, first_loss
+from peftcore.storage import human_bytes
 from peftcore.train import solved_at, start_warm_up
 from peftcore.tasks import EVAL_SIZE
 

@@ -28,7 +28,7 @@ class Task:
     token: int
     description: str
     fn: Callable[[torch.Tensor], torch.Tensor]  # (B, 8) digits -> (B, 8) answer
-    skills: Optional[Tuple[str, str]] = None  # (routing, digit map) of a pretraining task
+    skills: Optional[Tuple[str, str]] = None  # (routing, digit map): its cell of the grid, if it has one
 
     def batch(self, n, generator=None, device="cpu"):
         """(inputs, targets): inputs (n, 17); targets (n, 17) with -100 everywhere but the

@@ -58,7 +58,7 @@ def test_a_mixture_row_trains_toward_the_same_mix_of_answers():
 
 def test_every_downstream_task_is_new_to_the_base(base):
     """Held out of pretraining, its answers differ from every pretraining task's, and its
-    token starts at the mean of the pretraining rows: the base meets it unsure (above ln 10
+    token starts at the mean of the pretraining rows: the base meets it unsure (ln 10 = 2.3
     nats a digit is a guess), not confidently wrong (the older base's 9.5-14 nats)."""
     x, _ = peftcore.TASKS["add_5"].eval_set()
     digits = x[:, 1:9]
