@@ -5,7 +5,8 @@ import torch
 from peftcore import BASE_ROW
 
 
-def assert_rows_equal_alone(model, x, names, atol=1e-5):
+def assert_rows_equal_alone(model, x, names, atol=1e-5, rtol=1.3e-6):
+    """rtol: float32's own (torch's default), since the trained logits reach about 11."""
     mixed = model(x, adapter_names=names)
     for i, name in enumerate(names):
         if name == BASE_ROW:
@@ -13,4 +14,4 @@ def assert_rows_equal_alone(model, x, names, atol=1e-5):
         else:
             model.set_adapter(name)
             alone = model(x[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1], alone, atol=atol, rtol=0, msg=f"row {i} ({name})")
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=atol, rtol=rtol, msg=f"row {i} ({name})")
