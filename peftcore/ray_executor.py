@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .executors import ADAPTER, SHIPPED_BASES, RemoteError, RunSpec, WorkerRuns, describe, load_trained
-from .runs import DONE, FAILED, QUEUED, STOPPED, QueueFull, Run, RunManager
+from .runs import DONE, FAILED, QUEUED, STOPPED, QueueFull, Run, RunManager, finished_beyond
 
 log = logging.getLogger("peftcore.ray")
 NAMESPACE = "peft-playground"  # fixed: every web server of a class finds the same service
@@ -347,10 +347,11 @@ class _Runs(dict):
 class RayRunManager:
     """RunManager's interface, for one web process, over the shared RunService."""
 
-    def __init__(self, service_handle, base_of=None, poll_s=POLL_S):
+    def __init__(self, service_handle, base_of=None, poll_s=POLL_S, max_kept=256):
         self.ray, self.service = _ray(), service_handle
         self.base_of = base_of or shipped_base  # (base name, device) -> this process's base
         self.poll_s, self.runs = poll_s, _Runs(self)
+        self.max_kept = max_kept  # mirrors held; a forgotten one is adopted again when next looked up
         self._lock = threading.Lock()  # mirrors are updated by the sync thread and by stop()
         self._line, self._last_reap, self._closed = {}, 0.0, threading.Event()
         self._at = {}  # run id -> the service's `at` of the newest snapshot applied to its mirror
@@ -427,6 +428,9 @@ class RayRunManager:
         from .train import resolve_device
         base = self.base_of(spec.base, resolve_device(snap["kwargs"].get("device", "auto")))
         run = Run(spec.build(base), snap["task"], snap["label"], dict(snap["kwargs"]), spec=spec, id=snap["id"])
+        for old in finished_beyond(self.runs, self.max_kept):  # as RunManager: memory bounded over a class
+            dict.__delitem__(self.runs, old.id)
+            self._at.pop(old.id, None)
         dict.__setitem__(self.runs, run.id, run)
         return run
 

@@ -136,6 +136,13 @@ def _stop_every_run():
         manager.shutdown()
 
 
+def finished_beyond(runs, max_kept):
+    """The oldest finished runs of `runs` (id -> Run) to drop so that one more fits in
+    `max_kept`: how a manager bounds its memory over a long class."""
+    finished = sorted((r for r in runs.values() if r.finished), key=lambda r: r.created)
+    return finished[:max(0, len(runs) + 1 - max_kept)]
+
+
 class RunManager:
     """Starts runs in daemon threads through a queue fair across owners; keeps at most
     `max_kept` runs, dropping the oldest finished ones first. The per-owner and per-client
@@ -246,8 +253,7 @@ class RunManager:
 
     def _forget_finished(self):
         """Bound the server's memory: drop the oldest finished runs beyond max_kept."""
-        finished = sorted((r for r in self.runs.values() if r.finished), key=lambda r: r.created)
-        for run in finished[:max(0, len(self.runs) + 1 - self.max_kept)]:
+        for run in finished_beyond(self.runs, self.max_kept):
             del self.runs[run.id]
 
     # ------------------------------------------------------------ stopping

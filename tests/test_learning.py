@@ -5,7 +5,7 @@ Float rounding differs between CPUs and thread counts, and a run that sits on a 
 on one machine falls the other way on another. So each claim here is one that held for
 every one of 5 seeds in `python -m bench.presets --seeds 5` (peftcore/preset_table.json)
 and on torch's AVX2 kernels too (BENCHMARKS.md), asserted with a margin; a row that
-depends on the seed (IA3 on add_5, prefix and prompt tuning) is not asserted run by run:
+depends on the seed (prefix and prompt tuning) is not asserted run by run:
 the recorded table says how often it solves, and a test checks that the table is current.
 The runs go two at a time in worker processes (one torch thread each), started as soon
 as the module's first test asks.
@@ -27,8 +27,7 @@ COMPOSITIONS = ("reverse_add_1", "rotate_right_add_2")
 # (method, task): held-out exact match at least this. Every seed of 5 reached 1.000, on both
 # kernel sets: the lesson holds for every student, whatever the seed.
 SOLVES = {
-    **{(m, t): 0.9 for m in ("LORA", "BOTTLENECK_ADAPTER", "FULL") for t in NEW_MAPS + COMPOSITIONS},
-    **{("IA3", t): 0.9 for t in ("complement",) + COMPOSITIONS},
+    **{(m, t): 0.9 for m in ("LORA", "BOTTLENECK_ADAPTER", "FULL", "IA3") for t in NEW_MAPS + COMPOSITIONS},
 }
 # (method, task): held-out exact match at most this. Sorting is a new algorithm, not a mix of
 # the skills the base learned: no method solves it in a live budget. A soft prompt can only
@@ -36,8 +35,9 @@ SOLVES = {
 # far below SOLVES_AT and above every recorded seed by 0.2 (or by half the ceiling, if less).
 STAYS_LOW = {("LORA", "sort"): 0.7, ("BOTTLENECK_ADAPTER", "sort"): 0.5, ("FULL", "sort"): 0.7,
              ("PROMPT_TUNING", "add_5"): 0.1}
-# Checked in the recorded table only (no run here): every method's best seed on sort.
-RECORDED_LOW = {**{(m, "sort"): 0.5 for m in PRESETS}, ("PROMPT_TUNING", "complement"): 0.05}
+# Checked in the recorded table only (no run here): every method's best seed on sort, far
+# from solved (the best, IA3 with its batch of 64, reaches 0.52 on one seed).
+RECORDED_LOW = {**{(m, "sort"): 0.6 for m in PRESETS}, ("PROMPT_TUNING", "complement"): 0.05}
 # method -> (task, how much lower the same phi scores on a random frozen base, and on what).
 # Prompt tuning solves reverse_add_1 on some seeds only, so its gap is in token accuracy.
 RANDOM_BASE = {"LORA": ("add_5", "exact", 0.8), "BOTTLENECK_ADAPTER": ("add_5", "exact", 0.8),

@@ -173,6 +173,26 @@ def test_the_line_is_fair_across_owners_and_caps_say_why(manager, base, base_fp)
 
 
 # ------------------------------------------------------------------ faults and threads
+def test_a_long_class_keeps_at_most_max_kept_finished_runs(manager, base, base_fp):
+    """However many runs a class starts, the oldest finished ones beyond max_kept are
+    forgotten; a Ray mirror so forgotten is adopted again, phi and all, on its next lookup."""
+    wait_for(lambda: not manager.active(), 120)  # only finished runs before these
+    kept, manager.max_kept = manager.max_kept, 2
+    try:
+        runs = [start(manager, base, base_fp, "a", seed=20 + i, steps=2).wait(120) for i in range(3)]
+        assert [r.status for r in runs] == [DONE] * 3
+        assert list(dict.keys(manager.runs)) == [runs[1].id, runs[2].id]
+        if hasattr(manager, "service"):
+            assert runs[0].id in manager.runs  # the service still has it
+            again = manager.runs[runs[0].id]
+            assert again is not runs[0] and again.status == DONE and values(again.events) == values(runs[0].events)
+            assert peftcore.adapter_to_bytes(again.model) == peftcore.adapter_to_bytes(runs[0].model)
+        else:
+            assert runs[0].id not in manager.runs
+    finally:
+        manager.max_kept = kept
+
+
 def test_a_worker_killed_mid_run_fails_that_run_only_and_its_slot_comes_back(ray_address, base, base_fp):
     manager = ray_service(cpu_workers=2, gpu_workers=0)
     try:
