@@ -6,6 +6,10 @@ order of the training data (train(..., seed=s)).
     python -m bench.presets --seeds 5 --jobs 2 [--write]
     python -m bench.presets --seeds 5 --jobs 2 --random-base --tasks add_5 rotate_right_add_2 [--write]
 
+What a longer budget buys where a live one solves nothing (recorded apart; the Train page shows it):
+
+    python -m bench.presets --methods FULL LORA --tasks sort --seeds 5 --jobs 2 --steps 1000 --write
+
 To try a setting before it becomes a preset (refused with --write):
 
     python -m bench.presets --methods BOTTLENECK_ADAPTER --tasks add_5 --seeds 5 --jobs 2 --lr 1e-2
@@ -32,7 +36,7 @@ from dataclasses import replace
 import torch
 
 import peftcore
-from peftcore.presets import PRESETS, SOLVES_AT, TABLE_PATH, preset_record
+from peftcore.presets import PRESETS, SOLVES_AT, TABLE_PATH, budget_key, preset_record
 
 from .common import machine
 
@@ -112,8 +116,9 @@ def main():
     if args.stop_when_solved:
         train_over["stop_when_solved"] = True
     config_over = {k: parse_value(v) for k, v in (c.split("=", 1) for c in args.config)}
-    if args.write and (train_over or config_over or args.first_seed):
-        ap.error("--write records the presets as they are: drop the overrides and --first-seed")
+    if args.write and (set(train_over) - {"steps"} or config_over or args.first_seed):
+        ap.error("--write records the presets as they are (or with more --steps): drop the other overrides "
+                 "and --first-seed")
     methods = [m for m in args.methods if not (args.random_base and not peftcore.METHODS[m].shares_base)]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows = [(m, t) for m in methods for t in args.tasks]
@@ -154,6 +159,8 @@ def main():
     if args.write:
         recorded = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
         key = "random base" if args.random_base else "pretrained"
+        if "steps" in train_over:  # a longer budget: a table of its own (presets.longer_budget)
+            key = budget_key(key, train_over["steps"])
         for method, tasks in table.items():
             recorded.setdefault(key, {}).setdefault(method, {}).update(tasks)
         TABLE_PATH.write_text(json.dumps(recorded, indent=1) + "\n")

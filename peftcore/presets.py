@@ -12,6 +12,7 @@ seed; IA3, prefix and prompt tuning solve some rows on some seeds, and no method
 sort in a live budget: the app shows how often, from the table.
 """
 import json
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -75,3 +76,19 @@ def robustness(method: str, task: str, base: str = "pretrained") -> Optional[dic
     if row is None or method not in PRESETS or row.get("preset") != preset_record(method):
         return None
     return dict(row)
+
+
+def budget_key(base: str, steps: int) -> str:
+    """The table's key for a longer budget than the presets' own: `bench.presets --steps N --write`."""
+    return f"{base}, {steps} steps"
+
+
+def longer_budget(method: str, task: str, base: str = "pretrained"):
+    """The longest budget recorded beyond the preset's own for the method on `task`, as
+    (steps, robustness row), or None. It shows what more steps buy where a live budget
+    solves nothing (sort)."""
+    budgets = sorted((int(m[1]), key) for key in _table() if (m := re.fullmatch(re.escape(base) + r", (\d+) steps", key)))
+    for steps, key in reversed(budgets):
+        if row := robustness(method, task, key):
+            return steps, row
+    return None

@@ -305,6 +305,13 @@ def test_the_seed_note_is_the_recorded_table_and_says_why_a_row_never_solves(met
     note = [c.value for c in at.caption if "seeds**" in c.value]
     assert len(note) == 1 and f"**{rec['solved']} of {rec['seeds']} seeds**" in note[0]
     assert (why in note[0]) if why else (rec["solved"] > 0 and "Lester" not in note[0] and "Sorting" not in note[0])
+    from peftcore.presets import longer_budget
+    more = longer_budget(ui_view_named(method).peft_type, task)
+    assert (more is not None) == (task == "sort")  # sort's longer budget is recorded: the lesson is not "never"
+    if more:  # the chosen method's longer budget, and every other one recorded beside it
+        assert f"{method} with {more[0]} steps reached {round(100 * more[1]['min'])}" in note[0]
+        import ui
+        assert note[0].count(" steps reached ") == sum(bool(longer_budget(v.peft_type, task)) for v in ui.method_views())
 
 
 def test_the_race_table_says_not_solved_instead_of_none():
