@@ -7,9 +7,10 @@ each row (`robustness`); BENCHMARKS.md ("The presets") the figures and the comma
 Each preset was chosen so that its *worst* of 5 seeds (seed = phi's init and the data
 order) still shows the lesson, not for one lucky run: `python -m bench.presets --seeds 5`
 measures it, and `--write` records the table this module reads back. On the grid base
-(pretrain.py) LoRA, the adapter and full fine-tuning solve every task but sort on every
-seed; IA3, prefix and prompt tuning solve some rows on some seeds, and no method learns
-sort in a live budget: the app shows how often, from the table.
+(pretrain.py) LoRA, the adapter, IA3 and full fine-tuning solve every task but sort on every
+seed; prefix and prompt tuning solve some rows on some seeds, and no method learns sort in a
+live budget: the app shows how often, from the table, and what a longer budget recorded
+apart (`longer_budget`) reached.
 """
 import json
 import re
