@@ -284,10 +284,10 @@ def seed_note(methods, task):
         why = NEVER_SOLVED_WHY.get(task) or ui.view_named(method).never_solves
         if rec["solved"] == 0 and why and why not in whys:
             whys.append(why)
-    longer = []  # the chosen methods first, then every other one recorded: the contrast is the lesson
-    for method in [*recs, *(v.name for v in ui.method_views() if v.name not in recs)]:
-        if any(r["solved"] < r["seeds"] for r in recs.values()) and (
-                more := longer_budget(ui.view_named(method).peft_type, task)):
+    longer = []  # where a chosen preset misses: the chosen methods first, then every other one recorded
+    unsolved = any(r["solved"] < r["seeds"] for r in recs.values())
+    for method in [*recs, *(v.name for v in ui.method_views() if v.name not in recs)] if unsolved else []:
+        if more := longer_budget(ui.view_named(method).peft_type, task):
             steps, row = more
             longer.append(f"{method} with {steps} steps reached {reached(row)} ({row['solved']} of {row['seeds']} "
                           f"seeds at {100 * SOLVES_AT:.0f}%+)")
