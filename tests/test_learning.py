@@ -5,7 +5,7 @@ Float rounding differs between CPUs and thread counts, and a run that sits on a 
 on one machine falls the other way on another. So each claim here is one that held for
 every one of 5 seeds in `python -m bench.presets --seeds 5` (peftcore/preset_table.json)
 and on torch's AVX2 kernels too (BENCHMARKS.md), asserted with a margin; a row that
-depends on the seed (prefix and prompt tuning) is not asserted run by run:
+depends on the seed (prefix tuning's add_5, prompt tuning) is not asserted run by run:
 the recorded table says how often it solves, and a test checks that the table is current.
 The runs go two at a time in worker processes (one torch thread each), started as soon
 as the module's first test asks.
@@ -28,6 +28,8 @@ COMPOSITIONS = ("reverse_add_1", "rotate_right_add_2")
 # kernel sets: the lesson holds for every student, whatever the seed.
 SOLVES = {
     **{(m, t): 0.9 for m in ("LORA", "BOTTLENECK_ADAPTER", "FULL", "IA3") for t in NEW_MAPS + COMPOSITIONS},
+    # prefix tuning: every seed above 0.92 (complement's worst); add_5 solves on 2 of 5 seeds only
+    **{("PREFIX_TUNING", t): 0.85 for t in ("complement",) + COMPOSITIONS},
 }
 # (method, task): held-out exact match at most this. Sorting is a new algorithm, not a mix of
 # the skills the base learned: no method solves it in a live budget. A soft prompt can only
@@ -41,7 +43,8 @@ RECORDED_LOW = {**{(m, "sort"): 0.6 for m in PRESETS}, ("PROMPT_TUNING", "comple
 # method -> (task, how much lower the same phi scores on a random frozen base, and on what).
 # Prompt tuning solves reverse_add_1 on some seeds only, so its gap is in token accuracy.
 RANDOM_BASE = {"LORA": ("add_5", "exact", 0.8), "BOTTLENECK_ADAPTER": ("add_5", "exact", 0.8),
-               "IA3": ("complement", "exact", 0.8), "PROMPT_TUNING": ("reverse_add_1", "token", 0.25)}
+               "IA3": ("complement", "exact", 0.8), "PREFIX_TUNING": ("reverse_add_1", "exact", 0.8),
+               "PROMPT_TUNING": ("reverse_add_1", "token", 0.25)}
 RANDOM_BASE_CEILING = 0.1  # a random frozen base: below this exact match on every task but sort, every seed
 
 _executor = None
@@ -120,7 +123,8 @@ def test_lora_matches_full_fine_tuning_on_every_task_but_sort():
 
 def test_phi_sizes_of_the_presets(base):
     n = sum(p.numel() for p in base.parameters())
-    for method, limit in [("LORA", 0.01), ("PROMPT_TUNING", 0.01), ("BOTTLENECK_ADAPTER", 0.05), ("IA3", 0.01)]:
+    for method, limit in [("LORA", 0.01), ("PROMPT_TUNING", 0.01), ("BOTTLENECK_ADAPTER", 0.05), ("IA3", 0.01),
+                          ("PREFIX_TUNING", 0.05)]:
         assert PRESETS[method].config.num_params(base.config) <= limit * n, method
 
 
@@ -171,7 +175,7 @@ def test_sort_wants_more_steps_and_more_than_rank_1():
 def test_a_prefix_in_every_layer_gets_further_than_a_prompt_at_the_input():
     """The recorded table (5 seeds) backs the Inside page's lesson: on the new digit maps every
     seed of prefix tuning gets more answer digits right than the best seed of prompt tuning.
-    (Neither is 5 of 5 on any new map at this scale: their rows are recorded as they are.)"""
+    (Prefix tuning solves complement on 5 of 5 seeds but add_5 on 2; prompt tuning neither.)"""
     for task in NEW_MAPS:
         prefix, prompt = robustness("PREFIX_TUNING", task), robustness("PROMPT_TUNING", task)
         assert prefix["token_min"] > prompt["token_max"] + 0.2, (task, prefix, prompt)

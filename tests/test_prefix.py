@@ -196,11 +196,12 @@ def test_merge_and_unload_leaves_no_prefix_wrapper(base, batch):
 
 
 def test_the_preset_learns_add_5(base):
-    """The preset learns add_5 live, partly. No seed of 0-4 reaches 90% exact match on this new
-    digit map (bench.presets: the best, seed 0, 0.79), so the live run asserts what every seed
-    shows: most answer digits right (token accuracy 0.72-0.97 over 5 seeds, 0.72 for seed 2),
-    where prompt tuning's preset gets 0.10-0.24. The table is asserted in test_learning."""
+    """The preset learns add_5 live, partly, on its worst seed. On this new digit map seeds 0
+    and 2 of 0-4 solve it (bench.presets); the others stall with the first and last answer
+    digits wrong. So the live run asserts what every seed shows, on both kernel sets: most
+    answer digits right (token accuracy 0.79-1.00 over 5 seeds, 0.79 for seed 4), where
+    prompt tuning's preset gets 0.10-0.24. The table is asserted in test_learning."""
     preset = PRESETS["PREFIX_TUNING"]
-    model = get_peft_model(base, preset.config, seed=2)
-    events = list(peftcore.train(model, "add_5", device="cpu", seed=2, **preset.train))
-    assert events[-1].eval_token >= 0.5, events[-1]
+    model = get_peft_model(base, preset.config, seed=4)
+    events = list(peftcore.train(model, "add_5", device="cpu", seed=4, **preset.train))
+    assert events[-1].eval_token >= 0.6, events[-1]
