@@ -285,12 +285,12 @@ def seed_note(methods, task):
         if rec["solved"] == 0 and why and why not in whys:
             whys.append(why)
     longer = []  # where a chosen preset misses: the chosen methods first, then every other one recorded
-    unsolved = any(r["solved"] < r["seeds"] for r in recs.values())
-    for method in [*recs, *(v.name for v in ui.method_views() if v.name not in recs)] if unsolved else []:
-        if more := longer_budget(ui.view_named(method).peft_type, task):
-            steps, row = more
-            longer.append(f"{method} with {steps} steps reached {reached(row)} ({row['solved']} of {row['seeds']} "
-                          f"seeds at {100 * SOLVES_AT:.0f}%+)")
+    if any(r["solved"] < r["seeds"] for r in recs.values()):
+        for method in [*recs, *(v.name for v in ui.method_views() if v.name not in recs)]:
+            if more := longer_budget(ui.view_named(method).peft_type, task):
+                steps, row = more
+                longer.append(f"{method} with {steps} steps reached {reached(row)} "
+                              f"({row['solved']} of {row['seeds']} seeds at {100 * SOLVES_AT:.0f}%+)")
     if lines:
         st.caption(f"How often the preset reaches {100 * SOLVES_AT:.0f}% held-out exact match or more on {task}, "
                    "measured over seeds: " + "; ".join(lines) + "." + "".join(f" {w}" for w in whys)

@@ -99,7 +99,8 @@ def projector(browser, url, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="steps per method in the race (10-1000): 300, the live budget, so that every method that solves add_5 in one shows it")
+    ap.add_argument("--steps", type=int, default=300,
+                    help="steps per method in the race (10-1000); 300, the live budget: every method that solves add_5 in one shows it")
     ap.add_argument("--task", default="add_5")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--all", action="store_true", help="also the serving and inside pages")

@@ -9,8 +9,8 @@ order) still shows the lesson, not for one lucky run: `python -m bench.presets -
 measures it, and `--write` records the table this module reads back. On the grid base
 (pretrain.py) LoRA, the adapter, IA3 and full fine-tuning solve every task but sort on every
 seed; prefix tuning every one but add_5 (2 of 5 seeds) and sort; prompt tuning one row on some
-seeds; no method learns sort in a live budget: the app shows how often, from the table, and what a longer budget recorded
-apart (`longer_budget`) reached.
+seeds; no method learns sort in a live budget. The app shows how often, from the table, and
+what a longer budget recorded apart (`longer_budget`) reached.
 """
 import json
 import re
@@ -88,7 +88,8 @@ def longer_budget(method: str, task: str, base: str = "pretrained"):
     """The longest budget recorded beyond the preset's own for the method on `task`, as
     (steps, robustness row), or None. It shows what more steps buy where a live budget
     solves nothing (sort)."""
-    budgets = sorted((int(m[1]), key) for key in _table() if (m := re.fullmatch(re.escape(base) + r", (\d+) steps", key)))
+    pattern = re.escape(base) + r", (\d+) steps"  # budget_key's form
+    budgets = sorted((int(m[1]), key) for key in _table() if (m := re.fullmatch(pattern, key)))
     for steps, key in reversed(budgets):
         if row := robustness(method, task, key):
             return steps, row

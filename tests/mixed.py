@@ -16,4 +16,5 @@ def assert_rows_equal_alone(model, x, names, atol=1e-5, rtol=1e-5):
         else:
             model.set_adapter(name)
             alone = model(x[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1], alone, atol=atol, rtol=rtol, msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=atol, rtol=rtol,
+                                   msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")

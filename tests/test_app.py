@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the app's own modules (ui, pages) as `streamlit run` sees them
 
 import peftcore  # noqa: E402
+import ui  # noqa: E402
 from peftcore.library import LIBRARY_DIR  # noqa: E402
+from peftcore.presets import longer_budget, robustness  # noqa: E402
 
 PAGES = {"app_pages/storage.py": "One base, many tasks", "app_pages/train.py": "Train a sliver",
          "app_pages/serve.py": "Many tasks at once", "app_pages/inside.py": "Inside: why it works"}
@@ -295,22 +297,19 @@ def test_merge_timing_is_a_median_with_its_spread_keyed_on_the_bank_generation()
 @pytest.mark.parametrize("method, task, why", [("LoRA", "add_5", None), ("Prompt tuning", "add_5", "Lester"),
                                                ("LoRA", "sort", "Sorting compares")])
 def test_the_seed_note_is_the_recorded_table_and_says_why_a_row_never_solves(method, task, why):
-    from peftcore.presets import robustness
-    from ui import view_named as ui_view_named
     at = new_app("app_pages/train.py")
     at.selectbox(key="method").set_value(method).run()
     at.selectbox(key="task").set_value(task).run()
     assert_clean(at)
-    rec = robustness(ui_view_named(method).peft_type, task)
+    peft_type = ui.view_named(method).peft_type
+    rec = robustness(peft_type, task)
     note = [c.value for c in at.caption if "seeds**" in c.value]
     assert len(note) == 1 and f"**{rec['solved']} of {rec['seeds']} seeds**" in note[0]
     assert (why in note[0]) if why else (rec["solved"] > 0 and "Lester" not in note[0] and "Sorting" not in note[0])
-    from peftcore.presets import longer_budget
-    more = longer_budget(ui_view_named(method).peft_type, task)
+    more = longer_budget(peft_type, task)
     assert (more is not None) == (task == "sort")  # sort's longer budget is recorded: the lesson is not "never"
     if more:  # the chosen method's longer budget, and every other one recorded beside it
         assert f"{method} with {more[0]} steps reached {round(100 * more[1]['min'])}" in note[0]
-        import ui
         assert note[0].count(" steps reached ") == sum(bool(longer_budget(v.peft_type, task)) for v in ui.method_views())
 
 

@@ -24,8 +24,8 @@ from peftcore.presets import PRESETS, SOLVES_AT, longer_budget, robustness
 SEED = 0
 NEW_MAPS = ("add_5", "complement")
 COMPOSITIONS = ("reverse_add_1", "rotate_right_add_2")
-# (method, task): held-out exact match at least this. Every seed of 5 reached 1.000, on both
-# kernel sets: the lesson holds for every student, whatever the seed.
+# (method, task): held-out exact match at least this. Every seed of 5 solved it, on both kernel
+# sets: the lesson holds for every student, whatever the seed.
 SOLVES = {
     **{(m, t): 0.9 for m in ("LORA", "BOTTLENECK_ADAPTER", "FULL", "IA3") for t in NEW_MAPS + COMPOSITIONS},
     # prefix tuning: every seed above 0.92 (complement's worst); add_5 solves on 2 of 5 seeds only
