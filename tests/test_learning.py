@@ -5,7 +5,7 @@ Float rounding differs between CPUs and thread counts, and a run that sits on a 
 on one machine falls the other way on another. So each claim here is one that held for
 every one of 5 seeds in `python -m bench.presets --seeds 5` (peftcore/preset_table.json)
 and on torch's AVX2 kernels too (BENCHMARKS.md), asserted with a margin; a row that
-depends on the seed (prefix tuning's add_5, prompt tuning) is not asserted run by run:
+depends on the seed (prefix tuning but on complement, prompt tuning) is not asserted run by run:
 the recorded table says how often it solves, and a test checks that the table is current.
 The runs go two at a time in worker processes (one torch thread each), started as soon
 as the module's first test asks.
@@ -28,8 +28,9 @@ COMPOSITIONS = ("reverse_add_1", "rotate_right_add_2")
 # sets: the lesson holds for every student, whatever the seed.
 SOLVES = {
     **{(m, t): 0.9 for m in ("LORA", "BOTTLENECK_ADAPTER", "FULL", "IA3") for t in NEW_MAPS + COMPOSITIONS},
-    # prefix tuning: every seed above 0.92 (complement's worst); add_5 solves on 2 of 5 seeds only
-    **{("PREFIX_TUNING", t): 0.85 for t in ("complement",) + COMPOSITIONS},
+    # prefix tuning: complement only, every seed of 0-9 at 0.92 or more. Its compositions solve
+    # seeds 0-4 but not 6 and 8 (BENCHMARKS.md), and add_5 3 of 10: not asserted run by run
+    ("PREFIX_TUNING", "complement"): 0.85,
 }
 # (method, task): held-out exact match at most this. Sorting is a new algorithm, not a mix of
 # the skills the base learned: no method solves it in a live budget. A soft prompt can only
