@@ -13,7 +13,9 @@ from peftcore.storage import human_bytes
 from peftcore.tasks import EVAL_SIZE
 from peftcore.train import SOLVED
 
-LR_OPTIONS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1]
+# the slider's stops, and every preset's own rate (a preset's default must be a stop)
+LR_OPTIONS = sorted({1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1}
+                    | {p.train["lr"] for p in PRESETS.values()})
 STEPS_CONTROL = views.Control("steps", "Steps", lo=10, hi=1000, step=10)  # the slider's range; parses a link's steps=
 STEPS = dict(min_value=STEPS_CONTROL.lo, max_value=STEPS_CONTROL.hi, step=STEPS_CONTROL.step)
 GROUP = "train"
