@@ -60,6 +60,9 @@ ss = st.session_state
 
 
 # ------------------------------------------------------------------ a section of a page
+PANEL_FAILED = "could not be shown"  # what a visitor reads when a section of a page fails
+
+
 @contextlib.contextmanager
 def panel(what):
     """One section of a page (`what` names it for the visitor). If it fails, the visitor reads
@@ -71,7 +74,7 @@ def panel(what):
         st.error(f"{what}: {e}")
     except Exception:  # noqa: BLE001 - a visitor sees no traceback; the log has it
         log.exception("a page section failed: %s", what)
-        st.error(f"{what} could not be shown: something went wrong on the server (its log has the "
+        st.error(f"{what} {PANEL_FAILED}: something went wrong on the server (its log has the "
                  "details). The rest of the page works; try again, or reset your session in the sidebar.")
 
 

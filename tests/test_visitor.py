@@ -46,8 +46,9 @@ def settle(at, doing):
         time.sleep(0.5)
         at.run()
     assert not at.exception, (doing, [e.value for e in at.exception])
+    import ui
     # a run that failed, or a panel that failed to draw (ui.panel: the rest of the page still draws)
-    failed = [e.value for e in at.error if " failed" in e.value or "went wrong on the server" in e.value]
+    failed = [e.value for e in at.error if " failed" in e.value or ui.PANEL_FAILED in e.value]
     assert not failed, (doing, failed)
     for fig in charts(at):
         check_axis_titles(fig, doing)
