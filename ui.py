@@ -22,7 +22,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import peftcore
 import views
-from peftcore import library
+from peftcore import analysis, library
 from peftcore import store as store_mod
 from peftcore.executors import RunSpec
 from peftcore.runs import QUEUED, QueueFull, RunManager
@@ -122,6 +122,12 @@ def make_manager(executor="inprocess"):
 # The bases a run may train on, by name: a run's identity includes which (the random-base
 # control must never be joined to the pretrained run with the same config).
 BASES = {"pretrained": get_base, "random": get_random_base}
+
+
+@st.cache_resource(show_spinner=False)
+def attention_spread(which, task, device):
+    """peftcore.analysis.attention_spread of a shipped base on a task, once per server."""
+    return analysis.attention_spread(BASES[which](device), task)
 
 
 @st.cache_resource

@@ -138,6 +138,30 @@ def pretraining_section():
             col.metric(f"{run.label}: held-out exact match",
                        "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%",
                        help=f"{s['step']} steps, {s['seconds']:.1f} s")
+    st.caption(why_the_random_base(peftcore.TASKS[task], ui.view_named(method).peft_type))
+
+
+def why_the_random_base(task, peft_type):
+    """What a random base hands phi, measured now on the task's inputs, and what the preset
+    reached on either base over 5 seeds (recorded)."""
+    spread = {which: ui.attention_spread(which, task.name, ui.device()) for which in ("random", "pretrained")}
+    span = {which: f"{max(v):.0%}" if round(100 * min(v)) == round(100 * max(v)) else f"{100 * min(v):.0f}-{max(v):.0%}"
+            for which, v in spread.items()}
+    text = (f"A random base's attention spreads evenly over the tokens each position sees ({span['random']} of an "
+            f"even spread's entropy, layer by layer, on {task.name}'s inputs; the pretrained base's: "
+            f"{span['pretrained']}). Each position reads an average of the tokens before it: which digits are "
+            "present, not where they are. ")
+    text += (f"{task.name}'s answer digits depend on where each digit is: phi has to learn where to look, which the "
+             "pretrained base already knows."
+             if task.reads_positions else
+             f"{task.name}'s answer depends only on which digits are present, so the random base already hands phi "
+             "what it needs, and the pretrained base's skills add little.")
+    recorded = {base: robustness(peft_type, task.name, base) for base in ("pretrained", "random base")}
+    if all(recorded.values()):
+        text += (f" Recorded for this preset over {recorded['pretrained']['seeds']} seeds: median "
+                 f"{100 * recorded['pretrained']['median']:.1f}% on the pretrained base, "
+                 f"{100 * recorded['random base']['median']:.1f}% on the random one.")
+    return text
 
 
 def recorded_section(facts):

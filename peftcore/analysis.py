@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .config import unwrapped
 from .model import PROJECTIONS as TARGETABLE
 from .serialization import load_adapter
 from .timing import median_seconds, side_by_side, sync
@@ -267,3 +268,30 @@ def spectrum_summary(deltas, r):
         rows.append(dict(projection=name, norm=norm, energy=energy_captured(s, r),
                          random_energy=energy_captured(rand, r)))
     return sorted(rows, key=lambda row: -row["norm"])
+
+
+# ------------------------------------------------------------------ what a base's attention reads
+def attention_spread(base, task, rows=128):
+    """Per layer, how evenly the base's attention spreads over the tokens it may see, at the
+    answer positions of `task`'s held-out inputs: the attention's entropy as a fraction of
+    an even spread's (1.0: every visible token weighed alike). A random base's is ~1.0, so
+    each position reads an average of the tokens before it: which digits are present, not
+    where they are. Heads and the first `rows` inputs averaged; a list of floats, first
+    layer first. Reads the base without hooks or changes: other runs may share it."""
+    x = get_task(task).eval_set(_device(base))[0][:rows]
+    T = x.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    even = torch.arange(1, T + 1, device=x.device).double().log()  # an even spread's entropy, per query
+    spread = []
+    with torch.no_grad():
+        h = base.embed(x)
+        for block in base.blocks:
+            attn, z = unwrapped(block.attn), block.ln1(h)
+            B, _, C = z.shape
+            heads = lambda t: t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+            scores = heads(attn.q(z)) @ heads(attn.k(z)).transpose(-1, -2) * (C // attn.n_head) ** -0.5
+            p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).double()  # (B, heads, T)
+            spread.append((entropy[..., ANSWER_START:] / even[ANSWER_START:]).mean().item())
+            h = block(h)
+    return spread

@@ -74,3 +74,11 @@ def base_modules(module):
     for child in module.children():
         if not isinstance(child, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
             yield from base_modules(child)
+
+
+def unwrapped(module):
+    """The base's own module under any stack of PEFT wrappers (LoRA's on k and v, an
+    adapter or a prefix around attention)."""
+    while hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
+    return module

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .config import PeftConfig, StackCache, check_range
+from .config import PeftConfig, StackCache, check_range, unwrapped
 from .model import BaseConfig
 from .registry import Method, Preset, register
 
@@ -114,13 +114,6 @@ class PrefixAttention(nn.Module):
         return K[slots], V[slots], keep
 
 
-def _plain(module):
-    """The base module under any PEFT wrappers (LoRA's on k and v, adapters on attn)."""
-    while hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
-    return module
-
-
 def _find(module):
     """The PrefixAttention in a chain of wrappers around a block's attention, or None."""
     while not isinstance(module, PrefixAttention) and hasattr(module, "get_base_layer"):
@@ -143,7 +136,7 @@ def add_prefix(model, name, cfg: PrefixTuningConfig, generator=None):
     for block in view.blocks:
         layer = _find(block.attn)
         if layer is None:
-            layer = block.attn = PrefixAttention(block.attn, _plain(block.attn).n_head, model.route)
+            layer = block.attn = PrefixAttention(block.attn, unwrapped(block.attn).n_head, model.route)
         shape = (cfg.num_virtual_tokens, view.config.d_model)
         key, value = (torch.randn(shape, generator=generator).mul_(std).to(w.device, w.dtype) for std in (1.0, 0.02))
         layer.add(name, key, value)

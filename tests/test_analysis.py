@@ -84,3 +84,27 @@ def test_delta_weights_of_a_full_fine_tune(base):
         tuned.base_model.blocks[0].attn.q.weight.add_(1.0)
     rows = analysis.spectrum_summary(analysis.delta_weights(tuned, base), r=1)
     assert rows[0]["projection"] == "blocks.0.attn.q" and rows[0]["energy"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ what a random base hands phi
+def test_a_random_base_attends_evenly_and_the_pretrained_one_does_not(base):
+    random_spread = analysis.attention_spread(peftcore.random_base(), "add_5")
+    pretrained_spread = analysis.attention_spread(base, "add_5")
+    assert len(random_spread) == len(pretrained_spread) == base.config.n_layer
+    assert min(random_spread) > 0.99  # an average of every visible token: where a digit is, is lost
+    assert max(pretrained_spread) < 0.8 and min(pretrained_spread) < 0.2  # it looks at particular places
+
+
+def test_attention_spread_reads_through_phi_wrappers_and_changes_nothing(base):
+    x = peftcore.TASKS["add_5"].eval_set()[0][:8]
+    before = base(x)
+    lora = peftcore.get_peft_model(base, peftcore.LoraConfig(r=1, target_modules=("q", "k")), seed=0)
+    assert analysis.attention_spread(lora.base_model, "add_5") == analysis.attention_spread(base, "add_5")  # B = 0
+    prefix = peftcore.get_peft_model(base, peftcore.PrefixTuningConfig(num_virtual_tokens=4), seed=0)
+    assert len(analysis.attention_spread(prefix.base_model, "add_5")) == base.config.n_layer  # under PrefixAttention
+    assert torch.equal(base(x), before)
+
+
+def test_only_sort_answers_the_same_for_any_order_of_its_digits():
+    assert [name for name, task in peftcore.TASKS.items() if not task.reads_positions] == ["sort"]
+    assert all(task.reads_positions for task in peftcore.PRETRAIN_TASKS.values())

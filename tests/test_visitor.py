@@ -148,6 +148,18 @@ def test_the_random_base_run_trains_on_the_random_base_and_is_never_joined_to_th
     assert pretrained.model.base_fingerprint == peftcore_fingerprint(ui.get_base("cpu"))
 
 
+def test_the_inside_page_says_why_a_random_base_learns_sort_but_no_other_task():
+    from peftcore.presets import robustness
+    at = fresh("app_pages/inside.py")
+    for task, why in [("add_5", "depend on where each digit is"), ("sort", "depends only on which digits are present")]:
+        at.selectbox(key="pretrain_task").set_value(task).run()
+        caption = next(c.value for c in at.caption if "random base's attention" in c.value)
+        assert why in caption and f"on {task}'s inputs" in caption
+        assert "(100% of an even spread's entropy" in caption  # measured now (peftcore.analysis.attention_spread)
+        for base in ("pretrained", "random base"):
+            assert f"{100 * robustness('LORA', task, base)['median']:.1f}%" in caption
+
+
 def test_the_inside_page_shows_the_skills_the_base_learned_and_the_cells_it_never_saw():
     import math
 
