@@ -7,7 +7,7 @@ import streamlit as st
 import peftcore
 import ui
 import views
-from peftcore.analysis import changed_weights, sample_predictions
+from peftcore.analysis import changed_weights, digit_accuracy, sample_predictions
 from peftcore.presets import PRESETS, SOLVES_AT, longer_budget, robustness
 from peftcore.storage import human_bytes
 from peftcore.tasks import EVAL_SIZE
@@ -318,6 +318,7 @@ def result_card(run):
                    help=f"All 8 answer digits right, on {EVAL_SIZE} examples never trained on.")
     cols[4].metric("digit accuracy", "-" if s["token"] is None else f"{100 * s['token']:.1f}%")
     cols[5].metric("time", f"{s['seconds']:.1f} s", help=f"{s['step']} steps at {s['steps_per_s']:.1f} steps/s")
+    digits_chart(run)
     same = after == model.base_fingerprint
     prints = f"Shared base fingerprint (sha256) before `{model.base_fingerprint[:16]}…` · after `{after[:16]}…` · "
     if not ui.run_view(run).method.shares_base:  # a whole copy: say what changed, not "only phi"
@@ -333,6 +334,25 @@ def result_card(run):
     rows = ui.run_cache(run, f"samples-{ui.seed()}", lambda: sample_predictions(model, run.task, n=6, seed=ui.seed()))
     ui.predictions_table(rows)
     save_and_download(run, data)
+
+
+def digits_chart(run):
+    """Each answer digit's held-out accuracy: where a run goes wrong, which one exact-match
+    number hides (prefix tuning on add_5 can miss only the first and last digit)."""
+    accs = ui.run_cache(run, "digits", lambda: digit_accuracy(run.model, run.task))
+    places = list(range(1, len(accs) + 1))
+    ui.plot(ui.figure([dict(type="bar", x=places, y=[100 * a for a in accs], marker=dict(color=ui.run_view(run).color),
+                            text=[f"{100 * a:.0f}%" for a in accs], textposition="outside", cliponaxis=False,
+                            hovertemplate="answer digit %{x}: %{y:.1f}% right")],
+                      height=300, margin=dict(l=70, r=30, t=30, b=60), showlegend=False,
+                      xaxis=dict(title="answer digit", tickvals=places),
+                      yaxis=dict(title="right (%)", range=[0, 115], tickvals=[0, 50, 100])),
+            key=f"digits-{run.id}")
+    worst = min(places, key=lambda p: accs[p - 1])
+    st.caption(f"Each of the {len(accs)} answer digits on its own, on the {EVAL_SIZE} held-out examples: exact "
+               "match needs all of them right at once. "
+               + (f"Weakest: digit {worst}, {100 * accs[worst - 1]:.1f}% right." if accs[worst - 1] < 1
+                  else "Every digit is right on every example."))
 
 
 def save_and_download(run, data):

@@ -14,6 +14,7 @@ from .model import PROJECTIONS as TARGETABLE
 from .serialization import load_adapter
 from .timing import median_seconds, side_by_side, sync
 from .tasks import ANSWER_START, N_DIGITS, SEP, get_task
+from .train import held_out
 
 PROMPT_LEN = ANSWER_START + 1  # task token, 8 digits, SEP
 
@@ -76,6 +77,14 @@ def sample_predictions(model, task, n=8, seed=0):
 
 
 # ------------------------------------------------------------------ serving many phi
+def digit_accuracy(model, task):
+    """Held-out accuracy of each answer digit on its own (as evaluate() scores them): where a
+    run goes wrong, which one exact-match number hides. A list of N_DIGITS floats, first first."""
+    logits, y = held_out(model, task)
+    answers = slice(ANSWER_START, ANSWER_START + N_DIGITS)  # the inputs SEP..7th answer digit predict them
+    return (logits.argmax(-1)[:, answers] == y[:, answers]).float().mean(0).tolist()
+
+
 def _device(model):
     return next(model.parameters()).device
 

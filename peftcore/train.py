@@ -47,17 +47,21 @@ def resolve_device(device="auto"):
     return device
 
 
-def evaluate(model, task, device=None, batch_size=512):
-    """(exact match, token accuracy) on the task's fixed held-out set."""
-    task = get_task(task)
+def held_out(model, task, device=None, batch_size=512):
+    """(logits, targets) of the model in eval mode on the task's fixed held-out set."""
     device = device or next(model.parameters()).device
-    x, y = task.eval_set(device)
+    x, y = get_task(task).eval_set(device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     model.train(was_training)
-    return answer_metrics(logits, y)
+    return logits, y
+
+
+def evaluate(model, task, device=None, batch_size=512):
+    """(exact match, token accuracy) on the task's fixed held-out set."""
+    return answer_metrics(*held_out(model, task, device, batch_size))
 
 
 def solved_at(events, target=SOLVED):

@@ -38,6 +38,13 @@ def test_greedy_outputs_of_the_base_on_a_pretraining_task(base):
     assert all(r["correct"] and r["output"] == r["target"] for r in rows)
 
 
+def test_digit_accuracy_is_token_accuracy_digit_by_digit(bank, base):
+    for task in ("add_5", "copy"):
+        per_digit = analysis.digit_accuracy(bank, task)
+        assert len(per_digit) == 8 and sum(per_digit) / 8 == pytest.approx(peftcore.evaluate(bank, task)[1])
+    assert min(analysis.digit_accuracy(base, "copy")) > 0.95  # the base copies, every digit
+
+
 def test_mixed_batch_equals_swapping(bank):
     names = ["lora", "adapter", "prompt", peftcore.BASE_ROW, "lora", "prompt"]
     prompts = torch.cat([analysis.make_prompts("add_5", seed=i)[0] for i in range(len(names))])

@@ -134,6 +134,8 @@ def test_training_run_finishes_and_shows_results():
     assert any("**unchanged**" in m.value for m in at.markdown)
     assert at.get("download_button")
     assert any("| target | output |" in m.value for m in at.markdown)  # sample predictions
+    digits = chart(at, f"digits-{run_ids[0]}")["data"][0]["y"]  # each answer digit's accuracy, in %
+    assert len(digits) == 8 and sum(digits) / 8 == pytest.approx(float(metrics["digit accuracy"][:-1]), abs=0.06)
 
     at.button(key=f"save-{run_ids[0]}").click().run()
     assert_clean(at)

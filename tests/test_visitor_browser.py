@@ -24,7 +24,7 @@ def test_every_chart_the_browser_draws_has_axis_titles(page, url):
 
     visit(page, f"{url}/train")
     short_run(page)
-    assert drawn_titles(page, 1) == [["step", "training loss", "exact match (%)"]]
+    assert drawn_titles(page, 2) == [["step", "training loss", "exact match (%)"], ["answer digit", "right (%)"]]
 
     visit(page, f"{url}/inside")
     for steps, button, done in [("Steps of full fine-tuning", "Fine-tune fully", "top 4 directions"),
