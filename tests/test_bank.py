@@ -17,7 +17,7 @@ from peftcore.serialization import CONFIG_NAME, MAX_FILE_BYTES, WEIGHTS_NAME
 from safetensors.torch import save as st_save
 
 CONFIGS = {"lora": LoraConfig(r=2, target_modules=("q", "v", "up")), "lora8": LoraConfig(r=8, lora_alpha=8, target_modules=("k", "down")),
-           "adapter": AdapterConfig(bottleneck_size=8), "adapter3": AdapterConfig(bottleneck_size=3),
+           "adapter": AdapterConfig(bottleneck_size=8), "adapter3": AdapterConfig(bottleneck_size=3, target_sublayers=("mlp",)),
            "prompt": PromptTuningConfig(num_virtual_tokens=4), "prompt7": PromptTuningConfig(num_virtual_tokens=7)}
 
 

@@ -23,6 +23,9 @@ LORA_RUNS = [  # config, task, seed, steps, lr: ranks, scalings, tasks and budge
     (LoraConfig(r=4), "sort", 4, 5, 1e-3),
 ]
 ADAPTER_RUNS = [(AdapterConfig(8), "add_5", 1, 12, 1e-2), (AdapterConfig(3), "complement", 2, 7, 1e-2)]
+MLP_ADAPTER_RUNS = [(AdapterConfig(8, target_sublayers=("mlp",)), "add_5", 1, 12, 3e-2),  # the preset's placement
+                    (AdapterConfig(16, target_sublayers=("mlp",)), "reverse_add_1", 2, 7, 3e-2)]
+KINDS = dict(argvalues=[LORA_RUNS, ADAPTER_RUNS, MLP_ADAPTER_RUNS], ids=["lora", "adapter", "adapter after mlp"])
 
 
 def phi(model):
@@ -60,13 +63,13 @@ def assert_same(a, b, tol):
             assert e.eval_exact is None or abs(e.eval_exact - f.eval_exact) <= 5 * tol
 
 
-@pytest.mark.parametrize("runs", [LORA_RUNS, ADAPTER_RUNS], ids=["lora", "adapter"])
+@pytest.mark.parametrize("runs", **KINDS)
 def test_one_step_in_a_cohort_is_the_step_alone(base, runs):
     one = [(cfg, task, seed, 1, lr) for cfg, task, seed, _, lr in runs]
     assert_same(together(base, one), alone(base, one), TOL)
 
 
-@pytest.mark.parametrize("runs", [LORA_RUNS, ADAPTER_RUNS], ids=["lora", "adapter"])
+@pytest.mark.parametrize("runs", **KINDS)
 def test_a_run_in_a_cohort_trains_as_it_would_alone(base, runs):
     assert_same(together(base, runs), alone(base, runs), DRIFT)
 
@@ -100,6 +103,8 @@ def test_who_may_ride_together(base):
     assert key(LoraConfig(target_modules=("q",))) != key(LoraConfig(target_modules=("q", "v")))
     assert key(LoraConfig()) != key(LoraConfig(), batch_size=32)
     assert key(AdapterConfig(3)) == key(AdapterConfig(16)) != key(LoraConfig())
+    mlp_only = AdapterConfig(16, target_sublayers=("mlp",))  # wraps other layers: another cohort
+    assert key(mlp_only) == key(AdapterConfig(3, target_sublayers=("mlp",))) != key(AdapterConfig(16))
     other_base = peftcore.random_base(seed=1)
     assert cohort_key(peftcore.get_peft_model(other_base, LoraConfig(), seed=0)) != key(LoraConfig())
     for alone_only in (LoraConfig(lora_dropout=0.1), PromptTuningConfig(), FullFineTuneConfig()):

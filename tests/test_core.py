@@ -14,7 +14,7 @@ from peftcore.pretrain import first_loss, mixture_batch, pretrain
 from peftcore.train import NonFiniteLossError
 
 PEFT_CONFIGS = [LoraConfig(), LoraConfig(r=2, lora_alpha=4, target_modules=("q", "k", "v", "o", "up", "down")),
-                AdapterConfig(), AdapterConfig(bottleneck_size=3), PromptTuningConfig(), PromptTuningConfig(num_virtual_tokens=3)]
+                AdapterConfig(), AdapterConfig(bottleneck_size=3, target_sublayers=("mlp",)), PromptTuningConfig(), PromptTuningConfig(num_virtual_tokens=3)]
 
 
 def phi_snapshot(model):
@@ -121,6 +121,7 @@ def test_closed_forms_by_hand(base):
     assert LoraConfig(r=4, target_modules=("q", "v")).num_params(c) == 4 * (128 + 128) * 2 * 4
     assert LoraConfig(r=2, target_modules=("up",)).num_params(c) == 2 * (128 + 512) * 4
     assert AdapterConfig(bottleneck_size=8).num_params(c) == (2 * 128 * 8 + 8 + 128) * 8
+    assert AdapterConfig(bottleneck_size=8, target_sublayers=("mlp",)).num_params(c) == (2 * 128 * 8 + 8 + 128) * 4
     assert PromptTuningConfig(num_virtual_tokens=5).num_params(c) == 5 * 128
 
 
@@ -286,6 +287,8 @@ def test_non_finite_loss_stops_and_keeps_last_finite_phi(base):
 def test_bad_configs_name_the_field(base):
     for config, field in [(LoraConfig(r=0), "r"), (LoraConfig(target_modules=("wq",)), "target_modules"),
                           (AdapterConfig(bottleneck_size=-1), "bottleneck_size"),
+                          (AdapterConfig(target_sublayers=("ffn",)), "target_sublayers"),
+                          (AdapterConfig(target_sublayers=()), "target_sublayers"),
                           (PromptTuningConfig(num_virtual_tokens=1000), "num_virtual_tokens")]:
         with pytest.raises(ValueError, match=field):
             get_peft_model(base, config)

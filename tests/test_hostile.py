@@ -133,6 +133,25 @@ FILES = [
 ]
 
 
+ADAPTER = (library.LIBRARY_DIR / "adapter" / "add_5" / "adapter_model.safetensors").read_bytes()  # after the MLP only
+
+
+@pytest.mark.parametrize("value", ["mlp", ["ffn"], [["mlp"]], [], ["mlp", "mlp"], [1]], ids=repr)
+def test_an_adapter_file_placed_nowhere_it_can_go_is_refused(base, value):
+    bank = PeftModel(base)
+    with pytest.raises(AdapterLoadError, match="target_sublayers"):
+        peftcore.load_adapter(bank, "evil", rewrite(ADAPTER, config=field(target_sublayers=value)))
+    assert not bank.peft_config
+
+
+def test_an_adapter_file_that_claims_a_sublayer_it_has_no_tensors_for_is_refused(base):
+    assert json.loads(_meta(ADAPTER)["adapter_config"])["target_sublayers"] == ["mlp"]
+    bank = PeftModel(base)
+    with pytest.raises(AdapterLoadError):
+        peftcore.load_adapter(bank, "evil", rewrite(ADAPTER, config=field(target_sublayers=["attn", "mlp"])))
+    assert not bank.peft_config
+
+
 @pytest.fixture(scope="module")
 def hostile_store(tmp_path_factory, base):
     """One store for the whole file catalogue, holding a committed row that must survive."""

@@ -46,7 +46,7 @@ RECORDED_LOW = {**{(m, "sort"): 0.6 for m in PRESETS}, ("PROMPT_TUNING", "comple
 RANDOM_BASE = {"LORA": ("add_5", "exact", 0.8), "BOTTLENECK_ADAPTER": ("add_5", "exact", 0.8),
                "IA3": ("complement", "exact", 0.8), "PREFIX_TUNING": ("reverse_add_1", "exact", 0.8),
                "PROMPT_TUNING": ("reverse_add_1", "token", 0.25)}
-RANDOM_BASE_CEILING = 0.1  # a random frozen base: below this exact match on every task but sort, every seed
+RANDOM_BASE_CEILING = 0.1  # a random frozen base: below this exact match on every task (LoRA on sort: 0.2), every seed
 
 _executor = None
 _futures = {}
@@ -141,6 +141,7 @@ def test_the_recorded_table_is_current_and_backs_these_claims():
     for (method, task), floor in SOLVES.items():
         r = robustness(method, task)
         assert r["solved"] == r["seeds"] and r["min"] >= max(floor, SOLVES_AT), (method, task, r)
+        assert max(r["drop"]) <= 0.1, (method, task, "fell by more than 0.1 on the way", r["drop"])
     for (method, task), ceiling in STAYS_LOW.items():
         assert robustness(method, task)["max"] <= ceiling - min(0.2, ceiling / 2), (method, task)
     for (method, task), ceiling in RECORDED_LOW.items():
@@ -154,10 +155,13 @@ def test_the_recorded_table_is_current_and_backs_these_claims():
     for method in PRESETS:
         if not peftcore.METHODS[method].shares_base:
             continue
-        for task in NEW_MAPS + COMPOSITIONS:  # sort: below 0.2 on a random base, and unsolved on the pretrained
+        for task in peftcore.TASKS:
             rnd = robustness(method, task, "random base")
             assert rnd is not None and rnd["seeds"] >= 5, (method, task, "no 5-seed random-base row")
-            assert rnd["max"] < RANDOM_BASE_CEILING, (method, task, rnd)
+            # sort's answer ignores where digits are, which a random base's even attention keeps
+            # (the Inside page): rank-1 LoRA learns it from scratch to 0.15 on its best seed
+            ceiling = 0.2 if (method, task) == ("LORA", "sort") else RANDOM_BASE_CEILING
+            assert rnd["max"] < ceiling, (method, task, rnd)
 
 
 def test_sort_wants_more_steps_and_more_than_rank_1():

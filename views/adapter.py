@@ -2,19 +2,25 @@
 from . import PHI_EDGE, Control, Diagram, MethodView, phi_node, register_view
 
 
+# where each sublayer's adapter goes in the block diagram: (its node, the sublayer's last node, its add)
+PLACES = {"attn": ("ad1", "o", "add1"), "mlp": ("ad2", "down", "add2")}
+
+
 def diagram(cfg):
     label = f"adapter\\nd→{cfg.bottleneck_size}→d"
-    return Diagram((phi_node("ad1", label), phi_node("ad2", label),
-                    f"o -> ad1 {PHI_EDGE}; ad1 -> add1 {PHI_EDGE}; down -> ad2 {PHI_EDGE}; ad2 -> add2 {PHI_EDGE};"),
-                   skip=frozenset({("o", "add1"), ("down", "add2")}))
+    places = [PLACES[sub] for sub in cfg.target_sublayers]
+    return Diagram(tuple(phi_node(node, label) for node, _, _ in places)
+                   + tuple(f"{out} -> {node} {PHI_EDGE}; {node} -> {add} {PHI_EDGE};" for node, out, add in places),
+                   skip=frozenset((out, add) for _, out, add in places))
 
 
 register_view(MethodView(
     "BOTTLENECK_ADAPTER", "Adapter", "#2ca02c",
     controls=(Control("bottleneck_size", "bottleneck_size", "Width of the adapter's bottleneck: d -> b -> d after "
-                      "each sublayer.", 1, 128, 1),),
+                      "each adapted sublayer.", 1, 128, 1),),
     formulas=(r"h \leftarrow h + W_{up}\, \mathrm{GELU}(W_{down}\, h)",
               r"W_{down} \in \mathbb{R}^{b \times d},\quad W_{up} \in \mathbb{R}^{d \times b},\quad W_{up,0} = 0",
-              r"|\phi| = 2\,(2 d b + b + d) \text{ per block}"),
-    words="A small bottleneck MLP after the attention and after the MLP of every block.",
+              r"|\phi| = s\,(2 d b + b + d) \text{ per block, } s \text{ adapted sublayers}"),
+    words="A small bottleneck MLP added to a sublayer's output in every block: after the MLP only (Pfeiffer et al.; "
+          "the preset), or after the attention too (Houlsby et al.; target_sublayers=(\"attn\", \"mlp\")).",
     diagram=diagram))
