@@ -59,3 +59,20 @@ def test_a_reopened_race_link_shows_the_race_setup():
     assert reopened.radio(key="mode").value == "Race"
     assert reopened.pills(key="race_methods").value == ["LoRA", "Adapter"]
     assert reopened.slider(key="race_steps").value == 10
+
+
+def test_the_adapter_placement_is_a_control_and_a_link():
+    preset, both = "phi = 16,960 trainable parameters, 2.12%", "phi = 33,920 trainable parameters, 4.25%"
+    at = open_train({"method": "Adapter"})
+    assert at.pills(key="adapter.target_sublayers").value == ["mlp"]  # the preset: after the MLP only
+    assert any(preset in c.value for c in at.caption)
+    at.pills(key="adapter.target_sublayers").set_value(["attn", "mlp"]).run()  # Houlsby's two per block
+    assert any(both in c.value for c in at.caption) and not at.exception
+    at.pills(key="adapter.target_sublayers").set_value([]).run()  # none: said, and nothing can start
+    assert any("target_sublayers must name one or both" in e.value for e in at.error)
+    assert at.button(key="train_go").disabled
+    linked = open_train({"method": "Adapter", "adapter_target_sublayers": "attn,mlp"})
+    assert any(both in c.value for c in linked.caption)
+    bad = open_train({"method": "Adapter", "adapter_target_sublayers": "ffn"})
+    assert "adapter_target_sublayers='ffn'" in " ".join(w.value for w in bad.warning)
+    assert bad.pills(key="adapter.target_sublayers").value == ["mlp"]

@@ -1,4 +1,6 @@
 """Bottleneck adapters as the app shows them."""
+from peftcore.adapter import SUBLAYERS
+
 from . import PHI_EDGE, Control, Diagram, MethodView, phi_node, register_view
 
 
@@ -17,7 +19,10 @@ def diagram(cfg):
 register_view(MethodView(
     "BOTTLENECK_ADAPTER", "Adapter", "#2ca02c",
     controls=(Control("bottleneck_size", "bottleneck_size", "Width of the adapter's bottleneck: d -> b -> d after "
-                      "each adapted sublayer.", 1, 128, 1),),
+                      "each adapted sublayer.", 1, 128, 1),
+              Control("target_sublayers", "target_sublayers", "Which sublayers of every block get an adapter: the "
+                      "MLP only (Pfeiffer et al.), or the attention too (Houlsby et al.).", options=SUBLAYERS,
+                      link="adapter_target_sublayers")),
     formulas=(r"h \leftarrow h + W_{up}\, \mathrm{GELU}(W_{down}\, h)",
               r"W_{down} \in \mathbb{R}^{b \times d},\quad W_{up} \in \mathbb{R}^{d \times b},\quad W_{up,0} = 0",
               r"|\phi| = s\,(2 d b + b + d) \text{ per block, } s \text{ adapted sublayers}"),
