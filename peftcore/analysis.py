@@ -288,18 +288,12 @@ def attention_spread(base, task, rows=128):
     where they are. Heads and the first `rows` inputs averaged; a list of floats, first
     layer first. Reads the base without hooks or changes: other runs may share it."""
     x = get_task(task).eval_set(_device(base))[0][:rows]
-    T = x.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    even = torch.arange(1, T + 1, device=x.device).double().log()  # an even spread's entropy, per query
+    even = torch.arange(1, x.shape[1] + 1, device=x.device).double().log()  # an even spread's entropy, per query
     spread = []
     with torch.no_grad():
         h = base.embed(x)
         for block in base.blocks:
-            attn, z = unwrapped(block.attn), block.ln1(h)
-            B, _, C = z.shape
-            heads = lambda t: t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
-            scores = heads(attn.q(z)) @ heads(attn.k(z)).transpose(-1, -2) * (C // attn.n_head) ** -0.5
-            p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            p = unwrapped(block.attn).weights(block.ln1(h))
             entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).double()  # (B, heads, T)
             spread.append((entropy[..., ANSWER_START:] / even[ANSWER_START:]).mean().item())
             h = block(h)

@@ -43,8 +43,7 @@ class Attention(nn.Module):
         k and v (B, n_head, P, head_dim), keep a bool (B, P) of the prefix slots each row
         may attend (None = all). A query sees every kept prefix slot and its real positions."""
         B, T, C = x.shape
-        heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         if prefix is not None:
             pk, pv, keep = prefix
             k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
@@ -58,6 +57,19 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+    def _heads(self, t):
+        """(B, T, C) -> (B, n_head, T, C // n_head)."""
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def weights(self, x):
+        """The causal attention probabilities (B, n_head, T, T) over its own keys: what the
+        fast path computes without returning them (peftcore.analysis reads them)."""
+        q, k = self._heads(self.q(x)), self._heads(self.k(x))
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~causal, float("-inf")).softmax(-1)
 
 
 class MLP(nn.Module):

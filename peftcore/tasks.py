@@ -10,6 +10,7 @@ exact match under greedy decoding: if every answer digit is right given a right 
 greedy decoding produces that same prefix.
 """
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -40,7 +41,7 @@ class Task:
         targets[:, :ANSWER_START] = -100
         return inputs.to(device), targets.to(device)
 
-    @property
+    @cached_property
     def reads_positions(self):
         """Whether an answer depends on where the input's digits are, not only on which
         digits are present: False for sort, whose answer is the same for any shuffle of its

@@ -102,6 +102,15 @@ def test_a_random_base_attends_evenly_and_the_pretrained_one_does_not(base):
     assert max(pretrained_spread) < 0.8 and min(pretrained_spread) < 0.2  # it looks at particular places
 
 
+def test_the_attention_weights_read_are_the_ones_the_forward_uses(base):
+    attn = base.blocks[1].attn
+    h = base.blocks[1].ln1(base.embed(peftcore.TASKS["sort"].eval_set()[0][:4]))
+    p = attn.weights(h)
+    assert torch.allclose(p.sum(-1), torch.ones(p.shape[:-1])) and p.triu(1).abs().max() == 0  # causal rows
+    mixed = (p @ attn._heads(attn.v(h))).transpose(1, 2).reshape(h.shape)
+    assert torch.allclose(attn.o(mixed), attn(h), atol=1e-5)
+
+
 def test_attention_spread_reads_through_phi_wrappers_and_changes_nothing(base):
     x = peftcore.TASKS["add_5"].eval_set()[0][:8]
     before = base(x)
