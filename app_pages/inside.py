@@ -158,7 +158,8 @@ def why_the_random_base(task, peft_type):
              "what it needs, and the pretrained base's skills add little.")
     recorded = {base: robustness(peft_type, task.name, base) for base in ("pretrained", "random base")}
     if all(recorded.values()):
-        text += (f" Recorded for this preset over {recorded['pretrained']['seeds']} seeds: median "
+        text += (f" Recorded for this preset ({PRESETS[peft_type].train['steps']} steps) over "
+                 f"{recorded['pretrained']['seeds']} seeds: median "
                  f"{100 * recorded['pretrained']['median']:.1f}% on the pretrained base, "
                  f"{100 * recorded['random base']['median']:.1f}% on the random one.")
     return text
