@@ -634,13 +634,37 @@ def _axis_values(traces, axis):
 
 def log_ticks(low, high):
     """tickvals and ticktext for a log axis over [low, high] (both > 0), in plain numbers:
-    1, 10, 100, 1,000 over more than two decades; 1, 2, 5, 10, 20, 50 within two. Plotly's
-    own log ticks label the 2s and 5s between decades in small type ("5, 2, 100, 5, 2")."""
+    1, 10, 100, 1,000 over more than two decades; 1, 2, 5, 10, 20, 50 within two; finer,
+    then evenly spaced, where those leave fewer than three ticks in the range (a short
+    run's loss from 1.6 to 2.9 would show "2" alone). Plotly's own log ticks label the 2s and 5s between
+    decades in small type ("5, 2, 100, 5, 2")."""
     import math
     first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
-    steps = (1,) if math.log10(high / low) > 2.05 else (1, 2, 5)
-    values = [float(f"{m}e{e}") for e in range(first, last + 1) for m in steps]  # exact decimals
-    return dict(tickmode="array", tickvals=values, ticktext=[f"{v:,.0f}" if v >= 1 else f"{v:g}" for v in values])
+    ladders = [(1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7)][0 if math.log10(high / low) > 2.05 else 1:]
+    for steps in ladders:
+        values = [float(f"{m}e{e}") for e in range(first, last + 1) for m in steps]  # exact decimals
+        if sum(low <= v <= high for v in values) >= 3:
+            break
+    else:
+        values = even_ticks(low, high)
+    return dict(tickmode="array", tickvals=values, ticktext=[_tick_text(v) for v in values])
+
+
+def even_ticks(low, high):
+    """Round values a step of 1, 0.5, 0.25 or 0.2 times a power of ten apart, the widest
+    step with 3 or more inside [low, high], and one more past each end."""
+    import math
+    if high <= low:
+        return [low]
+    top = 10 ** math.ceil(math.log10(high - low))
+    step = next(s for s in (top * m / 10 ** k for k in range(3) for m in (1, 0.5, 0.25, 0.2))
+                if math.floor(high / s + 1e-9) - math.ceil(low / s - 1e-9) + 1 >= 3)  # (2.3 / 0.1 = 22.99...)
+    first, last = math.ceil(low / step - 1e-9) - 1, math.floor(high / step + 1e-9) + 1
+    return [v for v in (float(f"{i * step:.12g}") for i in range(first, last + 1)) if v > 0]
+
+
+def _tick_text(v):
+    return f"{v:,.0f}" if v >= 1 and v == int(v) else f"{v:g}"
 
 
 def plot(fig, key=None, height=None):

@@ -234,6 +234,15 @@ def test_break_even_is_drawn_above_the_measured_phi_and_log_ticks_are_plain():
     assert max(measured["x"]) <= 10 and len(bank_of(at).peft_config) > 10
 
 
+@pytest.mark.parametrize("low, high", [(1.6, 2.9), (2.05, 2.3), (0.3, 0.9), (1.99, 2.01), (0.02, 3.0), (1, 10_000)])
+def test_a_log_axis_has_three_or_more_plain_ticks_in_its_range(low, high):
+    # a short run's loss spans less than a factor of 2: the 1, 2, 5 steps alone left one tick
+    ticks = ui.log_ticks(low, high)
+    inside = [text for v, text in zip(ticks["tickvals"], ticks["ticktext"]) if low <= v <= high]
+    assert len(inside) >= 3 and len(set(inside)) == len(inside)
+    assert all("e" not in text for text in ticks["ticktext"])  # 0.5, 1,000: never 5e-01 or 1e+03
+
+
 # ------------------------------------------------------------------ serve: the bank follows, timings with spread
 def lora_file(task, r=2):
     model = peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(r=r))
