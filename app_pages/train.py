@@ -338,7 +338,7 @@ def result_card(run):
 
 def digits_chart(run):
     """Each answer digit's held-out accuracy: where a run goes wrong, which one exact-match
-    number hides (prefix tuning on add_5 can miss only the first and last digit)."""
+    number hides (prefix tuning on add_5, a task since replaced, missed only the first and last digit)."""
     accs = ui.run_cache(run, "digits", lambda: digit_accuracy(run.model, run.task))
     places = list(range(1, len(accs) + 1))
     ui.plot(ui.figure([dict(type="bar", x=places, y=[100 * a for a in accs], marker=dict(color=ui.run_view(run).color),
@@ -421,7 +421,7 @@ with setup, ui.panel("The training set-up"):
     in_exercise = bool(exercise()["locked"] or exercise()["hidden"])  # an exercise is one method
     mode = st.radio("Mode", ["One method", "Race"], horizontal=True, key="mode", disabled=in_exercise,
                     help="Race: several methods on one task, curves overlaid.")
-    task = control("task", "add_5", lambda **kw: st.selectbox(
+    task = control("task", "times_3", lambda **kw: st.selectbox(
         "Task", list(peftcore.TASKS), key="task", help="Downstream tasks the base was not pretrained on.", **kw))
     st.caption(peftcore.TASKS[task].description)
     specs = one_method(task) if mode == "One method" or in_exercise else race()

@@ -23,7 +23,7 @@ from .common import machine
 
 def cohort_of(base, k, device, batch):
     models = [peftcore.get_peft_model(base, PRESETS["LORA"].config, seed=i) for i in range(k)]
-    return Cohort([Trainer(m, "add_5", 10**9, seed=i, batch_size=batch, eval_every=10**9, device=device)
+    return Cohort([Trainer(m, "times_3", 10**9, seed=i, batch_size=batch, eval_every=10**9, device=device)
                    for i, m in enumerate(models)])
 
 

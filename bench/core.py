@@ -62,7 +62,7 @@ def main():
     device = args.device
     base = peftcore.load_base(device=device)
     n_base = sum(p.numel() for p in base.parameters())
-    batch = peftcore.TASKS["add_5"].batch(64, torch.Generator().manual_seed(0), device=device)
+    batch = peftcore.TASKS["times_3"].batch(64, torch.Generator().manual_seed(0), device=device)
     print(f"machine: {machine()}; batch 64 x 17 tokens\n")
 
     models, steps, opts = {}, {}, {}

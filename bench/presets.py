@@ -4,7 +4,7 @@ wall seconds. Seed s fixes both phi's initial values (get_peft_model(..., seed=s
 order of the training data (train(..., seed=s)).
 
     python -m bench.presets --seeds 5 --jobs 2 [--write]
-    python -m bench.presets --seeds 5 --jobs 2 --random-base --tasks add_5 rotate_right_add_2 [--write]
+    python -m bench.presets --seeds 5 --jobs 2 --random-base --tasks times_3 rotate_right_add_2 [--write]
 
 What a longer budget buys where a live one solves nothing (recorded apart; the Train page shows it):
 
@@ -12,12 +12,12 @@ What a longer budget buys where a live one solves nothing (recorded apart; the T
 
 To try a setting before it becomes a preset (refused with --write):
 
-    python -m bench.presets --methods BOTTLENECK_ADAPTER --tasks add_5 --seeds 5 --jobs 2 --lr 1e-2
+    python -m bench.presets --methods BOTTLENECK_ADAPTER --tasks times_3 --seeds 5 --jobs 2 --lr 1e-2
     python -m bench.presets --methods PROMPT_TUNING --config num_virtual_tokens=16
 
 What a live demo waits for (the Train page stops a run once it is solved), one run at a time:
 
-    python -m bench.presets --tasks add_5 complement reverse_add_1 rotate_right_add_2 --stop-when-solved
+    python -m bench.presets --tasks times_3 complement reverse_add_1 rotate_right_add_2 --stop-when-solved
 
 Methods are named by peft_type (LORA, BOTTLENECK_ADAPTER, PROMPT_TUNING, FULL, ...).
 

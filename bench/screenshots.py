@@ -1,7 +1,7 @@
 """Screenshots for the README: the storage chart and a finished training race; and every
 page as a projector shows it.
 
-    python -m bench.screenshots [--steps 300] [--task add_5] [--out docs] [--all]
+    python -m bench.screenshots [--steps 300] [--task times_3] [--out docs] [--all]
     python -m bench.screenshots --projector [--out shots]
 
 Starts `streamlit run app.py`, drives it with headless chromium and writes
@@ -100,8 +100,8 @@ def projector(browser, url, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300,
-                    help="steps per method in the race (10-1000); 300, the live budget: every method that solves add_5 in one shows it")
-    ap.add_argument("--task", default="add_5")
+                    help="steps per method in the race (10-1000); 300, the live budget: every method that solves times_3 in one shows it")
+    ap.add_argument("--task", default="times_3")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--all", action="store_true", help="also the serving and inside pages")
     ap.add_argument("--projector", action="store_true",

@@ -27,7 +27,7 @@ def step_ms(threads, method="LORA", reps=7):
     torch.set_num_threads(threads)
     base = peftcore.load_base()
     model = peftcore.get_peft_model(base, PRESETS[method].config, seed=0)
-    step, _ = make_step(model, peftcore.TASKS["add_5"].batch(64, torch.Generator().manual_seed(0)))
+    step, _ = make_step(model, peftcore.TASKS["times_3"].batch(64, torch.Generator().manual_seed(0)))
     return 1000 * median_seconds(lambda: [step() for _ in range(5)], repeats=reps) / 5
 
 

@@ -1,6 +1,6 @@
 """Several runs over one frozen base, stepped as one: the whole class in one step.
 
-    cohort = Cohort([Trainer(model_a, "add_5", seed=1), Trainer(model_b, "complement", seed=2)])
+    cohort = Cohort([Trainer(model_a, "times_3", seed=1), Trainer(model_b, "complement", seed=2)])
     while cohort.trainers:
         for trainer, event in cohort.step(): ...
 

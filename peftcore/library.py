@@ -27,7 +27,7 @@ def method_slugs():
 
 
 def entries():
-    """[(adapter name, directory)] for every shipped phi, e.g. ("lora-add_5", .../lora/add_5)."""
+    """[(adapter name, directory)] for every shipped phi, e.g. ("lora-times_3", .../lora/times_3)."""
     return [(f"{d.parent.name}-{d.name}", d) for d in sorted(LIBRARY_DIR.glob("*/*")) if d.is_dir()]
 
 

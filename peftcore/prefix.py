@@ -153,7 +153,7 @@ register(Method(
     PrefixTuningConfig, plug=add_prefix, layers=(PrefixAttention,), containers=("prefixes",), slug="prefix",
     hf_fields=HF_FIELDS,
     # a high learning rate, as prompt tuning's. n=32 (bench.presets, 5 seeds, keys at std 1):
-    # complement and both compositions on 5 of 5, add_5 on 2 (seeds 5-9: complement 5, the
-    # compositions 4 each, add_5 1). Fewer: n=16 (12 of the 20 on seeds 0-4); on
-    # add_5 lr 0.2 or batch 64 (1 of 5), n=64 (0 of 5) (BENCHMARKS.md, "Prefix tuning's init")
+    # times_3, complement and both compositions on 5 of 5 (seeds 5-9: the maps 5 each, the
+    # compositions 4 each). Fewer: n=16 (12 of the 20 on seeds 0-4, with add_5 for times_3);
+    # on add_5 n=64 solved 0 of 5 (BENCHMARKS.md, "Prefix tuning's init")
     preset=Preset(PrefixTuningConfig(num_virtual_tokens=32), dict(steps=300, lr=1e-1, batch_size=32))))

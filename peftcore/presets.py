@@ -8,8 +8,8 @@ Each preset was chosen so that its *worst* of 5 seeds (seed = phi's init and the
 order) still shows the lesson, not for one lucky run: `python -m bench.presets --seeds 5`
 measures it, and `--write` records the table this module reads back. On the grid base
 (pretrain.py) LoRA, the adapter, IA3 and full fine-tuning solve every task but sort on every
-seed; prefix tuning complement on every seed of 0-9, each composition on 9 of those 10 and
-add_5 on 3; prompt tuning one row on some seeds; no method learns sort in a live budget. The
+seed; prefix tuning the two new digit maps on every seed of 0-9 and each composition on 9 of
+those 10; prompt tuning one row on some seeds; no method learns sort in a live budget. The
 app shows how often, from the table, and what a longer budget recorded apart (`longer_budget`)
 reached.
 """

@@ -3,7 +3,7 @@ every web server of a lecture hall shares. Ray is imported here only, when first
 peftcore works without it (pip install -r requirements-ray.txt to have it).
 
     manager = ray_manager()            # RAY_ADDRESS, or a local Ray started here
-    run = manager.start(None, "add_5", owner="a", spec=RunSpec(config.to_dict()), steps=300)
+    run = manager.start(None, "times_3", owner="a", spec=RunSpec(config.to_dict()), steps=300)
 
 - The service is one named, detached actor (RunService, namespace NAMESPACE): it holds the
   one RunManager (fair queue, identical runs computed once, owners, caps, reap) whose

@@ -22,7 +22,7 @@ class Method:
     config_cls: type               # its PeftConfig subclass; config_cls.peft_type is its key
     plug: Callable                 # plug(model, adapter_name, config, generator): puts its phi in
     preset: Preset                 # what a live run of it trains by default
-    slug: str                      # its short name in files and phi names ("lora" -> lora-add_5)
+    slug: str                      # its short name in files and phi names ("lora" -> lora-times_3)
     layers: tuple = ()             # module classes that hold its phi, keyed by adapter name
     containers: tuple = ()         # attributes of those layers that hold phi by adapter name
     shares_base: bool = True       # False: a whole trainable copy (no bank, no class, no mixed batch)

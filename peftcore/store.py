@@ -25,7 +25,7 @@ per client address.
     token = new_token()
     code, key = store.create_class("Monday group")
     store.join(code, client=address)
-    rec = store.save_phi(token, "lora-add_5", data, class_code=code, author="Ada", client=address)
+    rec = store.save_phi(token, "lora-times_3", data, class_code=code, author="Ada", client=address)
     store.list_phi(class_code=code); store.load_bytes(rec.id); store.delete_phi(rec.id, owner=token)
     store.usage(code)  # {'phi', 'bytes', 'students', 'phi_limit', 'bytes_limit'}
 """

@@ -1,6 +1,6 @@
 """One training loop for the app, the tests and the benchmarks: a generator of events.
 
-    for event in train(model, "add_5", steps=300):
+    for event in train(model, "times_3", steps=300):
         print(event.step, event.loss, event.eval_exact)
 
 Only phi's parameters are given to the optimizer; the frozen base never gets a gradient.
@@ -184,7 +184,7 @@ def warm_up(base, device="cpu", stop=None):
     if stop is not None and stop.is_set():
         return
     model = get_peft_model(base, next(iter(METHODS.values())).preset.config, seed=0)
-    for _ in train(model, "add_5", steps=2, batch_size=8, eval_every=1, device=device):
+    for _ in train(model, "times_3", steps=2, batch_size=8, eval_every=1, device=device):
         if stop is not None and stop.is_set():
             break
 

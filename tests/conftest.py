@@ -33,7 +33,7 @@ def base_fp(base):
 
 @pytest.fixture
 def batch():
-    return peftcore.TASKS["add_5"].batch(16, torch.Generator().manual_seed(1))
+    return peftcore.TASKS["times_3"].batch(16, torch.Generator().manual_seed(1))
 
 
 # ------------------------------------------------------------------ browser tests

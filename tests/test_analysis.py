@@ -18,7 +18,7 @@ def bank(base):
         for _, p in model.named_adapter_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     for name in model.peft_config:
-        model.adapter_task[name] = "add_5"
+        model.adapter_task[name] = "times_3"
     model.set_adapter("lora")
     return model.eval()
 
@@ -39,7 +39,7 @@ def test_greedy_outputs_of_the_base_on_a_pretraining_task(base):
 
 
 def test_digit_accuracy_is_token_accuracy_digit_by_digit(bank, base):
-    for task in ("add_5", "copy"):
+    for task in ("times_3", "copy"):
         per_digit = analysis.digit_accuracy(bank, task)
         assert len(per_digit) == 8 and sum(per_digit) / 8 == pytest.approx(peftcore.evaluate(bank, task)[1])
     assert min(analysis.digit_accuracy(base, "copy")) > 0.95  # the base copies, every digit
@@ -47,7 +47,7 @@ def test_digit_accuracy_is_token_accuracy_digit_by_digit(bank, base):
 
 def test_mixed_batch_equals_swapping(bank):
     names = ["lora", "adapter", "prompt", peftcore.BASE_ROW, "lora", "prompt"]
-    prompts = torch.cat([analysis.make_prompts("add_5", seed=i)[0] for i in range(len(names))])
+    prompts = torch.cat([analysis.make_prompts("times_3", seed=i)[0] for i in range(len(names))])
     rows_without_base = [i for i, n in enumerate(names) if n != peftcore.BASE_ROW]
     mixed = analysis.serve_mixed(bank, names, prompts)
     swapped = analysis.serve_swapping(bank, [names[i] for i in rows_without_base], prompts[rows_without_base])
@@ -58,7 +58,7 @@ def test_mixed_batch_equals_swapping(bank):
 
 
 def test_merged_equals_unmerged_and_is_undone(bank):
-    prompts, _ = analysis.make_prompts("add_5", n=4)
+    prompts, _ = analysis.make_prompts("times_3", n=4)
     generation = bank.generation
     t = analysis.merged_vs_unmerged(bank, "lora", prompts, repeats=1)
     assert 0 < t["max_abs_diff"] < 5e-4  # float32 rounding of W x + B A x against (W + B A) x: it did merge
@@ -95,8 +95,8 @@ def test_delta_weights_of_a_full_fine_tune(base):
 
 # ------------------------------------------------------------------ what a random base hands phi
 def test_a_random_base_attends_evenly_and_the_pretrained_one_does_not(base):
-    random_spread = analysis.attention_spread(peftcore.random_base(), "add_5")
-    pretrained_spread = analysis.attention_spread(base, "add_5")
+    random_spread = analysis.attention_spread(peftcore.random_base(), "times_3")
+    pretrained_spread = analysis.attention_spread(base, "times_3")
     assert len(random_spread) == len(pretrained_spread) == base.config.n_layer
     assert min(random_spread) > 0.99  # an average of every visible token: where a digit is, is lost
     assert max(pretrained_spread) < 0.8 and min(pretrained_spread) < 0.2  # it looks at particular places
@@ -112,12 +112,12 @@ def test_the_attention_weights_read_are_the_ones_the_forward_uses(base):
 
 
 def test_attention_spread_reads_through_phi_wrappers_and_changes_nothing(base):
-    x = peftcore.TASKS["add_5"].eval_set()[0][:8]
+    x = peftcore.TASKS["times_3"].eval_set()[0][:8]
     before = base(x)
     lora = peftcore.get_peft_model(base, peftcore.LoraConfig(r=1, target_modules=("q", "k")), seed=0)
-    assert analysis.attention_spread(lora.base_model, "add_5") == analysis.attention_spread(base, "add_5")  # B = 0
+    assert analysis.attention_spread(lora.base_model, "times_3") == analysis.attention_spread(base, "times_3")  # B = 0
     prefix = peftcore.get_peft_model(base, peftcore.PrefixTuningConfig(num_virtual_tokens=4), seed=0)
-    assert len(analysis.attention_spread(prefix.base_model, "add_5")) == base.config.n_layer  # under PrefixAttention
+    assert len(analysis.attention_spread(prefix.base_model, "times_3")) == base.config.n_layer  # under PrefixAttention
     assert torch.equal(base(x), before)
 
 

@@ -139,8 +139,8 @@ def test_training_run_finishes_and_shows_results():
 
     at.button(key=f"save-{run_ids[0]}").click().run()
     assert_clean(at)
-    assert at.success and "lora-add_5" in at.success[0].value
-    assert "lora-add_5" in bank_of(at).peft_config
+    assert at.success and "lora-times_3" in at.success[0].value
+    assert "lora-times_3" in bank_of(at).peft_config
 
     refreshed = new_app("app_pages/train.py", query={"train": ",".join(run_ids)})  # a new session, same URL
     assert results_shown(refreshed)
@@ -165,7 +165,7 @@ def test_bad_upload_shows_an_error_and_changes_nothing():
     assert bank.peft_config == before
 
     model = peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(r=2))
-    model.adapter_task["default"] = "add_5"
+    model.adapter_task["default"] = "times_3"
     at.file_uploader(key="upload").set_value(("my phi.safetensors", peftcore.adapter_to_bytes(model), "application/octet-stream"))
     at.run()
     assert_clean(at)
@@ -298,14 +298,14 @@ def test_merge_timing_is_a_median_with_its_spread_keyed_on_the_bank_generation()
     at.run()  # nothing changed: the same measurement, not a new one on every rerun
     assert at.session_state["merge_times"][key] is t
 
-    at.file_uploader(key="upload").set_value(("m.safetensors", lora_file("add_5"), "application/octet-stream"))
+    at.file_uploader(key="upload").set_value(("m.safetensors", lora_file("times_3"), "application/octet-stream"))
     at.run()  # the bank changed: its generation moved, the old timing is dropped, a new one made
     assert_clean(at)
     (key2, t2), = at.session_state["merge_times"].items()
     assert key2 == (key[0], bank.generation) and key2[1] != key[1] and t2 is not t
 
 
-@pytest.mark.parametrize("method, task, why", [("LoRA", "add_5", None), ("Prompt tuning", "add_5", "Lester"),
+@pytest.mark.parametrize("method, task, why", [("LoRA", "times_3", None), ("Prompt tuning", "times_3", "Lester"),
                                                ("LoRA", "sort", "Sorting compares")])
 def test_the_seed_note_is_the_recorded_table_and_says_why_a_row_never_solves(method, task, why):
     at = new_app("app_pages/train.py")

@@ -51,16 +51,16 @@ def bank(base):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_round_trip(bank, base, batch, tmp_path, name):
     bank.set_adapter(name)
-    bank.adapter_task[name] = "add_5"
+    bank.adapter_task[name] = "times_3"
     bank.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     rec = cfg["peftcore"]
-    assert rec["base_fingerprint"] == fingerprint(base) and rec["task"] == "add_5"
+    assert rec["base_fingerprint"] == fingerprint(base) and rec["task"] == "times_3"
     assert rec["num_params"] == CONFIGS[name].num_params(base.config) and rec["method"] == CONFIGS[name].peft_type
     loaded = PeftModel.from_pretrained(base, tmp_path)
     assert loaded.active_adapter == "default"  # its only phi
     assert torch.equal(loaded(batch[0]), bank(batch[0]))
-    assert loaded.adapter_task["default"] == "add_5"
+    assert loaded.adapter_task["default"] == "times_3"
 
 
 def test_single_file_carries_its_config(bank, base, batch):
@@ -279,7 +279,7 @@ def test_mixed_batch_rows_equal_single_runs(base, dtype, atol):
     base = bank._base[0]
     names = [BASE_ROW, *CONFIGS] * 3
     x = torch.cat([peftcore.TASKS[t].batch(len(names) // 4 + 1, torch.Generator().manual_seed(i))[0]
-                   for i, t in enumerate(["add_5", "sort", "complement", "reverse_add_1"])])[: len(names)]
+                   for i, t in enumerate(["times_3", "sort", "complement", "reverse_add_1"])])[: len(names)]
     mixed = bank(x, adapter_names=names)
     for i, name in enumerate(names):
         if name == BASE_ROW:
@@ -293,7 +293,7 @@ def test_mixed_batch_rows_equal_single_runs(base, dtype, atol):
 def test_mixed_batch_sees_training(base, batch):
     model = get_peft_model(base, LoraConfig())
     first = model(batch[0][:2], adapter_names=["default", "default"])
-    peftcore.run(model, "add_5", steps=3, device="cpu")
+    peftcore.run(model, "times_3", steps=3, device="cpu")
     model.eval()
     torch.testing.assert_close(model(batch[0][:2], adapter_names=["default"] * 2), model(batch[0][:2]), atol=1e-5, rtol=0)
     assert not torch.allclose(first, model(batch[0][:2]))
@@ -350,7 +350,7 @@ def test_generation_grows_on_every_change(bank, base, batch):
         "leave training mode": model.eval,
         "merge": model.merge_adapter,
         "unmerge": model.unmerge_adapter,
-        "train": lambda: peftcore.run(model, "add_5", steps=2, device="cpu"),
+        "train": lambda: peftcore.run(model, "times_3", steps=2, device="cpu"),
         "move": lambda: model.to(torch.float64),
         "delete": lambda: model.delete_adapter("b"),
     }

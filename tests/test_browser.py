@@ -52,7 +52,7 @@ def short_run(page):
     press(page, page.get_by_test_id("stSlider").filter(has_text="Steps").get_by_role("slider"), "Home")
     wait_ready(page)
     page.get_by_role("button", name="Train", exact=True).click()
-    see(page, "Results on add_5", timeout=120_000)  # the fragment's polling ended the run
+    see(page, "Results on times_3", timeout=120_000)  # the fragment's polling ended the run
     wait_ready(page)
 
 
@@ -115,7 +115,7 @@ def test_a_short_training_run_goes_live_and_finishes(page, url):
     assert page.locator(EXCEPTION).count() == 0
     page.reload()
     wait_ready(page)
-    see(page, "Results on add_5")
+    see(page, "Results on times_3")
 
 
 def test_a_shared_link_shows_the_run_read_only(new_page, url):
@@ -138,7 +138,7 @@ def test_a_shared_link_shows_the_run_read_only(new_page, url):
     wait_ready(owner)
     assert "running" in owner.get_by_test_id("stProgress").first.inner_text()
     stop_button(owner).click()
-    see(owner, "Results on add_5", timeout=60_000)
+    see(owner, "Results on times_3", timeout=60_000)
     assert "stopped" in owner.get_by_test_id("stProgress").first.inner_text()
 
 
@@ -178,7 +178,7 @@ def start_class(page, url, name):
 def test_a_class_end_to_end_and_a_saved_phi_outlives_the_tab(new_page, url):
     teacher = new_page()
     code = start_class(teacher, url, "Period 3")
-    for student, phi in [("Ada", "lora-add_5"), ("Grace", "adapter-complement")]:
+    for student, phi in [("Ada", "lora-times_3"), ("Grace", "adapter-complement")]:
         page = new_page()
         visit(page, f"{url}/classroom?class={code}")
         page.get_by_role("textbox", name="Your name on the board").fill(student)
@@ -193,7 +193,7 @@ def test_a_class_end_to_end_and_a_saved_phi_outlives_the_tab(new_page, url):
     see(teacher, "2 phi in the class")  # the board (a canvas grid) has both
     teacher.get_by_role("button", name=re.compile(r"Serve all 2 phi")).click()
     wait_ready(teacher)
-    for task in ("add_5", "complement"):
+    for task in ("times_3", "complement"):
         see(teacher, task)
     assert teacher.locator(EXCEPTION).count() == 0
 
@@ -202,11 +202,11 @@ def test_a_saved_phi_survives_a_refresh(page, url):
     visit(page, f"{url}/train")
     short_run(page)
     page.get_by_role("button", name="Save to my bank").click()
-    see(page, "Saved lora-add_5-2")  # the library holds lora-add_5
+    see(page, "Saved lora-times_3-2")  # the library holds lora-times_3
     assert "bank=" in page.url  # the link to this bank
     page.goto(re.sub(r"/train\?.*", "/serve?", page.url) + re.search(r"bank=[^&]+", page.url).group(0))
     wait_ready(page)
-    see(page, "lora-add_5-2")
+    see(page, "lora-times_3-2")
     assert page.locator(EXCEPTION).count() == 0
 
 

@@ -63,7 +63,7 @@ def test_a_class_end_to_end(store_path):
     assert key in [c.value for c in teacher.code]  # shown once, to the teacher
     assert f"join code {code}" in texts(teacher)
 
-    ada = student_saves(code, "Ada", "lora-add_5")
+    ada = student_saves(code, "Ada", "lora-times_3")
     bo = student_saves(code, "Bo", "adapter-complement")
     tokens = {s.session_state["bank_token"] for s in (ada, bo)}
     assert len(tokens) == 2  # each student has a bank token of their own
@@ -71,7 +71,7 @@ def test_a_class_end_to_end(store_path):
 
     teacher.run()
     board = teacher.dataframe[0].value
-    assert list(board["student"]) == ["Ada", "Bo"] and list(board["task"]) == ["add_5", "complement"]
+    assert list(board["student"]) == ["Ada", "Bo"] and list(board["task"]) == ["times_3", "complement"]
     assert list(board["method"]) == ["LoRA", "Adapter"]
     recorded = json.loads((ROOT / "peftcore" / "library" / "index.json").read_text())  # measured at build time
     assert list(board["exact"]) == pytest.approx([100 * recorded[n]["eval_exact"] for n in board["name"]])
@@ -84,7 +84,7 @@ def test_a_class_end_to_end(store_path):
     teacher.button(key="class_serve").click().run()
     assert_clean(teacher)
     table = texts(teacher)
-    assert plain("Ada: lora-add_5 (add_5)", 80) in table  # names are plain text in the table's markdown
+    assert plain("Ada: lora-times_3 (times_3)", 80) in table  # names are plain text in the table's markdown
     assert plain("Bo: adapter-complement (complement)", 80) in table
     assert "equal one-request-at-a-time" in table
 
@@ -115,7 +115,7 @@ def test_bad_links_get_messages_not_exceptions(store_path):
 
 def test_a_refresh_and_a_restart_keep_the_class(store_path):
     code, key = Store(store_path).create_class("kept")
-    ada = student_saves(code, "Ada", "lora-add_5")
+    ada = student_saves(code, "Ada", "lora-times_3")
     token = ada.session_state["bank_token"]
     again = page({"class": code, "bank": token})  # a fresh session from the same link
     assert list(again.dataframe[0].value["yours"]) == [True]

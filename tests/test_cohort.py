@@ -17,13 +17,13 @@ from peftcore.train import NonFiniteLossError, Trainer, train
 TOL = 1e-5    # one step: the same gradients, the same update
 DRIFT = 2e-2  # a whole run: rounding amplified by training on another CPU's kernels
 LORA_RUNS = [  # config, task, seed, steps, lr: ranks, scalings, tasks and budgets all differ
-    (LoraConfig(r=3), "add_5", 1, 16, 1e-2),
+    (LoraConfig(r=3), "times_3", 1, 16, 1e-2),
     (LoraConfig(r=2), "complement", 2, 9, 3e-2),
-    (LoraConfig(r=8, lora_alpha=12), "add_5", 3, 16, 1e-2),
+    (LoraConfig(r=8, lora_alpha=12), "times_3", 3, 16, 1e-2),
     (LoraConfig(r=4), "sort", 4, 5, 1e-3),
 ]
-ADAPTER_RUNS = [(AdapterConfig(8), "add_5", 1, 12, 1e-2), (AdapterConfig(3), "complement", 2, 7, 1e-2)]
-MLP_ADAPTER_RUNS = [(AdapterConfig(8, target_sublayers=("mlp",)), "add_5", 1, 12, 3e-2),  # the preset's placement
+ADAPTER_RUNS = [(AdapterConfig(8), "times_3", 1, 12, 1e-2), (AdapterConfig(3), "complement", 2, 7, 1e-2)]
+MLP_ADAPTER_RUNS = [(AdapterConfig(8, target_sublayers=("mlp",)), "times_3", 1, 12, 3e-2),  # the preset's placement
                     (AdapterConfig(16, target_sublayers=("mlp",)), "reverse_add_1", 2, 7, 3e-2)]
 KINDS = dict(argvalues=[LORA_RUNS, ADAPTER_RUNS, MLP_ADAPTER_RUNS], ids=["lora", "adapter", "adapter after mlp"])
 
@@ -77,7 +77,7 @@ def test_a_run_in_a_cohort_trains_as_it_would_alone(base, runs):
 def test_a_wrong_route_would_be_caught(base):
     """The check has teeth: two runs of one config that differ only in seed end far more
     than 10x DRIFT apart, so a row sent through the other run's phi could not pass."""
-    runs = [(LoraConfig(r=2), "add_5", seed, 9, 1e-2) for seed in (1, 2)]
+    runs = [(LoraConfig(r=2), "times_3", seed, 9, 1e-2) for seed in (1, 2)]
     a, b = together(base, runs), alone(base, runs[::-1])
     assert max((x - y).abs().max().item() for x, y in zip(a[0][0], b[0][0])) > 10 * DRIFT
 
@@ -114,7 +114,7 @@ def test_who_may_ride_together(base):
 def test_the_manager_lets_a_cohort_ride_in_one_slot(base):
     manager = RunManager(max_concurrent=1, max_cohort=3, torch_threads=None)
     start = lambda cfg, seed, steps=12, owner="a": manager.start(
-        lambda: peftcore.get_peft_model(base, cfg, seed=seed), "add_5", owner=owner, steps=steps,
+        lambda: peftcore.get_peft_model(base, cfg, seed=seed), "times_3", owner=owner, steps=steps,
         seed=seed, batch_size=16, eval_every=4, device="cpu")
     runs = [start(LoraConfig(r=2), seed, owner=f"s{seed}") for seed in range(4)]
     prompt = start(PromptTuningConfig(), 9)
@@ -126,13 +126,13 @@ def test_the_manager_lets_a_cohort_ride_in_one_slot(base):
     assert [r.status for r in runs] == [DONE, STOPPED, DONE, DONE] and prompt.status == DONE
     assert len(runs[1].events) < 12 and all(len(r.events) == 12 for r in (runs[0], runs[2], runs[3]))
     assert runs[3].started >= runs[1].started  # it took the place the stop freed, or the next lane
-    expected = alone(base, [(LoraConfig(r=2), "add_5", 0, 12, 1e-2)])[0][0]
+    expected = alone(base, [(LoraConfig(r=2), "times_3", 0, 12, 1e-2)])[0][0]
     assert all(torch.allclose(x, y, rtol=0, atol=DRIFT) for x, y in zip(phi(runs[0].model), expected))
 
 
 def test_bad_settings_fail_one_run_not_its_lane(base):
     manager = RunManager(max_concurrent=1, max_cohort=2, torch_threads=None)
-    good = manager.start(peftcore.get_peft_model(base, LoraConfig(), seed=0), "add_5", steps=6,
+    good = manager.start(peftcore.get_peft_model(base, LoraConfig(), seed=0), "times_3", steps=6,
                          batch_size=16, eval_every=3, device="cpu")
     bad = manager.start(peftcore.get_peft_model(base, LoraConfig(), seed=1), "no_such_task", steps=6,
                         batch_size=16, eval_every=3, device="cpu")

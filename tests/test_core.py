@@ -60,7 +60,7 @@ def test_every_downstream_task_is_new_to_the_base(base):
     """Held out of pretraining, its answers differ from every pretraining task's, and its
     token starts at the mean of the pretraining rows: the base meets it unsure (ln 10 = 2.3
     nats a digit is a guess), not confidently wrong (the older base's 9.5-14 nats)."""
-    x, _ = peftcore.TASKS["add_5"].eval_set()
+    x, _ = peftcore.TASKS["times_3"].eval_set()
     digits = x[:, 1:9]
     for task in peftcore.TASKS.values():
         for known in peftcore.PRETRAIN_TASKS.values():
@@ -141,7 +141,7 @@ def test_full_fine_tune_is_a_trainable_copy(base, base_fp):
     model = get_peft_model(base, FullFineTuneConfig())
     t, a = model.get_nb_trainable_parameters()
     assert t == a == sum(p.numel() for p in base.parameters())
-    peftcore.run(model, "add_5", steps=3, device="cpu")
+    peftcore.run(model, "times_3", steps=3, device="cpu")
     assert fingerprint(base) == base_fp
 
 
@@ -165,7 +165,7 @@ def test_training_changes_only_phi(base, base_fp, config):
     model = get_peft_model(base, config)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     before = phi_snapshot(model)
-    peftcore.run(model, "add_5", steps=5, device="cpu", lr=1e-2)
+    peftcore.run(model, "times_3", steps=5, device="cpu", lr=1e-2)
     after = phi_snapshot(model)
     assert all(p.grad is None for p in frozen)
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
@@ -193,7 +193,7 @@ def test_views_share_no_module_state(base, batch):
 
 def _train_alone(base, seed, steps=8):
     model = get_peft_model(base, LoraConfig(), seed=seed)
-    peftcore.run(model, "add_5", steps=steps, seed=seed, device="cpu")
+    peftcore.run(model, "times_3", steps=steps, seed=seed, device="cpu")
     return model
 
 
@@ -205,7 +205,7 @@ def test_two_models_one_base_in_sequence_and_in_threads(base, base_fp, batch):
 
     def work(m, seed):
         try:
-            peftcore.run(m, "add_5", steps=8, seed=seed, device="cpu")
+            peftcore.run(m, "times_3", steps=8, seed=seed, device="cpu")
         except Exception as e:  # surfaced below
             errors.append(e)
 
@@ -232,7 +232,7 @@ def test_dropout_draws_from_the_run_not_the_process(base):
     thread of the server) draws from torch's global generator between its steps."""
     def phi_after_training(dropout, disturb=False):
         model = get_peft_model(base, LoraConfig(lora_dropout=dropout), seed=5)
-        for _ in peftcore.train(model, "add_5", steps=4, seed=5, device="cpu"):
+        for _ in peftcore.train(model, "times_3", steps=4, seed=5, device="cpu"):
             if disturb:
                 torch.rand(1000)  # what a neighbour's nn.Dropout would draw
         return [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -244,7 +244,7 @@ def test_dropout_draws_from_the_run_not_the_process(base):
 
 def test_events_carry_progress(base):
     model = get_peft_model(base, AdapterConfig())
-    events = list(peftcore.train(model, "add_5", steps=4, eval_every=2, device="cpu"))
+    events = list(peftcore.train(model, "times_3", steps=4, eval_every=2, device="cpu"))
     assert [e.step for e in events] == [1, 2, 3, 4]
     assert events[-1].done and events[1].eval_exact is not None and events[0].eval_exact is None
     elapsed = [e.elapsed for e in events]
@@ -255,7 +255,7 @@ def test_events_carry_progress(base):
 
 def test_seconds_budget_ends_the_run(base):
     model = get_peft_model(base, LoraConfig())
-    events = list(peftcore.train(model, "add_5", steps=10_000, max_seconds=0.5, device="cpu"))
+    events = list(peftcore.train(model, "times_3", steps=10_000, max_seconds=0.5, device="cpu"))
     assert events[-1].done and events[-1].step < 10_000
 
 
@@ -277,7 +277,7 @@ def test_non_finite_loss_stops_and_keeps_last_finite_phi(base):
     wrapped = NanAfter(model, 4)
     snapshots = []
     with pytest.raises(NonFiniteLossError, match="step 4"):
-        for _ in peftcore.train(wrapped, "add_5", steps=10, eval_every=100, device="cpu"):
+        for _ in peftcore.train(wrapped, "times_3", steps=10, eval_every=100, device="cpu"):
             snapshots.append(phi_snapshot(model))
     assert len(snapshots) == 3
     for a, b in zip(snapshots[-1], phi_snapshot(model)):
@@ -299,12 +299,12 @@ def test_cuda_path(base_fp):
     base = peftcore.load_base(device="cuda")
     for config in (LoraConfig(), AdapterConfig(), PromptTuningConfig()):
         model = get_peft_model(base, config)
-        event = peftcore.run(model, "add_5", steps=20, device="auto")
+        event = peftcore.run(model, "times_3", steps=20, device="auto")
         assert event.done and next(model.trainable_parameters().__iter__()).is_cuda
     assert fingerprint(base) == base_fp
 
 
 def test_only_the_eight_answer_digits_are_scored():
-    x, y = peftcore.TASKS["add_5"].batch(4, torch.Generator().manual_seed(0))
+    x, y = peftcore.TASKS["times_3"].batch(4, torch.Generator().manual_seed(0))
     assert ((y != -100).sum(1) == 8).all()  # not the SEP, which the input gives away
     assert (y[:, -8:] == (x[:, 1:9] + 5) % 10).all()

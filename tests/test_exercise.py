@@ -32,7 +32,7 @@ def test_bad_values_in_a_link_are_reported_and_reset():
     warning = " ".join(w.value for w in at.warning)
     for name in ("r='abc'", "steps='5'", "task='nope'", "target_modules='q,zz'", "bogus"):
         assert name in warning, (name, warning)
-    assert at.slider(key="lora.r").value == 1 and at.selectbox(key="task").value == "add_5"  # the defaults
+    assert at.slider(key="lora.r").value == 1 and at.selectbox(key="task").value == "times_3"  # the defaults
 
 
 def test_the_page_builds_a_link_that_reopens_the_same_exercise():

@@ -33,7 +33,7 @@ from peftcore import AdapterLoadError, PeftModel, library
 from peftcore.store import Limits, Store, StoreError, clean_name, new_token, normalize_code, valid_token
 
 ROOT = Path(__file__).resolve().parent.parent
-GOOD = (library.LIBRARY_DIR / "lora" / "add_5" / "adapter_model.safetensors").read_bytes()
+GOOD = (library.LIBRARY_DIR / "lora" / "times_3" / "adapter_model.safetensors").read_bytes()
 
 
 # ------------------------------------------------------------------ building bad files
@@ -109,9 +109,9 @@ FILES = [
     ("float32 NaN", lambda d: rewrite(d, cast(torch.float32, float("nan"))), "non-finite"),
     # fields of the wrong type: refused at load, never saved
     ("task a number", lambda d: rewrite(d, config=record(task=5)), "peftcore.task"),
-    ("task a list", lambda d: rewrite(d, config=record(task=["add_5"])), "peftcore.task"),
+    ("task a list", lambda d: rewrite(d, config=record(task=["times_3"])), "peftcore.task"),
     ("task an object", lambda d: rewrite(d, config=record(task={"a": 1})), "peftcore.task"),
-    ("task with a new line", lambda d: rewrite(d, config=record(task="add_5\n")), "peftcore.task"),
+    ("task with a new line", lambda d: rewrite(d, config=record(task="times_3\n")), "peftcore.task"),
     ("task as markdown", lambda d: rewrite(d, config=record(task="![x](http://evil/x.png)")), "peftcore.task"),
     ("task 10 KB long", lambda d: rewrite(d, config=record(task="a" * 10_000)), "peftcore.task"),
     ("method an object", lambda d: rewrite(d, config=record(method={"x": 1})), "peftcore.method"),
@@ -133,7 +133,7 @@ FILES = [
 ]
 
 
-ADAPTER = (library.LIBRARY_DIR / "adapter" / "add_5" / "adapter_model.safetensors").read_bytes()  # after the MLP only
+ADAPTER = (library.LIBRARY_DIR / "adapter" / "times_3" / "adapter_model.safetensors").read_bytes()  # after the MLP only
 
 
 @pytest.mark.parametrize("value", ["mlp", ["ffn"], [["mlp"]], [], ["mlp", "mlp"], [1]], ids=repr)

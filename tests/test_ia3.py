@@ -64,7 +64,7 @@ def test_training_changes_only_ia3(base, base_fp):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".ia3_l." in n for n in trainable)
     before = [p.detach().clone() for p in model.trainable_parameters()]
-    peftcore.run(model, "add_5", steps=5, device="cpu", lr=1e-2)
+    peftcore.run(model, "times_3", steps=5, device="cpu", lr=1e-2)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     assert all(not torch.equal(b, a) for b, a in zip(before, model.trainable_parameters()))
     assert fingerprint(base) == base_fp
@@ -89,7 +89,7 @@ def build_bank(base, dtype=torch.float64):
     (torch.float32, ["ia3", BASE_ROW, "ia3_wide", "lora", "ia3_out", "adapter", "ia3_wide"])], ids=["float64", "float32"])
 def test_mixed_batch_rows_equal_single_runs(base, dtype, names):
     bank = build_bank(base, dtype)
-    x = peftcore.TASKS["add_5"].batch(len(names), torch.Generator().manual_seed(3))[0]
+    x = peftcore.TASKS["times_3"].batch(len(names), torch.Generator().manual_seed(3))[0]
     assert_rows_equal_alone(bank, x, names, atol=TOL)
 
 
@@ -127,12 +127,12 @@ def test_lora_under_ia3_still_merges_and_unloads(base, batch):
 def test_round_trip(base, batch, tmp_path, config):
     model = get_peft_model(base, config)
     randomize(model)
-    model.adapter_task["default"] = "add_5"
+    model.adapter_task["default"] = "times_3"
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "IA3" and saved["peftcore"]["num_params"] == config.num_params(base.config)
     loaded = PeftModel.from_pretrained(base, tmp_path)
-    assert same_config(loaded.peft_config["default"], config) and loaded.adapter_task["default"] == "add_5"
+    assert same_config(loaded.peft_config["default"], config) and loaded.adapter_task["default"] == "times_3"
     assert torch.equal(loaded(batch[0]), model(batch[0]))
     again = PeftModel(base)
     peftcore.load_adapter(again, "up", peftcore.adapter_to_bytes(model))
@@ -187,8 +187,8 @@ def test_we_load_hf_peft_ia3_file(base, batch, tmp_path, config):
 
 
 # ------------------------------------------------------------------ cohorts
-RUNS = [(IA3Config(), "add_5", 1, 3e-2), (IA3Config(target_modules=("down", "v", "k")), "complement", 2, 1e-1),
-        (IA3Config(), "add_5", 3, 1e-2)]
+RUNS = [(IA3Config(), "times_3", 1, 3e-2), (IA3Config(target_modules=("down", "v", "k")), "complement", 2, 1e-1),
+        (IA3Config(), "times_3", 3, 1e-2)]
 
 
 def _phi(model):
@@ -228,11 +228,11 @@ def test_a_run_in_a_cohort_trains_as_it_would_alone(base):
 
 
 # ------------------------------------------------------------------ the lesson
-def test_preset_solves_add_5(base):
+def test_preset_solves_times_3(base):
     """The smallest phi that learns: the preset (seed 0, its own budget) solves a new digit map."""
     preset = peftcore.registry.method_of("IA3").preset
     model = get_peft_model(base, preset.config, seed=0)
-    events = list(train(model, "add_5", device="cpu", seed=0, **preset.train))
+    events = list(train(model, "times_3", device="cpu", seed=0, **preset.train))
     assert events[-1].eval_exact >= 0.9
 
 
@@ -254,7 +254,7 @@ def test_a_lora_under_ia3_saves_hf_names(base):
 def test_lora_over_ia3_trains_serves_and_unloads_both_ways(base):
     """Either order on a shared projection: each phi saves HF's names, loads back, and a
     mixed batch of both equals each alone; merge_and_unload folds the active one only."""
-    x = peftcore.TASKS["add_5"].batch(4, torch.Generator().manual_seed(0))[0]
+    x = peftcore.TASKS["times_3"].batch(4, torch.Generator().manual_seed(0))[0]
     for first, second in [("lora", "ia3"), ("ia3", "lora")]:
         model = PeftModel(base)
         configs = {"lora": LoraConfig(target_modules=("q", "v")), "ia3": IA3Config()}

@@ -117,7 +117,7 @@ def test_training_changes_only_the_prefixes(base, base_fp):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".prefixes.default." in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peftcore.run(model, "add_5", steps=3, lr=1e-2, batch_size=8, device="cpu")
+    peftcore.run(model, "times_3", steps=3, lr=1e-2, batch_size=8, device="cpu")
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(trainable)
     assert fingerprint(base) == base_fp
@@ -195,13 +195,11 @@ def test_merge_and_unload_leaves_no_prefix_wrapper(base, batch):
     torch.testing.assert_close(plain(batch[0]), model(batch[0]), atol=5e-4, rtol=0)
 
 
-def test_the_preset_learns_add_5(base):
-    """The preset learns add_5 live, partly, on its worst seed. On this new digit map seeds 0
-    and 2 of 0-4 solve it (bench.presets); the others stall with the first and last answer
-    digits wrong. So the live run asserts what every seed shows, on both kernel sets: most
-    answer digits right (token accuracy 0.79-1.00 over 5 seeds, 0.79 for seed 4), where
-    prompt tuning's preset gets 0.10-0.24. The table is asserted in test_learning."""
+def test_the_preset_learns_times_3_on_its_worst_seed(base):
+    """Seed 2, the worst of 0-9 in bench.presets (0.963; every other seed 1.000), solves this new
+    digit map in the live budget, where prompt tuning's preset gets no answer right. The
+    table is asserted in test_learning."""
     preset = PRESETS["PREFIX_TUNING"]
-    model = get_peft_model(base, preset.config, seed=4)
-    events = list(peftcore.train(model, "add_5", device="cpu", seed=4, **preset.train))
-    assert events[-1].eval_token >= 0.6, events[-1]
+    model = get_peft_model(base, preset.config, seed=2)
+    events = list(peftcore.train(model, "times_3", device="cpu", seed=2, **preset.train))
+    assert events[-1].eval_exact >= 0.85, events[-1]

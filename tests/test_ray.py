@@ -106,7 +106,7 @@ def spec(base_fp, seed=0):
 
 def start(manager, base, base_fp, owner, seed=0, steps=10, key=None, **kw):
     s = spec(base_fp, seed)
-    return manager.start(lambda: s.build(base), "add_5", label="LoRA", owner=owner, key=key, spec=s,
+    return manager.start(lambda: s.build(base), "times_3", label="LoRA", owner=owner, key=key, spec=s,
                          steps=steps, **KW, seed=seed, **kw)
 
 
@@ -125,7 +125,7 @@ def wait_for(predicate, timeout=60):
 def test_same_seed_same_events_and_bit_identical_phi(manager, base, base_fp):
     run = start(manager, base, base_fp, "a", seed=7, steps=12).wait(120)
     alone = spec(base_fp, 7).build(base)
-    events = list(peftcore.train(alone, "add_5", steps=12, **KW, seed=7))
+    events = list(peftcore.train(alone, "times_3", steps=12, **KW, seed=7))
     assert run.status == DONE, run.error
     assert values(run.events) == values(events)  # values, not elapsed
     assert peftcore.adapter_to_bytes(run.model) == peftcore.adapter_to_bytes(alone)
@@ -149,7 +149,7 @@ def test_only_owners_stop_and_a_stopped_run_keeps_its_phi(manager, base, base_fp
     assert manager.stop(run, "a")
     assert run.wait(60).status == STOPPED and 3 <= len(run.events) < 5000
     again = spec(base_fp).build(base)
-    for _ in zip(range(len(run.events)), peftcore.train(again, "add_5", steps=5000, **KW, seed=0)):
+    for _ in zip(range(len(run.events)), peftcore.train(again, "times_3", steps=5000, **KW, seed=0)):
         pass  # the same number of steps in the core: the phi a stop hands back is that one
     assert peftcore.adapter_to_bytes(run.model) == peftcore.adapter_to_bytes(again)
 
@@ -233,18 +233,18 @@ def test_starting_from_other_threads_works(ray_address, base, base_fp):
 def test_a_worker_refuses_another_base_and_a_bad_config_in_one_line(base_fp):
     worker = WorkerRuns("cpu")
     other = "0" * 64
-    error = worker.add("r1", spec(other).to_dict(), "add_5", dict(steps=5, **KW))
+    error = worker.add("r1", spec(other).to_dict(), "times_3", dict(steps=5, **KW))
     assert error.startswith(f"{BaseMismatch.__name__}: this worker's pretrained base is {base_fp[:16]}")
     assert "different base files" in error and "\n" not in error
     bad = dict(CFG.to_dict(), r=-1)
-    assert worker.add("r2", RunSpec(bad, fingerprint=base_fp).to_dict(), "add_5", dict(steps=5, **KW)).startswith(
+    assert worker.add("r2", RunSpec(bad, fingerprint=base_fp).to_dict(), "times_3", dict(steps=5, **KW)).startswith(
         "ValueError: r must be")
     assert not worker.session  # nothing was queued
 
 
 def test_phi_from_a_worker_enters_through_the_loaders_checks(base, base_fp):
     worker = WorkerRuns("cpu")
-    assert worker.add("r", spec(base_fp).to_dict(), "add_5", dict(steps=3, **KW)) is None
+    assert worker.add("r", spec(base_fp).to_dict(), "times_3", dict(steps=3, **KW)) is None
     while worker.session:
         worker.step()
     data = worker.finish("r")
@@ -262,7 +262,7 @@ box = []
 t = threading.Thread(target=lambda: box.append(ray_manager(num_cpus=1, name="thread-test")))
 t.start(); t.join()  # the thread that started Ray has ended, as a Streamlit script run does
 spec = RunSpec(LoraConfig(r=1, target_modules=("q",)).to_dict(), fingerprint=peftcore.fingerprint(peftcore.load_base()))
-run = box[0].start(None, "add_5", owner="a", spec=spec, steps=5, batch_size=8, eval_every=5, device="cpu").wait(120)
+run = box[0].start(None, "times_3", owner="a", spec=spec, steps=5, batch_size=8, eval_every=5, device="cpu").wait(120)
 print(run.status, run.error)
 """
 
@@ -353,7 +353,7 @@ def test_two_web_servers_share_one_fair_line_and_compute_identical_runs_once(ray
             box.fill("5")
             box.press("Enter")
             wait_ready(pages["b2"])
-            hold = teacher.start(None, "add_5", owner=None, spec=RunSpec(CFG.to_dict(), fingerprint=peftcore.fingerprint(
+            hold = teacher.start(None, "times_3", owner=None, spec=RunSpec(CFG.to_dict(), fingerprint=peftcore.fingerprint(
                 peftcore.load_base())), steps=100_000, **KW)
             wait_for(lambda: hold.status == RUNNING)
             for who in ("a", "b1", "b2"):
@@ -365,7 +365,7 @@ def test_two_web_servers_share_one_fair_line_and_compute_identical_runs_once(ray
             see(pages["b2"], "waiting: number 2 in line")
             teacher.stop(hold, None)
             for who in ("a", "b1", "b2"):
-                see(pages[who], "Results on add_5", timeout=180_000)
+                see(pages[who], "Results on times_3", timeout=180_000)
             see(pages["a"], "This run was shared: 2 starts")
             for page in pages.values():
                 assert page.locator("[data-testid=stException]").count() == 0

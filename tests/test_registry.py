@@ -77,7 +77,7 @@ def test_a_toy_method_runs_end_to_end(base, toy, tmp_path):
     model = peftcore.get_peft_model(base, ShiftConfig(), seed=0)
     assert model.get_nb_trainable_parameters()[0] == ShiftConfig().num_params(base.config)
     before = peftcore.fingerprint(base)
-    for event in peftcore.train(model, "add_5", steps=5, lr=1e-1, batch_size=16, eval_every=5):
+    for event in peftcore.train(model, "times_3", steps=5, lr=1e-1, batch_size=16, eval_every=5):
         pass
     assert event.step == 5 and peftcore.fingerprint(base) == before
     assert any(p.abs().sum() > 0 for _, p in model.named_adapter_parameters("default"))  # it trained
@@ -85,8 +85,8 @@ def test_a_toy_method_runs_end_to_end(base, toy, tmp_path):
     data = peftcore.adapter_to_bytes(model, "default")  # its file, then a bank beside a library LoRA
     bank, _ = library.load_library(base)
     peftcore.load_adapter(bank, "shift", data)
-    x = peftcore.TASKS["add_5"].batch(4, torch.Generator().manual_seed(0))[0]
-    assert_rows_equal_alone(bank, x, ["shift", "lora-add_5", "__base__", "shift"])
+    x = peftcore.TASKS["times_3"].batch(4, torch.Generator().manual_seed(0))[0]
+    assert_rows_equal_alone(bank, x, ["shift", "lora-times_3", "__base__", "shift"])
 
     store = Store(tmp_path / "s.sqlite3", base=base)
     rec = store.save_phi(new_token(), "my-shift", data)

@@ -19,7 +19,7 @@ def make(base, seed=0):
 
 
 def start(manager, base, owner="a", key=None, steps=20, **kw):
-    return manager.start(make(base), "add_5", label="LoRA", owner=owner, key=key, steps=steps,
+    return manager.start(make(base), "times_3", label="LoRA", owner=owner, key=key, steps=steps,
                          batch_size=8, eval_every=10, device="cpu", **kw)
 
 
@@ -131,14 +131,14 @@ def test_a_visitors_own_second_tab_is_not_another_visitor(base):
 
 def test_identical_runs_are_computed_once_and_each_gets_the_same_phi(base):
     manager = RunManager(max_concurrent=2, torch_threads=None)
-    key = ("base", "lora", "add_5", 0)
+    key = ("base", "lora", "times_3", 0)
     first, second = start(manager, base, owner="a", key=key), start(manager, base, owner="b", key=key)
     assert second is first and first.shared and first.owners == {"a", "b"}
     other = start(manager, base, owner="c", key=key + (1,))  # any difference: its own run
     assert other is not first
     first.wait(60)
     alone = peftcore.get_peft_model(base, CFG, seed=0)
-    peftcore.run(alone, "add_5", steps=20, batch_size=8, eval_every=10, device="cpu")
+    peftcore.run(alone, "times_3", steps=20, batch_size=8, eval_every=10, device="cpu")
     for (_, p), (_, q) in zip(first.model.named_adapter_parameters(), alone.named_adapter_parameters()):
         assert torch.equal(p, q)  # the shared computation is the one each would have run
     assert start(manager, base, owner="d", key=key) is not first  # a finished run is not joined
@@ -204,7 +204,7 @@ def test_stop_when_solved_ends_the_run_at_the_confirming_evaluation(base):
 EXIT_WHILE_TRAINING = """
 import time, peftcore
 from peftcore.runs import RUNNING, RunManager
-run = RunManager().start(peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(), seed=0), "add_5",
+run = RunManager().start(peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(), seed=0), "times_3",
                          steps=100_000, device="cpu")
 while run.status != RUNNING or not run.events:
     time.sleep(0.01)

@@ -26,7 +26,7 @@ from peftcore.store import (ENV_VAR, Limits, Store, StoreError, default_path, lo
                             normalize_code, valid_token)
 
 ROOT = Path(__file__).resolve().parent.parent
-LORA_FILE = peftcore.library.LIBRARY_DIR / "lora" / "add_5" / "adapter_model.safetensors"
+LORA_FILE = peftcore.library.LIBRARY_DIR / "lora" / "times_3" / "adapter_model.safetensors"
 STRESS_S = float(os.environ.get("PEFT_STORE_STRESS_S", "20"))  # the issue asks a minute: set 60
 
 
@@ -62,8 +62,8 @@ def snapshot(store):
 def test_save_list_load_delete_round_trip(store, lora_bytes, base):
     token = new_token()
     assert valid_token(token) and token != new_token()
-    rec = store.save_phi(token, "lora-add_5", lora_bytes, eval_exact=1.0)
-    assert (rec.method, rec.task, rec.bytes, rec.num_params) == ("LORA", "add_5", len(lora_bytes), 6656)
+    rec = store.save_phi(token, "lora-times_3", lora_bytes, eval_exact=1.0)
+    assert (rec.method, rec.task, rec.bytes, rec.num_params) == ("LORA", "times_3", len(lora_bytes), 6656)
     assert rec.base_fingerprint == peftcore.fingerprint(base) and rec.eval_exact == 1.0
     assert rec.config["r"] == 1 and rec.owned_by(token) and not rec.owned_by(new_token())
     assert token not in json.dumps(rec.to_dict())  # the record holds the token's hash, not the token
@@ -74,7 +74,7 @@ def test_save_list_load_delete_round_trip(store, lora_bytes, base):
     assert data == lora_bytes
     bank = peftcore.PeftModel(base)
     peftcore.load_adapter(bank, "again", data)  # what comes out loads into a bank
-    assert bank.adapter_task["again"] == "add_5"
+    assert bank.adapter_task["again"] == "times_3"
     store.delete_phi(rec.id, owner=token)
     assert store.list_phi(owner=token) == []
     with pytest.raises(StoreError, match="no phi"):
@@ -84,9 +84,9 @@ def test_save_list_load_delete_round_trip(store, lora_bytes, base):
 def test_every_shipped_method_saves(store):
     token = new_token()
     for name, d in library.entries():
-        if name.endswith("add_5"):
+        if name.endswith("times_3"):
             rec = store.save_phi(token, name, (d / "adapter_model.safetensors").read_bytes())
-            assert rec.task == "add_5"
+            assert rec.task == "times_3"
     assert sorted(r.method for r in store.list_phi(owner=token)) == sorted(peftcore.registry.bankable())  # every one
 
 
@@ -581,7 +581,7 @@ def v1_store(path, lora_bytes):
         for i, data in enumerate(files):
             con.execute("INSERT INTO phi (owner, author, class_code, name, method, task, config, num_params, bytes, "
                         "eval_exact, base_fingerprint, sha256, created, data) VALUES (?, 'Ada', ?, ?, 'LORA', "
-                        "'add_5', '{\"r\": 1}', 6656, ?, NULL, 'fp', ?, 0, ?)",
+                        "'times_3', '{\"r\": 1}', 6656, ?, NULL, 'fp', ?, 0, ?)",
                         (hashlib.sha256((token if i != 1 else "someone else").encode()).hexdigest(),
                          "ABCDEF" if i == 1 else None, f"p{i}",
                          len(data), hashlib.sha256(data).hexdigest(), data))

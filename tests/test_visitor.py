@@ -151,7 +151,7 @@ def test_the_random_base_run_trains_on_the_random_base_and_is_never_joined_to_th
 def test_the_inside_page_says_why_a_random_base_learns_sort_but_no_other_task():
     from peftcore.presets import robustness
     at = fresh("app_pages/inside.py")
-    for task, why in [("add_5", "depend on where each digit is"), ("sort", "depends only on which digits are present")]:
+    for task, why in [("times_3", "depend on where each digit is"), ("sort", "depends only on which digits are present")]:
         at.selectbox(key="pretrain_task").set_value(task).run()
         caption = next(c.value for c in at.caption if "random base's attention" in c.value)
         assert why in caption and f"on {task}'s inputs" in caption
@@ -280,5 +280,5 @@ def test_every_method_trains_from_its_own_controls_in_one_method_mode():
         at.slider(key=f"steps-{view.name}").set_value(10)
         at.button(key="train_go").click().run()
         settle(at, f"training {view.name}")
-        assert any(s.value == "Results on add_5" for s in at.subheader), view.name
+        assert any(s.value == "Results on times_3" for s in at.subheader), view.name
         assert at.get("download_button"), view.name

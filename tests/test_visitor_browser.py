@@ -46,12 +46,12 @@ def test_the_bank_and_the_class_survive_a_sidebar_click_and_a_refresh(page, url)
     wait_ready(page)
     short_run(page)
     page.get_by_role("button", name="Save to my bank").click()
-    see(page, "Saved lora-add_5-")
+    see(page, "Saved lora-times_3-")
     page.get_by_test_id("stSidebarNav").get_by_text("Many tasks at once").click()
     wait_ready(page)
     page.reload()
     wait_ready(page)
-    see(page, "lora-add_5-2")  # the saved phi is in the bank after a page switch and F5
+    see(page, "lora-times_3-2")  # the saved phi is in the bank after a page switch and F5
     assert "bank=" in page.url and f"class={code}" in page.url
     page.get_by_test_id("stSidebarNav").get_by_text("Class").click()
     wait_ready(page)
