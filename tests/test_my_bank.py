@@ -41,3 +41,25 @@ def test_a_malformed_bank_token_is_reported_not_fatal():
     assert not at.exception
     assert any("bank token in this link" in t.value for t in at.toast)
     assert "bank" not in at.query_params
+
+
+def test_a_saved_phi_of_a_retired_task_stays_in_the_bank_and_is_not_served(base):
+    """add_5 left the task suite (times_3 took its place, BENCHMARKS.md): a phi a student
+    saved on it before the upgrade still comes back with their link, and the pages that list
+    the bank open and press without error; only serving it (a task with no inputs) is off."""
+    assert "add_5" not in peftcore.TASKS
+    store, token = Store(os.environ["PEFT_STORE"], base=base), new_token()
+    model = peftcore.PeftModel.from_pretrained(base, dict(library.entries())["lora-times_3"])
+    model.adapter_task["default"] = "add_5"
+    store.save_phi(token, "old-phi", peftcore.adapter_to_bytes(model, "default"))
+
+    at = open_serve({"bank": token})
+    bank = at.session_state["bank:" + peftcore.resolve_device("auto")]
+    assert bank.adapter_task["old-phi"] == "add_5"
+    chosen = at.multiselect(key="serve_names")
+    assert not any("old-phi" in o for o in chosen.options) and "old-phi" not in chosen.value
+    at.button(key="serve_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    at.switch_page("app_pages/classroom.py").run()
+    assert not at.exception, [e.value for e in at.exception]
