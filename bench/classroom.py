@@ -269,11 +269,10 @@ async def set_race(page):
 async def set_steps(page, steps):
     """Move the (first) Steps slider to `steps` with the keyboard: Home, then arrows (10 a step)."""
     slider = page.get_by_test_id("stSlider").filter(has_text="Steps").first.get_by_role("slider")
-    await slider.focus()
-    await page.keyboard.press("Home")
+    await slider.press("Home")  # keyed on the slider itself: a rerun between keys cannot move the focus
     low = int(await slider.get_attribute("aria-valuemin") or 10)
     for _ in range((steps - low) // 10):
-        await page.keyboard.press("ArrowRight")
+        await slider.press("ArrowRight")
     await page.wait_for_timeout(500)  # the slider sends its value once the keys stop
     await wait_ready(page)
     shown = await slider.get_attribute("aria-valuenow") or await slider.get_attribute("aria-valuetext")
