@@ -8,6 +8,9 @@ rides in the safetensors header, so one uploaded .safetensors file is self-conta
 Loading checks everything it can before it touches the model and rolls back on failure,
 so a refused file leaves the model exactly as it was: the same phi, the same active one,
 the same parameters training, the same module tree. A loaded phi is not made active.
+
+Values must be finite and at most MAX_ABS_VALUE in magnitude once cast to the model's dtype:
+a finite but absurd value (1e30) would turn the rows it serves into NaN.
 """
 import json
 import re
@@ -27,6 +30,12 @@ MAX_JSON_DEPTH = 16          # a real config nests 3 deep; Python's parser recur
 # what a phi tensor may be stored as: plain floats, cast to the model's dtype (float8 and
 # the like have no isfinite, and complex or integer weights are not weights)
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Far above what training makes, low enough that a phi at the bound still serves finite rows.
+# Measured |value| at most: 13.5 in a shipped phi (prefix), 13.5 for the presets at their
+# budgets, 19.7 for every method at the app's extremes (lr 0.1, 1000 steps; times_3), 1.5 in a full
+# fine-tuned copy. At 1e4 a LoRA phi (r=1 already) overflows the next layer norm into NaN; at
+# 1e3 every method stays finite, LoRA at r=64, alpha=128 on all six projections included.
+MAX_ABS_VALUE = 1e3
 TASK_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -231,9 +240,27 @@ def _copy_checked(model, adapter_name, tensors):
         # checked after the cast: float64 1e300 becomes inf in float32
         if not torch.isfinite(served[k]).all():
             raise AdapterLoadError(f"{k} holds non-finite values (NaN or inf) as {target[k].dtype}")
+        _check_magnitude(k, served[k])
     with torch.no_grad():
         for k, t in served.items():
             target[k].copy_(t)
+
+
+def _check_magnitude(name, t):
+    """Refuse a value no training here could make: finite, yet it would turn served rows into NaN."""
+    if t.numel() and float(t.abs().max()) > MAX_ABS_VALUE:
+        value = float(t.flatten()[t.abs().argmax()])
+        raise AdapterLoadError(f"a value of {_over_bound(value)} in tensor {name} is over the bound of "
+                               f"{MAX_ABS_VALUE:g} in magnitude: no training here makes numbers that large")
+
+
+def _over_bound(value):
+    """`value` in the fewest digits that still read as over the bound (1000.00006, not 1000)."""
+    for digits in (3, 5, 9):
+        text = f"{value:.{digits}g}"
+        if abs(float(text)) > MAX_ABS_VALUE:
+            return text
+    return repr(value)
 
 
 def load_adapter_dir(model, directory, adapter_name):

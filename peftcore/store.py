@@ -5,15 +5,23 @@ writer, and every write is one transaction, so a process killed in the middle of
 leaves the save either whole or absent. A file's bytes are kept once (a blob keyed by its
 sha256) however many rows name it. Every failure is a StoreError with a message fit for a
 visitor: busy (another process writes; we wait at most `wait_s`), full, read-only (then the
-store opens read-only and can still be read), damaged; never a raw sqlite3 error or a path.
+store opens read-only and can still be read, on a read-only disk too), damaged; never a raw
+sqlite3 error or a path.
 
-Who may do what rests on two random secrets, neither of which the store keeps:
-- a student's *bank token* (`new_token()`, kept in the student's URL) owns the phi saved with
-  it; the store keeps only its sha256, so the file on disk cannot be used to delete anything;
+Who may do what rests on secrets the store mints and verifies:
+- a *server key* (meta row 'token_key', made with the file) signs every token, so a value a
+  client made up or planted is refused (`token_ok`); a read-only file without one signs with
+  a key of this process only;
+- a student's *bank token* (`mint_token("bank")`: 22 random characters and their signature)
+  owns the phi saved with it; the store keeps only its sha256, so the file on disk cannot be
+  used to delete anything. An unsigned 22-character token made before signing still counts
+  as a bank if it owns a phi. An *owner id* (`mint_token("owner")`) names whose runs are whose;
 - a class has a short *join code* (shared with the room: it lets students see the board and
   save into the class) and a separate *teacher key* (shown once; kept as a sha256) that
-  deletes any phi in the class and closes it.
-Tokens, codes and keys never appear in an exception message or a log line.
+  deletes any phi in the class and closes it. A browser keeps a *teacher handle* instead of
+  the key (`teacher_handle`): signed, it names the class and expires, and closing the class
+  ends it (`teacher_of`).
+Tokens, codes, keys and handles never appear in an exception message or a log line.
 
 Every file passes peftcore's loader checks before it enters the store (format, config, base
 fingerprint, tensor names, shapes, values: `serialization.load_adapter` on a scratch model
@@ -22,13 +30,15 @@ whole store may hold. Names are plain text (`clean_name`); wrong join codes are 
 per client address.
 
     store = Store(default_path(), base=peftcore.load_base())
-    token = new_token()
+    token = store.mint_token("bank")                       # store.token_ok(token, "bank") -> True
     code, key = store.create_class("Monday group")
+    handle = store.teacher_handle(code, key)               # store.teacher_of(handle) -> code
     store.join(code, client=address)
     rec = store.save_phi(token, "lora-times_3", data, class_code=code, author="Ada", client=address)
     store.list_phi(class_code=code); store.load_bytes(rec.id); store.delete_phi(rec.id, owner=token)
     store.usage(code)  # {'phi', 'bytes', 'students', 'phi_limit', 'bytes_limit'}
 """
+import base64
 import hashlib
 import hmac
 import json
@@ -37,9 +47,11 @@ import re
 import secrets
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 import unicodedata
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -61,12 +73,25 @@ TOKEN_RE = re.compile(r"[A-Za-z0-9_\-]{22,64}")            # secrets.token_urlsa
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"          # no 0/O, 1/I/L: read off a projector
 CODE_LEN = 6                                               # 31**6 ~ 8.9e8 codes
 CODE_RE = re.compile(f"[{CODE_ALPHABET}]{{{CODE_LEN}}}")
+TOKEN_KINDS = ("bank", "owner")                            # what mint_token signs
+SIG_LEN = 22                                               # 16 bytes of HMAC-SHA256, URL-safe base64
+TEACHER_TTL_S = 8 * 3600                                   # a teacher handle lasts a school day
+# a teacher handle: class code, expiry (unix seconds in base 36), 12 random characters, signature
+HANDLE_RE = re.compile(f"([{CODE_ALPHABET}]{{{CODE_LEN}}})([0-9a-z]{{1,12}})[A-Za-z0-9_\\-]{{{12 + SIG_LEN}}}")
+MAX_ID = 2**63 - 1                                         # SQLite's largest integer: beyond, it cannot bind one
+ID_RE = re.compile(r"[0-9]{1,19}")
 
 BUSY = "the store is busy (another process is writing to it); try again in a moment"
 FULL = "the store is full; ask whoever runs this server to make room (deleting phi still works)"
 READ_ONLY = "the store is read-only: saved phi can be listed and loaded, but nothing can be saved or deleted"
 DAMAGED = "the store's file is damaged (it is not a readable database); ask whoever runs this server"
 CANNOT_OPEN = "the store's file cannot be opened or created; ask whoever runs this server"
+DISK = "the store's disk could not be read or written (an I/O error); ask whoever runs this server"
+FAILED = "the store failed; try again, or ask whoever runs this server"
+STRANDED = ("the store is on a read-only disk, and its last saves are still in its log beside it, which "
+            "cannot be read there; ask whoever runs this server to open it once with write access")
+BAD_ID = "a phi id is a positive whole number below 2^63"
+NOT_TEACHER = "that is not this class's teacher key"
 
 
 class StoreError(ValueError):
@@ -75,7 +100,7 @@ class StoreError(ValueError):
     'failed' for faults of the store itself, None for a refused request."""
 
     def __init__(self, message, reason=None):
-        super().__init__(message)
+        super().__init__(message or FAILED)  # never an empty message
         self.reason = reason
 
 
@@ -83,18 +108,20 @@ class StoreError(ValueError):
 _FAULTS = {"SQLITE_BUSY": ("busy", BUSY), "SQLITE_LOCKED": ("busy", BUSY), "SQLITE_FULL": ("full", FULL),
            "SQLITE_READONLY": ("read-only", READ_ONLY), "SQLITE_CORRUPT": ("damaged", DAMAGED),
            "SQLITE_NOTADB": ("damaged", DAMAGED), "SQLITE_CANTOPEN": ("cannot-open", CANNOT_OPEN),
-           "SQLITE_PERM": ("cannot-open", CANNOT_OPEN), "SQLITE_AUTH": ("cannot-open", CANNOT_OPEN)}
+           "SQLITE_PERM": ("cannot-open", CANNOT_OPEN), "SQLITE_AUTH": ("cannot-open", CANNOT_OPEN),
+           "SQLITE_IOERR": ("failed", DISK)}
 
 
 def _fault(e):
-    """The StoreError for a sqlite3 or OS error. The raw message is not shown: it can name a path."""
+    """The StoreError for a sqlite3 or OS error. The raw message (and SQLite's own name for
+    the error) is not shown: it can name a path, and it means nothing to a visitor."""
     if isinstance(e, OSError):
         return StoreError(CANNOT_OPEN, "cannot-open")
-    name = getattr(e, "sqlite_errorname", None) or type(e).__name__
+    name = getattr(e, "sqlite_errorname", None) or ""
     for prefix, (reason, message) in _FAULTS.items():
         if name.startswith(prefix):
             return StoreError(message, reason)
-    return StoreError(f"the store failed ({name}); try again, or ask whoever runs this server", "failed")
+    return StoreError(FAILED, "failed")
 
 
 def _busy(e):
@@ -167,7 +194,8 @@ def default_path():
 
 
 def new_token():
-    """A student's bank token: 128 random bits, URL-safe (22 characters)."""
+    """128 random bits, URL-safe (22 characters): unsigned, as bank tokens were before signing.
+    A server mints with Store.mint_token, which it can verify."""
     return secrets.token_urlsafe(16)
 
 
@@ -250,7 +278,8 @@ class Store:
     `base` (the frozen base) or `check` (data -> facts dict, raising on a bad file) vets every
     save; a store opened with neither can list, load and delete but not save. One connection
     per thread: safe from any thread and any number of processes on the same file. A file
-    this process may not write (or `read_only=True`) is opened read-only: it lists and loads.
+    this process may not write (or `read_only=True`), on a read-only disk too, is opened
+    read-only: it lists and loads, and signs tokens with its key (or this process's).
     `wait_s` bounds every wait on another process's write lock; `reserve_bytes` is the disk
     kept back beside the file (`<path>-reserve`) for deletes on a full disk."""
 
@@ -262,19 +291,19 @@ class Store:
         self._check = check or (loader_check(base) if base is not None else None)
         self._local = threading.local()
         self._failures, self._failures_lock = {}, threading.Lock()  # client -> times of wrong join codes
-        exists = self.path.exists()
-        # as root, os.access says yes to a 0444 file: then writing works, and so does this
-        self.read_only = bool(read_only) or (read_only is None and exists and not (
-            os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)))
-        self._immutable = False
+        self._ro_uri = None  # how a read-only connection opens the file (set by _init_schema)
         try:
+            exists = self.path.exists()  # inside the try: a folder we may not search raises
+            # as root, os.access says yes to a 0444 file: then writing works, and so does this
+            self.read_only = bool(read_only) or (read_only is None and exists and not (
+                os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)))
             if not self.read_only:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._init_schema()
         except StoreError as e:
-            if self.read_only or not exists or e.reason not in ("read-only", "cannot-open"):
+            if self.read_only or not exists or e.reason not in ("read-only", "cannot-open", "failed"):
                 raise
-            self.close()  # a read-only file system: read what is there
+            self.close()  # a read-only file system that says it is writable: read what is there
             self.read_only = True
             self._init_schema()
         except OSError as e:
@@ -290,9 +319,8 @@ class Store:
             # bytes as it frees and fails on a full disk. A phi is no secret: FAST zeroes only for free.
             con.execute("PRAGMA secure_delete=FAST")
             return con
-        # mode=ro never writes; immutable=1 when the -shm of a WAL file cannot be made either
-        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro" + ("&immutable=1" if self._immutable else "")
-        return sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
+        return sqlite3.connect(self._ro_uri or _ro_uri(self.path), uri=True, timeout=0, isolation_level=None,
+                               check_same_thread=False)
 
     @contextmanager
     def _connect(self):
@@ -370,21 +398,59 @@ class Store:
 
     def _init_schema(self):
         if self.read_only:
-            try:
-                self._version = self._read(_schema_version)
-            except StoreError as e:
-                if e.reason not in ("cannot-open", "read-only") or self._immutable:
-                    raise
-                self.close()  # a WAL file in a folder we may not write: no -shm to share
-                self._immutable = True
-                self._version = self._read(_schema_version)
+            self._open_read_only()
         else:
             self._version = self._read(_schema_version)
             if self._version != SCHEMA_VERSION:
                 self._migrate()
+        if self._version is None:
+            raise StoreError("the store's file holds no store (it is empty, or it was copied without "
+                             "its log); ask whoever runs this server", "damaged")
         if self._version not in (1, SCHEMA_VERSION):
             raise StoreError("the store's file was written by another version of this app "
                              f"(schema {self._version}); ask whoever runs this server", "failed")
+        self._token_key = self._load_token_key()
+
+    def _open_read_only(self):
+        """Read the file as it is: mode=ro shares the -shm of a WAL file; where that cannot be
+        made (a read-only disk or folder), immutable=1 reads the file alone, and if a log with
+        saves in it lies beside the file, a private copy of both is read, so nothing committed
+        is missed."""
+        self._ro_uri = _ro_uri(self.path)
+        try:
+            self._version = self._read(_schema_version)
+            return
+        except StoreError as e:
+            if e.reason not in ("cannot-open", "read-only", "failed"):
+                raise
+        self.close()
+        wal = Path(f"{self.path}-wal")
+        self._ro_uri = _ro_uri(self._copy_with_log(wal)) if _size(wal) else _ro_uri(self.path, immutable=True)
+        self._version = self._read(_schema_version)
+
+    def _copy_with_log(self, wal):
+        """A private copy of the file and its log in a temporary folder (removed with the Store)."""
+        folder = tempfile.mkdtemp(prefix="peft-store-copy-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        try:
+            copy = Path(folder) / "store.sqlite3"
+            shutil.copyfile(self.path, copy)
+            shutil.copyfile(wal, f"{copy}-wal")
+        except OSError:
+            raise StoreError(STRANDED, "read-only") from None
+        return copy
+
+    def _load_token_key(self):
+        """The key tokens are signed with: meta 'token_key', written at open where a writable
+        file lacks it; a read-only file without one signs with this process's key."""
+        def read(con):
+            return _first(con.execute("SELECT value FROM meta WHERE key='token_key'"))
+        row = self._read(read)
+        if row is None and not self.read_only:
+            with self._write() as con:
+                con.execute("INSERT OR IGNORE INTO meta VALUES ('token_key', ?)", (secrets.token_hex(32),))
+                row = read(con)
+        return str(row[0]).encode() if row else _PROCESS_KEY
 
     def _migrate(self):
         """Create the tables in a new file, or bring a schema-1 file (bytes in each row) to
@@ -406,6 +472,7 @@ class Store:
                 con.execute(statement)
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             con.execute("INSERT OR IGNORE INTO meta VALUES ('client_key', ?)", (secrets.token_hex(32),))
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('token_key', ?)", (secrets.token_hex(32),))
         self._version = SCHEMA_VERSION
 
     def _client_hash(self, client):
@@ -417,6 +484,61 @@ class Store:
                 raise StoreError("this store has no client key; open it with write access once", "failed")
             self._client_key = row[0].encode()
         return hmac.new(self._client_key, str(client).encode(), hashlib.sha256).hexdigest()
+
+    # ------------------------------------------------------------------ tokens the server signs
+    def _sign(self, kind, payload):
+        """22 URL-safe characters: the first 16 bytes of HMAC-SHA256(server key, kind:payload)."""
+        mac = hmac.new(self._token_key, f"{kind}:{payload}".encode(), hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def mint_token(self, kind):
+        """A new token of `kind` ("bank" or "owner"): 22 random characters and their signature
+        (44 characters, TOKEN_RE). Only this store's key makes one that token_ok accepts."""
+        if kind not in TOKEN_KINDS:
+            raise StoreError(f"a token is of kind {' or '.join(TOKEN_KINDS)}")
+        payload = secrets.token_urlsafe(16)
+        return payload + self._sign(kind, payload)
+
+    def token_ok(self, token, kind):
+        """Whether `token` is a token of `kind` this store signed. For "bank", an unsigned
+        22-character token made before signing also counts if it owns a phi here. Anything
+        malformed is False; a fault of the store raises StoreError (a bank is not refused for it)."""
+        if not valid_token(token) or kind not in TOKEN_KINDS:
+            return False
+        if len(token) == 22 + SIG_LEN:
+            return hmac.compare_digest(token[22:], self._sign(kind, token[:22]))
+        if len(token) == 22 and kind == "bank":
+            return self._read(lambda con: _first(con.execute(
+                "SELECT 1 FROM phi WHERE owner=? LIMIT 1", (_hash(token),)))) is not None
+        return False
+
+    def teacher_handle(self, code, teacher_key, ttl_s=TEACHER_TTL_S):
+        """What a browser keeps in teacher mode instead of the key: the class code, an expiry
+        `ttl_s` from now and 12 random characters, signed (at most 52 characters of TOKEN_RE's
+        alphabet). StoreError unless `teacher_key` is the class's key."""
+        code = _check_code(code)
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 0 < ttl_s <= 31 * 86400:
+            raise StoreError("a teacher handle lasts more than 0 seconds and at most 31 days")
+        if not self.is_teacher(code, teacher_key):
+            raise StoreError(NOT_TEACHER)
+        if not self._read(lambda con: _class_open(con, code)):
+            raise StoreError("that class is closed: its teacher mode has ended")
+        expires = _base36(int(time.time() + ttl_s))
+        body = code + expires + secrets.token_urlsafe(9)  # 9 bytes: 12 characters
+        return body + self._sign("teacher", body)
+
+    def _handle_code(self, handle):
+        """The class code a well-formed, signed, unexpired handle names; else None (no lookup)."""
+        m = HANDLE_RE.fullmatch(handle) if isinstance(handle, str) else None
+        if m is None or not hmac.compare_digest(handle[-SIG_LEN:], self._sign("teacher", handle[:-SIG_LEN])):
+            return None
+        return m[1] if time.time() < int(m[2], 36) else None
+
+    def teacher_of(self, handle) -> Optional[str]:
+        """The class code of a teacher handle while it is valid: signed here, not expired, and
+        its class still open (closing a class ends every handle); else None."""
+        code = self._handle_code(handle)
+        return code if code is not None and self._read(lambda con: _class_open(con, code)) else None
 
     # ------------------------------------------------------------------ phi
     def save_phi(self, owner, name, data: bytes, class_code=None, eval_exact=None, author="",
@@ -543,16 +665,17 @@ class Store:
                              "match their checksum); delete it", "damaged")
         return bytes(data)
 
-    def delete_phi(self, phi_id, owner=None, teacher_key=None):
-        """Delete one phi: its owner's bank token may, and so may the teacher key of its class.
-        Anything else raises StoreError and deletes nothing. Works on a full store."""
+    def delete_phi(self, phi_id, owner=None, teacher_key=None, teacher_handle=None):
+        """Delete one phi: its owner's bank token may, and so may the teacher key of its class
+        or a valid teacher handle for it. Anything else raises StoreError and deletes nothing.
+        Works on a full store."""
         phi_id = _check_id(phi_id)
 
         def delete(con):
             row = _first(con.execute("SELECT owner, class_code FROM phi WHERE id=?", (phi_id,)))
             if row is None:
                 raise StoreError(f"no phi with id {phi_id}")
-            if not self._may_delete(con, row, owner, teacher_key):
+            if not self._may_delete(con, row, owner, teacher_key, teacher_handle):
                 raise StoreError("you may delete only your own phi (or, with the class's teacher key, any in the class)")
             con.execute("DELETE FROM phi WHERE id=?", (phi_id,))  # the trigger drops a blob no row names
         self._delete(delete)
@@ -599,14 +722,16 @@ class Store:
         except OSError:
             pass
 
-    def _may_delete(self, con, row, owner, teacher_key):
+    def _may_delete(self, con, row, owner, teacher_key, teacher_handle=None):
         owner_h, code = row
         if owner is not None and valid_token(owner) and hmac.compare_digest(owner_h, _hash(owner)):
             return True
         if teacher_key is not None and code is not None and valid_token(teacher_key):
             want = _first(con.execute("SELECT teacher_key_hash FROM classes WHERE code=?", (code,)))
-            return want is not None and hmac.compare_digest(want[0], _hash(teacher_key))
-        return False
+            if want is not None and hmac.compare_digest(want[0], _hash(teacher_key)):
+                return True
+        return code is not None and teacher_handle is not None and self._handle_code(teacher_handle) == code \
+            and _class_open(con, code)
 
     def delete_owner(self, owner, class_code=None):
         """"Delete my phi": every phi of bank token `owner` (only those in `class_code` if
@@ -689,15 +814,20 @@ class Store:
         row = self._read(lambda con: _first(con.execute("SELECT teacher_key_hash FROM classes WHERE code=?", (code,))))
         return row is not None and hmac.compare_digest(row[0], _hash(teacher_key))
 
-    def close_class(self, code, teacher_key):
-        """Close the class (its board stays readable; it takes no new phi). Teacher key only."""
+    def close_class(self, code, teacher_key=None, teacher_handle=None):
+        """Close the class (its board stays readable; it takes no new phi; its teacher handles
+        end). The teacher key, or a valid teacher handle for the class, only."""
         code = _check_code(code)
         with self._write() as con:
             row = _first(con.execute("SELECT teacher_key_hash FROM classes WHERE code=?", (code,)))
             if row is None:
                 raise StoreError("no class has that code")
-            if not (valid_token(teacher_key) and hmac.compare_digest(row[0], _hash(teacher_key))):
-                raise StoreError("that is not this class's teacher key")
+            by_key = valid_token(teacher_key) and hmac.compare_digest(row[0], _hash(teacher_key))
+            if not by_key and not (teacher_handle is not None and self._handle_code(teacher_handle) == code
+                                   and _class_open(con, code)):
+                raise StoreError(NOT_TEACHER if teacher_handle is None else
+                                 "your teacher sign-in has ended (it expired, or the class is closed): "
+                                 "enter the teacher key again")
             con.execute("UPDATE classes SET closed=? WHERE code=? AND closed IS NULL", (time.time(), code))
 
     # ------------------------------------------------------------------ facts
@@ -804,6 +934,21 @@ def _schema_version(con):
     return int(row[0]) if row and str(row[0]).isdigit() else None
 
 
+def _ro_uri(path, immutable=False):
+    """A read-only URI: mode=ro never writes; immutable=1 also takes no lock and skips the log."""
+    return f"file:{quote(str(Path(path).resolve()))}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
+def _size(path):
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+_PROCESS_KEY = secrets.token_bytes(32)  # signs tokens where the store keeps no key (read-only, none yet)
+
+
 def _first(cursor):
     """The first row or None, the statement run to its end (so no read stays open)."""
     rows = cursor.fetchall()
@@ -853,11 +998,27 @@ def _record(row):
 
 
 def _check_id(phi_id):
-    if isinstance(phi_id, bool) or not isinstance(phi_id, int) or phi_id < 1:
-        try:
-            phi_id = int(str(phi_id))
-        except ValueError:
-            raise StoreError("a phi id is a positive whole number") from None
-        if phi_id < 1:
-            raise StoreError("a phi id is a positive whole number")
+    """`phi_id` (an int or its digits) as an int SQLite can bind, or StoreError: 2**63 and up
+    raise OverflowError in sqlite3, and a long string of digits is not parsed at all."""
+    if isinstance(phi_id, bool) or not isinstance(phi_id, int):
+        text = phi_id.strip() if isinstance(phi_id, str) else str(phi_id)
+        if not ID_RE.fullmatch(text):
+            raise StoreError(BAD_ID)
+        phi_id = int(text)
+    if not 1 <= phi_id <= MAX_ID:
+        raise StoreError(BAD_ID)
     return phi_id
+
+
+def _class_open(con, code):
+    """Whether class `code` exists and is open."""
+    return _first(con.execute("SELECT closed IS NULL FROM classes WHERE code=?", (code,))) == (1,)
+
+
+def _base36(n):
+    digits = ""
+    while True:
+        n, d = divmod(n, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+        if n == 0:
+            return digits

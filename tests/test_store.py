@@ -400,7 +400,7 @@ def test_thirty_threads_save_list_and_delete_at_once(tmp_path, base, lora_bytes)
         try:
             start.wait()
             while time.monotonic() < deadline:
-                data = variant(lora_bytes, i * 100_000 + j)
+                data = variant(lora_bytes, i * 10_000 + j)
                 t = time.perf_counter()
                 rec = store.save_phi(token, f"s{i}-{j}", data, class_code=code if j % 2 else None, eval_exact=0.5)
                 times["save"].append(time.perf_counter() - t)
