@@ -179,7 +179,7 @@ def test_hostile_file_is_refused(base, hostile_store, case, build, says):
 def test_the_good_file_and_its_harmless_variants_load(base):
     """The builders change only what they say: a float64 or bfloat16 copy of the good file loads."""
     for data in (GOOD, rewrite(GOOD, cast(torch.float64)), rewrite(GOOD, cast(torch.bfloat16)),
-                 rewrite(GOOD, config=record(task="")), rewrite(GOOD, cast(torch.float16, 60000.0)),
+                 rewrite(GOOD, config=record(task="")), rewrite(GOOD, cast(torch.float16, 1000.0)),
                  rewrite(GOOD, config=field(note="[" * 5000))):  # brackets inside a string do not nest
         peftcore.load_adapter(PeftModel(base), "ok", data)
 
@@ -547,7 +547,7 @@ def test_a_really_full_disk_still_deletes(tiny_disk, base):
     first_id = min(ids)
     store.delete_phi(first_id, owner=token)
     assert store.delete_owner(token) == len(ids) - 1  # "Delete my saved phi"
-    ids = {store.save_phi(token, f"again{i}", variant(GOOD, 10**6 + i)).id for i in range(10)}
+    ids = {store.save_phi(token, f"again{i}", variant(GOOD, 10**5 + i)).id for i in range(10)}
     assert_store_whole(store, ids, base)
     store.close()
 
@@ -629,10 +629,12 @@ def test_serve_all_is_computed_once_per_state_of_the_class(monkeypatch, base):
 
 def test_removing_a_saved_phi_says_it_is_for_good_and_asks_first(base):
     from apptest import open_page
-    store, token = Store(os.environ["PEFT_STORE"], base=base), new_token()
+    store = Store(os.environ["PEFT_STORE"], base=base)
+    token = store.mint_token("bank")
     name, directory = library.entries()[0]
     store.save_phi(token, "mine", peftcore.adapter_to_bytes(PeftModel.from_pretrained(base, directory), "default"))
     at = open_page("app_pages/serve.py", {"bank": token})
+    at.button(key="take_offered_bank").click().run()  # the private link: the bank taken on purpose
     at.selectbox(key="remove_name").set_value("mine").run()
     words = " ".join(m.value for m in at.markdown)
     assert "from the store for good" in words and at.button(key="remove").label == "Yes, delete it"
