@@ -184,20 +184,28 @@ class RayHead(NamedTuple):
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus=None, timeout=90):
-    """Yield a RayHead (address, pid) for a fresh single-node Ray (`ray start --head --block`, no dashboard,
-    127.0.0.1 only) in its own process group, stopped (it only) afterwards: what several web
-    servers of a lecture hall share (README: Run a lecture hall)."""
+def ray_head(num_cpus=None, timeout=90, auth=True):
+    """Yield a RayHead (address, pid) for a fresh single-node Ray as the README starts one
+    (`ray start --head --block`, no dashboard, listening on 127.0.0.1 only, token auth) in its
+    own process group, stopped (it only) afterwards: what several web servers of a lecture hall
+    share (README: Run a lecture hall). Its token is a fresh one, in this process's
+    RAY_AUTH_TOKEN while the head runs, so the web servers started meanwhile join it.
+    auth=False: a head without token auth (the app must refuse it)."""
     port = free_port()
     num_cpus = num_cpus or len(os.sched_getaffinity(0))
-    # a local cluster on 127.0.0.1 only; its workers at nice 0, not Ray's default 15 (they train
-    # beside the web servers on the same cores: README, Run a lecture hall)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
+    token = os.urandom(32).hex()
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's one-machine switch, without which it replaces
+    # --node-ip-address=127.0.0.1 by the network address and listens on every interface; workers
+    # at nice 0, not Ray's default 15 (they train beside the web servers on the same cores)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_worker_niceness": "0",
+           "RAY_AUTH_MODE": "token" if auth else "disabled", "RAY_AUTH_TOKEN": token}
     proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
                              "--include-dashboard=false", "--node-ip-address=127.0.0.1",
                              f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+    address, before = f"127.0.0.1:{port}", os.environ.get("RAY_AUTH_TOKEN")
+    if auth:
+        os.environ["RAY_AUTH_TOKEN"] = token
     try:
         deadline = time.time() + timeout
         while True:  # the head's GCS answers a TCP connect once it is up
@@ -212,18 +220,26 @@ def ray_head(num_cpus=None, timeout=90):
                 time.sleep(0.5)
         yield RayHead(address, proc.pid)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
+        # `ray start --block` alone: it stops its cluster on SIGTERM in ~3 s (the whole group at
+        # once took 35 s: its processes died before it could drain them); then what is left
+        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(15)
+            proc.wait(20)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
+        if auth and before is None:
+            os.environ.pop("RAY_AUTH_TOKEN", None)
+        elif auth:
+            os.environ["RAY_AUTH_TOKEN"] = before
 
 
 @contextlib.contextmanager
-def app_server(timeout=90, flags=()):
+def app_server(timeout=90, flags=(), env=None):
     """Yield the base URL of a fresh `streamlit run app.py`; kill it (and only it) afterwards."""
-    with streamlit_server(timeout, flags) as server:
+    with streamlit_server(timeout, flags, env=env) as server:
         yield server.url
 
 

@@ -627,10 +627,11 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
                          executor=executor, servers=servers)
     t0 = time.time()
     with contextlib.ExitStack() as stack:
-        env, head = None, None
+        # every simulated student is on this machine: one loopback address, which a room does not share
+        env, head = {"PEFT_MAX_PER_ADDRESS": "0"}, None
         if servers > 1:  # the lecture hall: one Ray, every web server joins its one run service
             head = stack.enter_context(ray_head())
-            env = {"RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "disabled"}
+            env.update(RAY_ADDRESS=head.address)  # and its token: ray_head puts it in this environment
         every = [stack.enter_context(streamlit_server(timeout=server_timeout, flags=flags, thread_probe=True,
                                                       executor=executor, env=env)) for _ in range(servers)]
         server = every[0]

@@ -19,6 +19,8 @@ peftcore works without it (pip install -r requirements-ray.txt to have it).
   are mirrors (executors' Run objects) that one thread per process refreshes from the
   service, so a page reads plain attributes and never waits on Ray. A finished run's
   phi enters its mirror's model through the loader's checks, on this process's base.
+- On a network: a local Ray (no RAY_ADDRESS) listens on 127.0.0.1 only, with Ray's token auth;
+  a head at RAY_ADDRESS is joined only if it requires its token (connect says why not, in a line).
 
 Streaming generators (num_returns="streaming") would also stream events, but a stop must
 reach a running task between steps and a cohort must take runs that come later: a
@@ -29,9 +31,10 @@ import functools
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -66,18 +69,14 @@ def connect(address=None, num_cpus=None):
     """Join the Ray cluster at `address` (or $RAY_ADDRESS), or start one on this machine with
     `num_cpus` worker slots. Raises RayUnavailable with the reason, fast."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
-        # a head started by `ray start` asks for its token; this process reads it from
-        # ~/.ray/auth_token only in token mode (Ray does not switch a joining driver to it),
-        # and Ray reads the mode when it is imported: set it first (set after the import, the
-        # README's lecture-hall command fell back in-process: "InvalidAuthToken")
-        os.environ["RAY_AUTH_MODE"] = "token"
+    _set_ray_env(address)
     ray = _ray()
     if ray.is_initialized():
         return ray
     try:
         if address:
             _check_reachable(address)
+            _check_token_auth(address)
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
             _start_local(ray, num_cpus)
@@ -89,6 +88,20 @@ def connect(address=None, num_cpus=None):
     return ray
 
 
+def _set_ray_env(address):
+    """Token auth always, and loopback only for a Ray on this machine. Ray reads both when it
+    is imported: set them first (set after the import, the README's lecture-hall command fell
+    back in-process: "InvalidAuthToken")."""
+    # a local start has token auth by Ray's default; a joining driver is never switched to it
+    # by Ray, and a head without it is refused anyway (_check_token_auth)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    host = address.rpartition(":")[0].strip("[]") if address else "127.0.0.1"
+    if host == "localhost" or host == "::1" or host.startswith("127."):
+        # Ray's switch for a one-machine Ray (its default on macOS and Windows): without it Ray
+        # replaces 127.0.0.1 by this machine's network address and listens on every interface
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
 def _check_reachable(address, timeout=3.0):
     """A head's GCS port answers a TCP connect, else fail now (ray.init retries for a minute)."""
     host, _, port = address.rpartition(":")
@@ -98,6 +111,57 @@ def _check_reachable(address, timeout=3.0):
         socket.create_connection((host or "127.0.0.1", int(port)), timeout).close()
     except OSError as e:
         raise RayUnavailable(f"Ray is not reachable at {address} ({e.strerror or e})") from None
+
+
+# Run in a child process with RAY_AUTH_MODE=disabled: asks the head's GCS once without a token,
+# then once with this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+HEAD_PROBE = """
+import os, sys
+from ray._raylet import AuthenticationTokenLoader, Config, GcsClient
+from ray.exceptions import AuthenticationError
+
+def answers():
+    try:
+        GcsClient(address=sys.argv[1]).internal_kv_get(b"peft-probe", None, timeout=5)
+        return True
+    except AuthenticationError:
+        return False
+
+try:
+    if answers():
+        print("open")
+    else:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # as Ray's own switch to token mode (authentication_token_setup)
+        loader = AuthenticationTokenLoader.instance()
+        loader.reset_cache()
+        print("no token" if not loader.has_token(ignore_auth_mode=True) else "ok" if answers() else "refused")
+except Exception as e:
+    print(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+"""
+COPY_TOKEN = "copy the head's ~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN)"
+HEAD_REFUSED = {
+    "open": "the Ray head at {} does not require token authentication: anyone on the network could run "
+            "code on it; start it as the README says (RAY_AUTH_MODE=token)",
+    "no token": "the Ray head at {} requires a token and this server has none: " + COPY_TOKEN,
+    "refused": "the Ray head at {} refused this server's token: " + COPY_TOKEN,
+}
+
+
+def _check_token_auth(address, timeout=30):
+    """Join only a head that refuses a process without its token (any process that can reach an
+    open head runs code as its user) and opens to ours. Asked from a child process: Ray's auth
+    mode is one setting per process, and this one must stay in token mode."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    try:
+        done = subprocess.run([sys.executable, "-c", HEAD_PROBE, address], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        answer = (done.stdout.strip().splitlines() or [f"no answer (exit {done.returncode})"])[-1]
+    except subprocess.TimeoutExpired:
+        answer = f"no answer in {timeout} s"
+    if answer != "ok":
+        raise RayUnavailable(HEAD_REFUSED[answer].format(address) if answer in HEAD_REFUSED else
+                             f"could not check that the Ray head at {address} requires token authentication ({answer})")
 
 
 def _start_local(ray, num_cpus):
@@ -113,7 +177,8 @@ def _start_local(ray, num_cpus):
     def hold():
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=NAMESPACE,
-                     log_to_driver=False)
+                     log_to_driver=False, _node_ip_address="127.0.0.1")
+            _check_loopback(ray)
         except BaseException as e:  # noqa: BLE001 - reported by the caller
             failed.append(e)
         done.set()
@@ -124,6 +189,16 @@ def _start_local(ray, num_cpus):
     done.wait()
     if failed:
         raise failed[0]
+
+
+def _check_loopback(ray):
+    """A local Ray listens on 127.0.0.1 only, or not at all: Ray imported before _set_ray_env
+    ran would listen on the network."""
+    gcs = ray.get_runtime_context().gcs_address
+    if not gcs.startswith("127.0.0.1:"):
+        ray.shutdown()
+        raise RayUnavailable(f"a local Ray would listen on the network ({gcs}), not on 127.0.0.1 only: "
+                             "Ray was imported before peftcore.ray_executor.connect")
 
 
 # ------------------------------------------------------------------ the worker processes

@@ -1,15 +1,17 @@
 """The run service on both executors (issue 17): one contract, run in this process and on Ray
 worker processes; a worker killed mid-run; starts from other threads; Ray not reachable;
-two `streamlit run` servers sharing one Ray run service.
+a process without the head's token cannot join; two `streamlit run` servers sharing one Ray
+run service. (The app's own local Ray, started from a script thread, and the README's head:
+tests/test_ray_network.py.)
 
-One single-node Ray (`ray start --head`, no dashboard) serves the whole test session; it is
-real Ray, never mocked. Where Ray is not installed these tests skip, except in CI
-(PEFT_REQUIRE_BROWSER, set by .ci/run, means the setup ran: a missing Ray fails there)."""
+One single-node Ray (`ray start --head` as the README has it: 127.0.0.1 only, token auth;
+bench.appserver.ray_head) serves the whole test session; it is real Ray, never mocked.
+Where Ray is not installed these tests skip, except in CI (PEFT_REQUIRE_BROWSER, set by
+.ci/run, means the setup ran: a missing Ray fails there)."""
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +31,9 @@ KW = dict(batch_size=8, eval_every=5, device="cpu", lr=1e-2)
 
 
 def _ray():
+    # what peftcore.ray_executor.connect sets before Ray is imported (Ray reads them then): this
+    # process joins the session's head on 127.0.0.1, with its token
+    os.environ.update(RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     try:
         import ray
     except ImportError:
@@ -39,40 +44,30 @@ def _ray():
 
 
 @pytest.fixture(scope="session")
-def ray_address():
-    """A single-node Ray for the session, in its own process group (stopped with it only)."""
+def ray_head():
+    """A single-node Ray for the session (bench.appserver.ray_head: its own process group,
+    127.0.0.1 only, token auth, its token in RAY_AUTH_TOKEN meanwhile), stopped with it only."""
     _ray()
-    from bench.appserver import free_port
-    port = free_port()
-    # a test cluster on 127.0.0.1 only; workers at nice 0 as the README's `ray start` has them
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
-    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-                             "--include-dashboard=false", "--node-ip-address=127.0.0.1",
-                             f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    try:
-        import ray
-        deadline = time.time() + 60
-        while True:
-            try:
-                ray.init(address=address, namespace="peft-playground", log_to_driver=False)
-                break
-            except ConnectionError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-        yield address
-    finally:
-        import ray
-        ray.shutdown()
-        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM...
+    from bench.appserver import ray_head as start_head
+    with start_head(num_cpus=4) as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head):
+    """This process joined to the session's head, as a web server joins it."""
+    ray = _ray()
+    deadline = time.time() + 60
+    while True:
         try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:  # ...or is made to
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            ray.init(address=ray_head.address, namespace="peft-playground", log_to_driver=False)
+            break
+        except ConnectionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+    yield ray_head.address
+    ray.shutdown()
 
 
 def ray_service(**kw):
@@ -253,28 +248,6 @@ def test_phi_from_a_worker_enters_through_the_loaders_checks(base, base_fp):
         load_trained(peftcore.random_base(), data)
 
 
-LOCAL_FROM_A_THREAD = """
-import threading, peftcore
-from peftcore import LoraConfig
-from peftcore.executors import RunSpec
-from peftcore.ray_executor import ray_manager
-box = []
-t = threading.Thread(target=lambda: box.append(ray_manager(num_cpus=1, name="thread-test")))
-t.start(); t.join()  # the thread that started Ray has ended, as a Streamlit script run does
-spec = RunSpec(LoraConfig(r=1, target_modules=("q",)).to_dict(), fingerprint=peftcore.fingerprint(peftcore.load_base()))
-run = box[0].start(None, "times_3", owner="a", spec=spec, steps=5, batch_size=8, eval_every=5, device="cpu").wait(120)
-print(run.status, run.error)
-"""
-
-
-def test_ray_started_by_a_script_thread_outlives_the_thread():
-    _ray()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", LOCAL_FROM_A_THREAD], cwd=ROOT, capture_output=True, text=True,
-                          timeout=180, env=env)
-    assert done.stdout.strip().splitlines()[-1:] == ["done"], done.stdout[-1000:] + done.stderr[-3000:]
-
-
 NOT_REACHABLE = """
 import logging, ui
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -293,41 +266,27 @@ def test_ray_not_reachable_logs_one_line_and_trains_in_process():
     assert "Traceback" not in done.stderr and time.time() - t0 < 60
 
 
-def test_a_head_with_token_auth_is_joined_with_its_address_alone(tmp_path):
-    """`ray start --head` as the README has it (Ray's default: token auth, the token in
-    ~/.ray/auth_token): a web server joins it with RAY_ADDRESS alone. (The mode must be set
-    before Ray is imported: set after, the README's command fell back in-process.)"""
-    _ray()
-    from bench.appserver import free_port
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    env["HOME"] = str(tmp_path)  # its own ~/.ray/auth_token: a head has token auth once one exists
-    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, cwd=ROOT, capture_output=True, timeout=60, check=True)
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-                             "--include-dashboard=false", "--node-ip-address=127.0.0.1",
-                             f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        from peftcore.ray_executor import _check_reachable, RayUnavailable
-        deadline = time.time() + 90
-        while True:
-            try:
-                _check_reachable(f"127.0.0.1:{port}")
-                break
-            except RayUnavailable:
-                pass
-            assert time.time() < deadline, "the head did not start"
-            time.sleep(0.5)
-        code = f"from peftcore.ray_executor import connect; connect('127.0.0.1:{port}'); print('joined')"
-        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert "joined" in done.stdout, done.stderr[-2000:]
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+JOIN = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('joined')"
+
+
+def test_a_process_without_the_heads_token_cannot_join(ray_head, tmp_path):
+    """The session's head, started as the README says: every port on 127.0.0.1, and Ray's GCS
+    refuses a process that sends no token or another token ("InvalidAuthToken"); its own
+    token joins. (A driver tries once: RAY_gcs_server_port_wait_time_s=1, not 20 tries.)"""
+    from test_ray_network import listening, off_loopback, process_tree
+    sockets = listening(process_tree(ray_head.pid))
+    assert int(ray_head.address.rpartition(":")[2]) in {p for _, _, p in sockets} and off_loopback(sockets) == []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(tmp_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_gcs_server_port_wait_time_s="1")
+    tries = {"no token": dict(RAY_AUTH_MODE="disabled"), "another token": dict(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+             "its token": dict(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.environ["RAY_AUTH_TOKEN"])}
+    procs = {who: subprocess.Popen([sys.executable, "-c", JOIN, ray_head.address], env={**env, **extra}, cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for who, extra in tries.items()}
+    out = {who: proc.communicate(timeout=120) for who, proc in procs.items()}
+    assert out["its token"][0].strip() == "joined", out["its token"][1][-2000:]
+    for who in ("no token", "another token"):
+        assert "joined" not in out[who][0] and "InvalidAuthToken" in out[who][1], (who, out[who][1][-2000:])
 
 
 # ------------------------------------------------------------------ two web servers, one line
