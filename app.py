@@ -29,7 +29,7 @@ PAGES = [
 ]
 
 
-KEPT_ON_RESET = ("bank_token", "class_code", "teacher_keys")  # who the visitor is, not their settings
+KEPT_ON_RESET = ("bank_token", "class_code", "teacher_handles")  # who the visitor is, not their settings
 
 
 def reset_session():
@@ -62,12 +62,16 @@ def sidebar():
 
 
 def my_bank():
-    """The link that brings a student's saved phi back, and a confirmed way to delete them."""
-    token = ui.bank_token()
-    if not token:
+    """The private link that moves a student's saved phi to another device, and a confirmed
+    way to delete them."""
+    link = ui.private_bank_link()
+    if not link:
         return
-    st.markdown(f"[Link to my bank](?bank={token}): this browser keeps it; open it on another device to "
-                "bring your saved phi there.")
+    with st.popover("Move my bank to another device", width="stretch"):
+        st.write("Open this link on your other device to bring your saved phi there. It is private: "
+                 "whoever opens it can use and delete your phi, so never paste it in the class chat. "
+                 "Your address bar never carries it: pasting that is safe.")
+        st.code(link, language=None, wrap_lines=True)
     with st.popover("Delete my saved phi", width="stretch"):
         st.write("Deletes every phi you saved, from the store and from any class. This cannot be undone.")
         if st.button("Yes, delete them", type="primary", key="delete_mine"):
@@ -85,5 +89,6 @@ navigation = st.navigation(PAGES)
 st.html(TOP_PADDING)
 ui.identify()
 ui.follow_visitor()
+ui.bank_offer()
 sidebar()
 navigation.run()

@@ -14,6 +14,7 @@ import re
 import secrets
 import threading
 import weakref
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -99,6 +100,22 @@ def get_manager():
     return make_manager(os.environ.get("PEFT_EXECUTOR", "inprocess"))
 
 
+PER_ADDRESS_ENV = "PEFT_MAX_PER_ADDRESS"
+PER_ADDRESS_DEFAULT = 8
+
+
+def per_address_cap():
+    """Runs one address may have training or waiting: $PEFT_MAX_PER_ADDRESS, 0 for no cap. A
+    room behind one NAT (or a proxy that sends no X-Forwarded-For) is one address: raise it there."""
+    text = os.environ.get(PER_ADDRESS_ENV, "").strip()
+    if not text:
+        return PER_ADDRESS_DEFAULT
+    if not text.isdigit():
+        log.error("%s=%r is not a whole number >= 0: the cap stays %d.", PER_ADDRESS_ENV, text, PER_ADDRESS_DEFAULT)
+        return PER_ADDRESS_DEFAULT
+    return int(text) or None  # None: RunManager's "no cap"
+
+
 def make_manager(executor="inprocess"):
     """The run service: on Ray (workers elsewhere; the queue shared by every web server of
     the cluster, RAY_ADDRESS) or in this process. Ray not there: logged, and in-process."""
@@ -107,12 +124,13 @@ def make_manager(executor="inprocess"):
         try:
             return ray_manager(base_of=lambda which, dev: BASES[which](dev),
                                num_cpus=int(os.environ["PEFT_RAY_CPUS"]) if os.environ.get("PEFT_RAY_CPUS") else None,
-                               name=os.environ.get("PEFT_RAY_SERVICE") or "run-service", max_per_owner=MAX_SESSION_RUNS)
+                               name=os.environ.get("PEFT_RAY_SERVICE") or "run-service", max_per_owner=MAX_SESSION_RUNS,
+                               max_per_client=per_address_cap())
         except RayUnavailable as e:
             log.error("PEFT_EXECUTOR=ray, but %s: training runs in this web process instead.", e)
     elif executor != "inprocess":
         log.error("PEFT_EXECUTOR=%r is not an executor (inprocess, ray): training runs in this process.", executor)
-    manager = RunManager(max_per_owner=MAX_SESSION_RUNS)  # across tabs; and per address (the default)
+    manager = RunManager(max_per_owner=MAX_SESSION_RUNS, max_per_client=per_address_cap())  # across tabs; per address
     # the first training of a process pays ~3 s of one-time setup: at server start, in the
     # background, not on the first student's click
     start_warm_up(get_base(device()), device())  # stopped and joined at exit: no abort mid torch op
@@ -186,42 +204,143 @@ def store():
 
 
 def client():
-    """The visitor's address, for the per-address caps (None on localhost: no cap there)."""
+    """The visitor's address, for the store's per-address caps (None on localhost)."""
     return st.context.ip_address
 
 
+def run_address():
+    """The visitor's address for the per-address run cap. Loopback visitors share one name:
+    behind a proxy on the same host that sends no X-Forwarded-For, the whole room is one
+    address, capped like a room behind one NAT (PEFT_MAX_PER_ADDRESS sets the cap, 0 none)."""
+    address = st.context.ip_address
+    return address if isinstance(address, str) and address else "loopback"
+
+
+# ------------------------------------------------------------------ who is who: tokens the server minted
+# Nothing a classmate could copy carries a secret that takes a bank over: a bank token lives in
+# this browser (session and cookie), never in the address bar; a ?bank= link is a private link
+# that *offers* a bank, never replaces one. Every token is minted and signed by the server (the
+# store keeps the key), so a made-up or forged value is refused.
 BANK_COOKIE = "peft_bank"
+OWNER_COOKIE = "peft_owner"
+COOKIE_YEAR_S = 365 * 24 * 3600
+
+
+def _token_ok(token, kind):
+    """True or False; None when the store cannot tell now (busy, damaged): then the token is
+    not used, and not thrown away either."""
+    try:
+        return bool(token) and store().token_ok(token, kind)
+    except store_mod.StoreError:
+        return None
+
+
+def _mint(kind):
+    try:
+        return store().mint_token(kind)
+    except store_mod.StoreError:  # no store: a token good for this session only
+        return secrets.token_urlsafe(32)
+
+
+def _cookie_token(name, kind):
+    """A cookie's token if this server signed it; a value planted by anyone else is refused
+    (said once) and overwritten."""
+    value = st.context.cookies.get(name)
+    if not value:
+        return None
+    ok = _token_ok(value, kind)
+    if ok is False:
+        ss.setdefault("refused_cookies", []).append(name)
+    return value if ok else None
 
 
 def bank_token(create=False):
-    """This student's bank token, kept in the URL (?bank=...) so that a refresh or a bookmark
-    finds the same saved phi, in the session (the sidebar's page links drop the URL's query)
-    and in a cookie (a new tab of the same browser). A new one only when something is saved."""
+    """This browser's bank token: from the session, else this browser's cookie (a refresh or
+    a new tab), else None; minted by the server when the student first saves (`create`)."""
+    if "bank_token" not in ss:
+        ss["bank_token"] = _cookie_token(BANK_COOKIE, "bank")
+    if ss["bank_token"] is None and create:
+        ss["bank_token"] = _mint("bank")
+        set_cookie(BANK_COOKIE, ss["bank_token"])  # now: the visitor may leave before the next run
+    return ss["bank_token"]
+
+
+def use_bank(token):
+    """Make `token` this browser's bank (a deliberate choice: see bank_offer)."""
+    ss["bank_token"] = token
+    ss.pop(f"bank:{device()}", None)  # load its saved phi afresh
+    ss.pop("offered_bank", None)
+
+
+def read_bank_link():
+    """A ?bank= link is a student's private link to move their bank to another device. It
+    leaves the address bar at once (so it is not pasted on), and offers that bank: it never
+    silently replaces this browser's own."""
     token = st.query_params.get("bank")
-    if token and not store_mod.valid_token(token):  # reported once, and taken out of the link
-        del st.query_params["bank"]
-        st.toast("The bank token in this link (?bank=...) is not valid: it was ignored. "
-                 "A new bank link is made when you save a phi.", icon="⚠️")
-        token = None
-    cookie = st.context.cookies.get(BANK_COOKIE)
-    token = token or ss.get("bank_token") or (cookie if store_mod.valid_token(cookie) else None)
-    if token is None and create:
-        token = store_mod.new_token()
-    if token and token != ss.get("bank_token"):
-        if ss.get("bank_token"):
-            ss.pop(f"bank:{device()}", None)  # another bank than this session's: load its saved phi afresh
-        ss["bank_token"] = token
-    if token and st.query_params.get("bank") != token:
-        st.query_params["bank"] = token
-    return token
+    if token is None:
+        return
+    del st.query_params["bank"]
+    if token == bank_token():
+        return
+    if not _token_ok(token, "bank"):  # a fault of the store included: the link is not taken blind
+        st.toast("The bank link you opened is not one this server made: it was ignored. "
+                 "Your own bank is unchanged.", icon="⚠️")
+        return
+    ss["offered_bank"] = token
+
+
+def private_bank_link():
+    """The link that moves this browser's bank to another device (None without a bank)."""
+    token = bank_token()
+    if not token:
+        return None
+    here = urlsplit(st.context.url or "http://localhost:8501/")
+    return urlunsplit((here.scheme, here.netloc, "/", urlencode({"bank": token}), ""))
+
+
+def bank_offer():
+    """What a ?bank= link offers, shown above the page until the visitor chooses."""
+    token = ss.get("offered_bank")
+    if not token:
+        return
+    try:
+        theirs = len(store().list_phi(owner=token))
+    except store_mod.StoreError as e:
+        st.error(f"The bank in this link cannot be read now: {e}.")
+        return
+    mine = bank_token()
+    with st.container(border=True):
+        st.warning(f"**This link opens another bank** ({theirs} saved phi). Your own bank "
+                   + (f"stays yours and is unchanged" if mine else "is empty so far")
+                   + " unless you choose. Use it only if it is your own bank, from another device: "
+                   "whoever has that link can use and delete its phi.", icon=":material/key:")
+        a, b = st.columns(2)
+        a.button("Use that bank in this browser", key="take_offered_bank", on_click=use_bank, args=(token,),
+                 width="stretch")
+        b.button("Keep my own bank", key="keep_my_bank", on_click=ss.pop, args=("offered_bank", None),
+                 width="stretch", type="primary")
 
 
 def follow_visitor():
-    """Called on every script run by app.py: the visitor's bank and class stay in the link
-    across page switches, refreshes and a reset, and the bank cookie is set."""
+    """Called on every script run by app.py: the class stays in the link across page
+    switches, refreshes and a reset; a ?bank= link is read (never followed); this browser's
+    cookies are set (bank, owner, teacher) or cleared, and planted cookies reported."""
+    read_bank_link()
     token = bank_token()
     if token:
         set_cookie(BANK_COOKIE, token)
+    for code, handle in ss.get("teacher_handles", {}).items():
+        if handle:
+            set_cookie(teacher_cookie(code), handle, max_age=store_mod.TEACHER_TTL_S)
+        else:
+            clear_cookie(teacher_cookie(code))
+    refused = ss.pop("refused_cookies", [])
+    for name in refused:
+        if not ss.get("cookies_sent", {}).get(name):  # not replaced by a token of ours: gone
+            clear_cookie(name)
+    if refused:
+        st.toast("This browser held a cookie for this app that this server did not make (another site "
+                 "on this machine may have set it): it was ignored and replaced.", icon="⚠️")
     code = st.query_params.get("class")
     if code:
         ss["class_code"] = code  # checked by the Class page
@@ -233,6 +352,41 @@ def forget_class():
     ss.pop("class_code", None)
     if "class" in st.query_params:
         del st.query_params["class"]
+
+
+# ------------------------------------------------------------------ teacher mode
+# The teacher key is shown once and never stored: a browser in teacher mode holds a handle
+# the store signed, which names the class, expires, stops working when the class closes, and
+# is forgotten by "Leave teacher mode".
+def teacher_cookie(code):
+    return f"peft_teacher_{code}"
+
+
+def teacher_handle(code):
+    """This browser's teacher handle for class `code`, or None."""
+    handles = ss.setdefault("teacher_handles", {})
+    if code not in handles:
+        cookie = st.context.cookies.get(teacher_cookie(code))
+        handles[code] = cookie if cookie and _teacher_of(cookie) == code else None
+    elif handles[code] and _teacher_of(handles[code]) != code:  # expired, or the class closed
+        handles[code] = None
+    return handles[code]
+
+
+def _teacher_of(handle):
+    try:
+        return store().teacher_of(handle)
+    except store_mod.StoreError:
+        return None
+
+
+def become_teacher(code, key):
+    """Teacher mode for class `code` in this browser; raises StoreError for a wrong key."""
+    ss.setdefault("teacher_handles", {})[code] = store().teacher_handle(code, key)
+
+
+def leave_teacher(code):
+    ss.setdefault("teacher_handles", {})[code] = None  # follow_visitor clears the cookie
 
 
 # ------------------------------------------------------------------ this session's bank
@@ -334,12 +488,9 @@ def unique_name(stem):
     return name
 
 
-# ------------------------------------------------------------------ who is who
+# ------------------------------------------------------------------ this visitor's runs across tabs
 # A visitor is an owner token kept in a cookie, so a refresh or a new tab of the same
 # browser finds its runs again, while a shared link (another browser) shows them read-only.
-OWNER_COOKIE = "peft_owner"
-
-
 @st.cache_resource
 def sessions_of_owner():
     """owner token -> ids of the sessions (tabs) it has had on this server."""
@@ -349,8 +500,7 @@ def sessions_of_owner():
 def owner():
     """This visitor's token: from the cookie, or new (and set as the cookie)."""
     if "owner" not in ss:
-        token = st.context.cookies.get(OWNER_COOKIE, "")
-        ss["owner"] = token if len(token) == 32 and token.isalnum() else secrets.token_hex(16)
+        ss["owner"] = _cookie_token(OWNER_COOKIE, "owner") or _mint("owner")
     return ss["owner"]
 
 
@@ -363,15 +513,26 @@ def identify():
     set_cookie(OWNER_COOKIE, me)
 
 
-def set_cookie(name, value):
-    """Set a cookie in this browser for a year, by a script sent once per session and value.
-    Only tokens travel this way (letters, digits, '_' and '-'): nothing to escape."""
+def set_cookie(name, value, max_age=COOKIE_YEAR_S):
+    """Set a cookie in this browser (for a year unless `max_age` says otherwise), by a script
+    sent once per session and value. Only tokens travel this way (letters, digits, '_' and
+    '-'): nothing to escape."""
     assert re.fullmatch(r"[A-Za-z0-9_-]+", name + value)
     sent = ss.setdefault("cookies_sent", {})
     if st.context.cookies.get(name) == value or sent.get(name) == value:
         return
     sent[name] = value
-    st.html(f"<script>document.cookie = '{name}={value}; path=/; max-age=31536000; SameSite=Strict'</script>",
+    st.html(f"<script>document.cookie = '{name}={value}; path=/; max-age={int(max_age)}; SameSite=Strict'</script>",
+            unsafe_allow_javascript=True)
+
+
+def clear_cookie(name):
+    """Delete a cookie from this browser, once per session."""
+    sent = ss.setdefault("cookies_sent", {})
+    if name not in st.context.cookies and name not in sent or sent.get(name, "") is None:
+        return
+    sent[name] = None
+    st.html(f"<script>document.cookie = '{name}=; path=/; max-age=0; SameSite=Strict'</script>",
             unsafe_allow_javascript=True)
 
 
@@ -425,7 +586,7 @@ def start_group(group, jobs, task, url=False, **train_kwargs):
         make = functools.partial(peftcore.get_peft_model, base, config, seed=kwargs.get("seed", 0))
         spec = RunSpec(config.to_dict(), kwargs.get("seed", 0), which, base_fingerprint(which, kwargs["device"]))
         try:
-            run = manager.start(make, task, label=label, owner=owner(), client=st.context.ip_address,
+            run = manager.start(make, task, label=label, owner=owner(), client=run_address(),
                                 key=run_key(which, config, task, kwargs), spec=spec, **kwargs)
         except QueueFull as e:
             for i in ids:  # all of the group or none of it
@@ -541,6 +702,12 @@ def live_runs(group):
     inline[0] = False
 
 
+def hidden(control):
+    """Whether this visitor's exercise link hides `control` (a teacher's hide=): then no part of
+    the page shows it, the live panel included."""
+    return control in ss.get("exercise", {}).get("hidden", ())
+
+
 def progress_line(run):
     s = run_summary(run)
     exact = "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%"
@@ -554,7 +721,8 @@ def progress_line(run):
             st.progress(0.0, text=text)
             return
     solved = f" · solved at step {s['solved_step']} ({s['solved_s']:.1f} s)" if s["solved_step"] else ""
-    text = (f"**{run.label}** · {run.status} · step {s['step']}/{s['steps']} · "
+    budget = "" if hidden("steps") else f"/{s['steps']}"
+    text = (f"**{run.label}** · {run.status} · step {s['step']}{budget} · "
             f"{s['steps_per_s']:.1f} steps/s · held-out exact match {exact}{solved}{shared}")
     st.progress(s["step"] / s["steps"] if s["steps"] else 0.0, text=text)
     if run.error:
@@ -593,8 +761,9 @@ def runs_figure(runs):
                            y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2",
                            hovertemplate=f"step %{{x}}: %{{y:.1f}}% exact on {EVAL_SIZE} held-out", **style))
     steps = max((r.steps for r in runs), default=0)
+    whole_budget = {} if hidden("steps") else dict(range=[0, steps * 1.02])  # the whole budget from the start
     return figure(traces, height=460, hovermode="closest",
-                  xaxis=dict(title="step", anchor="y2", range=[0, steps * 1.02]),  # the whole budget from the start
+                  xaxis=dict(title="step", anchor="y2", **whole_budget),
                   # plain-number log ticks from the curves' own range (log_ticks): 10, not 1e+1
                   yaxis=dict(title="training loss", type="log", domain=[0.58, 1]),
                   yaxis2=dict(title="exact match (%)", domain=[0, 0.42], range=[-3, 103]))
@@ -712,10 +881,22 @@ def serving_metrics(times, n_rows):
                   help="With few rows or one phi, routing rows costs more than it saves; it pays off with many tasks.")
 
 
+def literal(text, limit=60):
+    """Visitor-controlled text (a link's value, a file's name, a name) for any markdown string,
+    as an inline code span: markdown reads nothing inside one, so no link, image, autolink or
+    formatting can come of it. Cut to `limit` characters, on one line."""
+    text = "".join(c if c.isprintable() else " " for c in str(text))
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def link_value(value, limit=40):
     """A value from the page's link, as a page echoes it: quoted, cut short, plain text."""
     value = str(value)
-    return plain(repr(value if len(value) <= limit else value[:limit] + "…"), limit + 10)
+    return literal(repr(value if len(value) <= limit else value[:limit] + "…"), limit + 10)
 
 
 def storage_sentence(phi_bytes, tasks, base_bytes):

@@ -56,7 +56,9 @@ def sync_api():
 @pytest.fixture(scope="session")
 def url(sync_api):
     from bench.appserver import app_server
-    with app_server() as base_url:
+    # the browser tests are many visitors on one loopback address, one after another: no
+    # per-address cap between them (tests/test_room_identity.py tests the cap)
+    with app_server(env={"PEFT_MAX_PER_ADDRESS": "0"}) as base_url:
         yield base_url
 
 

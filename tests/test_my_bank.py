@@ -1,6 +1,6 @@
-"""A student's bank outlives the tab: the ?bank= token brings saved phi back into a new
-session, a bad token is reported, and "delete my saved phi" empties the store (AppTest,
-against the test session's real store file)."""
+"""A student's bank outlives the tab: its private link brings saved phi back into a new
+session (a deliberate choice), a bad token is reported, and "delete my saved phi" empties the
+store (AppTest, against the test session's real store file)."""
 import os
 
 from streamlit.testing.v1 import AppTest
@@ -8,15 +8,20 @@ from streamlit.testing.v1 import AppTest
 import peftcore
 from apptest import ROOT, open_page
 from peftcore import library
-from peftcore.store import Store, new_token
+from peftcore.store import Store
 
 
 def open_serve(query):
-    return open_page("app_pages/serve.py", query)
+    """The serve page opened from a private bank link, its bank taken on purpose."""
+    at = open_page("app_pages/serve.py", query)
+    if "bank" in query:
+        at.button(key="take_offered_bank").click().run()
+    return at
 
 
 def test_saved_phi_come_back_with_the_link_and_can_be_deleted(base):
-    store, token = Store(os.environ["PEFT_STORE"], base=base), new_token()
+    store = Store(os.environ["PEFT_STORE"], base=base)
+    token = store.mint_token("bank")
     name, directory = library.entries()[0]
     model = peftcore.PeftModel.from_pretrained(base, directory)
     store.save_phi(token, "my-phi", peftcore.adapter_to_bytes(model, "default"))
@@ -24,7 +29,7 @@ def test_saved_phi_come_back_with_the_link_and_can_be_deleted(base):
     at = open_serve({"bank": token})  # a new session: a refresh, a new tab, a restarted server
     bank = at.session_state["bank:" + peftcore.resolve_device("auto")]
     assert "my-phi" in bank.peft_config
-    assert any(f"?bank={token}" in m.value for m in at.sidebar.markdown)
+    assert any(f"?bank={token}" in c.value for c in at.sidebar.code)  # the private link
 
     at.sidebar.button(key="delete_mine").click().run()
     assert not at.exception
@@ -39,7 +44,7 @@ def test_a_malformed_bank_token_is_reported_not_fatal():
     at.query_params["bank"] = "not a token!"
     at.run()
     assert not at.exception
-    assert any("bank token in this link" in t.value for t in at.toast)
+    assert any("not one this server made" in t.value for t in at.toast)
     assert "bank" not in at.query_params
 
 
@@ -48,7 +53,8 @@ def test_a_saved_phi_of_a_retired_task_stays_in_the_bank_and_is_not_served(base)
     saved on it before the upgrade still comes back with their link, and the pages that list
     the bank open and press without error; only serving it (a task with no inputs) is off."""
     assert "add_5" not in peftcore.TASKS
-    store, token = Store(os.environ["PEFT_STORE"], base=base), new_token()
+    store = Store(os.environ["PEFT_STORE"], base=base)
+    token = store.mint_token("bank")
     model = peftcore.PeftModel.from_pretrained(base, dict(library.entries())["lora-times_3"])
     model.adapter_task["default"] = "add_5"
     store.save_phi(token, "old-phi", peftcore.adapter_to_bytes(model, "default"))

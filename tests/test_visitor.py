@@ -184,24 +184,28 @@ def peftcore_fingerprint(model):
 
 
 def test_the_bank_and_the_class_follow_the_visitor_across_pages_and_a_reset():
-    from peftcore.store import Store, new_token
+    """The class follows in the link; the bank in the session (and a cookie), never the link."""
+    from peftcore.store import Store
     import os
-    code, _ = Store(os.environ["PEFT_STORE"]).create_class("follows")
-    token = new_token()
+    store = Store(os.environ["PEFT_STORE"])
+    code, _ = store.create_class("follows")
+    token = store.mint_token("bank")
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.query_params.update({"bank": token, "class": code})
+    at.session_state["bank_token"] = token
+    at.query_params.update({"class": code})
     at.run()
     for page in PAGES:
         at.query_params.clear()  # what the sidebar's page link does to the URL
         at.switch_page(page).run()
         assert not at.exception
-        assert (at.query_params["bank"], at.query_params["class"]) == (token, code), page
+        assert at.query_params["class"] == code and "bank" not in at.query_params, page
+        assert at.session_state["bank_token"] == token
     at.sidebar.button[-1].click().run()  # "Reset my session"
     assert "Reset my session" == at.sidebar.button[-1].label
-    assert (at.query_params["bank"], at.query_params["class"]) == (token, code)
+    assert at.query_params["class"] == code and at.session_state["bank_token"] == token
     at.switch_page("app_pages/classroom.py").run()
     at.button(key="leave_class").click().run()
-    assert "class" not in at.query_params and at.query_params["bank"] == token
+    assert "class" not in at.query_params and at.session_state["bank_token"] == token
 
 
 def test_a_wrong_teacher_key_says_so_and_a_join_code_in_any_case_joins():
