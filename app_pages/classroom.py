@@ -4,19 +4,19 @@ save phi from their session bank into the class; the board lists every phi, the 
 chart prices the class's real files, and one mixed batch serves every phi in the class at
 once on the one shared base. UI only: the store is peftcore.store, the torch work peftcore.
 """
-import threading
-
 import numpy as np
 import streamlit as st
 
 import peftcore
 import ui
-from peftcore import analysis
+from peftcore import analysis, library
 from peftcore.store import StoreError, normalize_code
 from peftcore.storage import human_bytes
 
 ss = st.session_state
 MAX_SERVED = 120  # rows of the class's mixed batch: one per phi, the class cap
+TIMED_PASSES = 3  # timings of the class's mixed batch and swap loop, median taken...
+ONE_PASS_FROM = 30  # ...up to this many phi; from here each pass is already this many requests: one pass
 
 
 # ------------------------------------------------------------------ the class in the link
@@ -33,24 +33,6 @@ def current_class():
         return None
 
 
-def teacher_cookie(code):
-    return f"peft_teacher_{code}"
-
-
-def teacher_key(code):
-    """The teacher key this browser proved for class `code`: in the session, or in a cookie
-    (checked once per session), so a reload keeps teacher mode."""
-    keys = ss.setdefault("teacher_keys", {})
-    if code not in keys:
-        cookie = st.context.cookies.get(teacher_cookie(code))
-        keys[code] = cookie if cookie and ui.store().is_teacher(code, cookie) else None
-    return keys[code]
-
-
-def become_teacher(code, key):
-    ss.setdefault("teacher_keys", {})[code] = key
-
-
 # ------------------------------------------------------------------ starting and joining
 def start_or_join():
     left, right = st.columns(2, gap="large")
@@ -60,11 +42,11 @@ def start_or_join():
         if st.form_submit_button("Start a class", type="primary", key="create_class"):
             try:
                 code, key = ui.store().create_class(name)
+                ui.become_teacher(code, key)
             except StoreError as e:
                 st.error(str(e))
             else:
-                become_teacher(code, key)
-                ss["show_key"] = code
+                ss["new_class_key"] = (code, key)  # shown once, from here; gone with "I have copied the key"
                 st.query_params["class"] = code
                 st.rerun()
     with right, st.form("join_form"):
@@ -84,18 +66,15 @@ def start_or_join():
 
 
 def class_header(info):
-    st.subheader(f"{ui.plain(info.name)} · join code {info.code}" + ("" if info.is_open else " · closed"))
-    if teacher_key(info.code):
-        ui.set_cookie(teacher_cookie(info.code), teacher_key(info.code))  # a reload keeps teacher mode
-    if ss.get("show_key") == info.code:
+    st.subheader(f"{ui.literal(info.name)} · join code {info.code}" + ("" if info.is_open else " · closed"))
+    new = ss.get("new_class_key")
+    if new and new[0] == info.code:
         st.success(f"Class started. Students open this page and type the join code **{info.code}** "
                    f"(or open a link ending in `?class={info.code}`).")
         st.warning("Your **teacher key** deletes any phi in the class and closes it. It is shown only now: "
-                   "copy it somewhere safe.")
-        st.code(teacher_key(info.code), language=None)
-        if st.button("I have copied the key", key="hide_key"):
-            ss.pop("show_key", None)
-            st.rerun()
+                   "copy it somewhere safe (this browser keeps teacher mode without it).")
+        st.code(new[1], language=None)
+        st.button("I have copied the key", key="hide_key", on_click=ss.pop, args=("new_class_key", None))
     a, b = st.columns([3, 1], vertical_alignment="bottom")
     a.caption(f"{info.n_phi} phi in the class, {human_bytes(info.bytes)}.")
     if b.button("Leave this class", key="leave_class", width="stretch"):
@@ -119,45 +98,110 @@ def measured_exact(name):
     return cache[key]
 
 
+def own_phi(rows):
+    """The bank's phi this visitor saved (trained, or uploaded), newest first: store ids grow
+    with every save, so the phi just saved comes first."""
+    stored = ss.get("stored_ids", {})
+    return sorted((r["name"] for r in rows if r["name"] in stored), key=stored.get, reverse=True)
+
+
+@st.cache_resource
+def library_names():
+    return {name for name, _ in library.entries()}
+
+
+def phi_label(name):
+    """How the save box names a phi: the shipped ones say so."""
+    return f"library: {name}" if name in library_names() and name not in ss.get("stored_ids", {}) else name
+
+
+def choose_default(mine, options):
+    """Select the visitor's newest phi whenever it changes (a new save), or when the box has
+    nothing valid selected; never a library phi (a room that clicks the default would fill the
+    board with identical library rows)."""
+    newest = mine[0] if mine else None
+    if ss.get("class_phi_newest") != newest or ss.get("class_phi") not in options:
+        ss["class_phi_newest"] = newest
+        ss["class_phi"] = newest
+
+
+def save_into_class(code, class_name):
+    """The Save button's callback: it runs before the page draws, so the class header's counts
+    drawn above already include the new phi."""
+    name = ss.get("class_phi")
+    if name is None:
+        ss["class_save_msg"] = ("error", "Choose a phi to save first.")
+        return
+    try:
+        data = peftcore.adapter_to_bytes(ui.bank(), name)
+        rec = ui.store().save_phi(ui.bank_token(create=True), name, data, class_code=code,
+                                  eval_exact=measured_exact(name), author=ss.get("class_author") or "anonymous",
+                                  client=ui.client())
+    except StoreError as e:
+        ss["class_save_msg"] = ("error", f"Not saved: {e}")
+    except Exception:  # noqa: BLE001 - a callback is outside the page's panels: say it here, log the rest
+        ui.log.exception("saving into a class failed")
+        ss["class_save_msg"] = ("error", "Not saved: something went wrong on the server (its log has the details).")
+    else:
+        ss["class_save_msg"] = ("success", f"Saved {ui.literal(rec.name)} into {ui.literal(class_name)} "
+                                           f"({rec.bytes:,} bytes).")
+
+
 def save_panel(info):
     st.markdown("**Save one of your phi into the class**")
     rows = ui.bank_rows()
     if not rows:
         st.info("Your bank is empty: train a phi on *Train a sliver* first.")
         return
+    mine = own_phi(rows)
+    options = mine + [r["name"] for r in rows if r["name"] not in mine]
+    if not mine:
+        st.info("You have no phi of your own yet: train one on *Train a sliver* and press **Save to my bank** "
+                "(or upload one on *Many tasks at once*). A library phi can still be chosen below.")
+    choose_default(mine, options)
     a, b, c = st.columns([2, 2, 1], vertical_alignment="bottom")
     # a long paste reaches the store, which says how long it was (the box would cut it silently)
-    author = a.text_input("Your name on the board", key="class_author", max_chars=200,
-                          help="Shown to the class next to your phi. Letters, digits, spaces, '.', \"'\" and '-'.")
-    names = [r["name"] for r in rows]
-    name = b.selectbox("phi from your bank", names, key="class_phi")
-    if c.button("Save into the class", key="class_save", type="primary", width="stretch", disabled=not info.is_open):
-        try:
-            data = peftcore.adapter_to_bytes(ui.bank(), name)
-            rec = ui.store().save_phi(ui.bank_token(create=True), name, data, class_code=info.code,
-                                   eval_exact=measured_exact(name), author=author or "anonymous", client=ui.client())
-        except StoreError as e:
-            st.error(f"Not saved: {e}")
-        else:
-            st.success(f"Saved `{rec.name}` into {ui.plain(info.name)} ({rec.bytes:,} bytes).")
+    a.text_input("Your name on the board", key="class_author", max_chars=200,
+                 help="Shown to the class next to your phi. Letters, digits, spaces, '.', \"'\" and '-'.")
+    b.selectbox("phi from your bank", options, key="class_phi", format_func=phi_label,
+                placeholder="Choose a library phi",
+                help="Yours first, the one you saved last selected. Library phi ship with the app.")
+    c.button("Save into the class", key="class_save", type="primary", width="stretch", disabled=not info.is_open,
+             on_click=save_into_class, args=(info.code, info.name))
+    if "class_save_msg" in ss:
+        kind, text = ss.pop("class_save_msg")
+        (st.success if kind == "success" else st.error)(text)
     if not info.is_open:
         st.caption("This class is closed: it takes no new phi.")
 
 
 # ------------------------------------------------------------------ the board
+# Characters one line of the board's free-text columns holds at their widths (student 130 px,
+# name 170 px); a longer name or author makes the rows three lines tall, where the grid wraps text.
+LINE_CHARS = {"student": 16, "name": 22}
+TALL_ROW_PX = 80  # three lines; the grid wraps a cell's text only in rows taller than 64 px
+
+
+def board_row_height(records):
+    long = any(len(r.author or "anonymous") > LINE_CHARS["student"] or len(r.name) > LINE_CHARS["name"]
+               for r in records)
+    return TALL_ROW_PX if long else None
+
+
 def board(info, records):
     facts = ui.base_facts(ui.device())
-    token, key = ui.bank_token(), teacher_key(info.code)
+    token, handle = ui.bank_token(), ui.teacher_handle(info.code)
     st.dataframe([dict(id=r.id, student=r.author or "anonymous", name=r.name,
                        method=ui.view_of(r.method).name, task=r.task,
                        phi_pct=100 * r.num_params / facts["params"], bytes=r.bytes,
                        exact=None if r.eval_exact is None else 100 * r.eval_exact,
                        yours=r.owned_by(token)) for r in records],
                  # widths in pixels for the free-text columns (names run to 40 and 64 characters):
-                 # the whole board fits a 1280-pixel projector beside the sidebar, no sideways scroll
-                 hide_index=True, key="class_board", column_config={
+                 # the whole board fits a 1280-pixel projector beside the sidebar, no sideways scroll;
+                 # names too long for one line wrap whole in taller rows (board_row_height)
+                 hide_index=True, key="class_board", row_height=board_row_height(records), column_config={
                      "id": st.column_config.NumberColumn("id", width=40),
-                     "student": st.column_config.TextColumn("student", width=120),
+                     "student": st.column_config.TextColumn("student", width=130),
                      "name": st.column_config.TextColumn("name", width=170),
                      "phi_pct": st.column_config.NumberColumn("phi %", format="%.3f%%"),
                      "bytes": st.column_config.NumberColumn("file bytes", format="localized"),
@@ -165,48 +209,58 @@ def board(info, records):
                          "exact match", format="%.1f%%", help="held-out exact match, measured when it was saved"),
                      "yours": st.column_config.CheckboxColumn("yours")})
     mine = [r for r in records if r.owned_by(token)]
-    deletable = records if key else mine
+    deletable = records if handle else mine
     if deletable:
         a, b = st.columns([3, 1], vertical_alignment="bottom")
         label = {r.id: f"#{r.id} {r.author or 'anonymous'}: {r.name}" for r in deletable}
-        phi_id = a.selectbox("Delete a phi" + (" (teacher)" if key else " of yours"), list(label),
+        phi_id = a.selectbox("Delete a phi" + (" (teacher)" if handle else " of yours"), list(label),
                              format_func=label.get, key="class_delete_id")
         if b.button("Delete", key="class_delete", width="stretch"):
             try:
-                ui.store().delete_phi(phi_id, owner=token, teacher_key=key)
+                ui.store().delete_phi(phi_id, owner=token, teacher_handle=handle)
             except StoreError as e:
                 st.error(str(e))
             else:
                 st.rerun()
 
 
+def teacher_login(info):
+    """The key box for a teacher whose browser is not in teacher mode (a new browser, or after leaving)."""
+    wrong = ss.pop("wrong_teacher_key", False)
+    with st.expander("I am the teacher of this class", expanded=wrong):
+        typed = st.text_input("Teacher key", key="typed_teacher_key", type="password")
+        if st.button("Use this key", key="use_teacher_key"):
+            try:
+                ui.become_teacher(info.code, typed.strip())
+            except StoreError:
+                ss["wrong_teacher_key"] = True  # the rerun keeps the expander open over the message
+            st.rerun()
+        if wrong:
+            st.error("That is not this class's teacher key: it was shown once, when the class was started.")
+
+
 def teacher_panel(info):
-    key = teacher_key(info.code)
-    if key is None:
-        wrong = ss.pop("wrong_teacher_key", False)
-        with st.expander("I am the teacher of this class", expanded=wrong):
-            typed = st.text_input("Teacher key", key="typed_teacher_key", type="password")
-            if st.button("Use this key", key="use_teacher_key"):
-                if ui.store().is_teacher(info.code, typed.strip()):
-                    become_teacher(info.code, typed.strip())
-                else:
-                    ss["wrong_teacher_key"] = True  # the rerun keeps the expander open over the message
-                st.rerun()
-            if wrong:
-                st.error("That is not this class's teacher key: it was shown once, when the class was started.")
+    handle = ui.teacher_handle(info.code)
+    if handle is None:
+        teacher_login(info)
         return
     use = ui.store().usage(info.code)
     st.caption(f"Teacher: the class holds {use['phi']} of at most {use['phi_limit']} phi from {use['students']} "
                f"student(s), {human_bytes(use['bytes'])} of {human_bytes(use['bytes_limit'])} (each file counted "
                "once, however many rows name it).")
-    if info.is_open and st.button("Close the class", key="close_class",
-                                  help="No more phi can be saved into it; the board stays."):
+    a, b = st.columns(2)
+    if info.is_open and a.button("Close the class", key="close_class",
+                                 help="No more phi can be saved into it; the board stays."):
         try:
-            ui.store().close_class(info.code, key)
+            ui.store().close_class(info.code, teacher_handle=handle)
         except StoreError as e:
             st.error(str(e))
         else:
             st.rerun()
+    b.button("Leave teacher mode", key="leave_teacher", on_click=ui.leave_teacher, args=(info.code,),
+             help="This browser forgets that you are the teacher; your key brings teacher mode back.")
+    st.caption("On a shared computer, leave teacher mode before you go: the next person at this browser "
+               "would otherwise be the teacher.")
 
 
 # ------------------------------------------------------------------ storage chart
@@ -235,31 +289,28 @@ def storage_section(records):
 
 
 # ------------------------------------------------------------------ one mixed batch
-@st.cache_resource(max_entries=4, show_spinner="Loading the class's phi onto the shared base...")
-def class_bank(path, device, phi_ids):
-    """A PeftModel over the shared base holding every phi in `phi_ids` (a sorted tuple of ids:
-    ids are never reused, so a changed class is a new key), shared by every session of the
-    class, with a lock: a mixed batch routes rows through model state."""
+@st.cache_resource(max_entries=8, show_spinner="Serving every phi of the class in one mixed batch...")
+def class_report(path, device, phi_ids):
+    """The class's mixed batch and its timings, computed once per state of the class (ids are
+    never reused: a changed class is a new key) for the whole room, whatever a student's seed or
+    how often they press: the work is bounded by the saves. It runs on a bank
+    of its own over the shared base, dropped afterwards: nothing is shared but the base, which
+    no forward pass changes, so no lock; only sessions asking for this very report wait for it."""
     model, errors, s = peftcore.PeftModel(ui.get_base(device)), [], ui.get_store(path)
     for phi_id in phi_ids:
         try:
             peftcore.load_adapter(model, f"phi{phi_id}", s.load_bytes(phi_id))
         except (StoreError, peftcore.AdapterLoadError) as e:
             errors.append(f"phi #{phi_id}: {e}")
-    return dict(model=model, lock=threading.Lock(), errors=errors)
+    names = [f"phi{i}" for i in phi_ids if f"phi{i}" in model.peft_config]
+    repeats = TIMED_PASSES if len(names) < ONE_PASS_FROM else 1  # 120 phi: 11 s of CPU, not 17.5 (2 cores)
+    report = analysis.serve_report(model, names, [model.adapter_task[n] for n in names], per=1, seed=0,
+                                   repeats=repeats)
+    return dict(names=names, report=report, errors=errors, repeats=repeats)
 
 
-@st.cache_resource(max_entries=8, show_spinner="Serving every phi of the class in one mixed batch...")
-def class_report(path, device, phi_ids, seed):
-    """The class's mixed batch and its timings, computed once per state of the class (ids are
-    never reused: a changed class is a new key) for every session: a class of 120 phi costs
-    seconds of CPU, and a student pressing again and again must not cost them again."""
-    bank = class_bank(path, device, phi_ids)
-    names = [f"phi{i}" for i in phi_ids if f"phi{i}" in bank["model"].peft_config]
-    with bank["lock"]:
-        report = analysis.serve_report(bank["model"], names, [bank["model"].adapter_task[n] for n in names], per=1,
-                                       seed=seed, repeats=3)
-    return dict(names=names, report=report, errors=bank["errors"])
+def timed(repeats):
+    return f"median of {repeats} timings each" if repeats > 1 else "one timing each, after a warm-up pass"
 
 
 def serve_section(records):
@@ -270,20 +321,19 @@ def serve_section(records):
     ids = tuple(sorted(r.id for r in servable))
     if st.button(f"Serve all {len(servable)} phi in one mixed batch", key="class_serve", type="primary",
                  help="Computed once for the class as it stands: pressing again shows the same measurement."):
-        ss["class_served"] = (ids, ui.seed())
-    served = ss.get("class_served")
-    if not served or served[0] != ids:
+        ss["class_served"] = ids
+    if ss.get("class_served") != ids:
         return
-    result = class_report(ui.store_path(), ui.device(), *served)
+    result = class_report(ui.store_path(), ui.device(), ids)
     by_name, report = {f"phi{r.id}": r for r in servable}, result["report"]
     rows = [dict(row, task=f"{by_name[n].author or 'anonymous'}: {by_name[n].name} ({by_name[n].task})")
             for row, n in zip(report["rows"], result["names"])]
     for e in result["errors"]:
-        st.warning(f"Skipped: {e}")
+        st.warning(f"Skipped: {ui.plain(e, 300)}")  # a load error may quote the file's own text
     ui.serving_metrics(report["times"], len(rows))
     right = sum(r["correct"] for r in rows)
     st.caption(f"One request per phi ({len(rows)} rows, {right} answered right), greedy decoding of "
-               f"8 digits on {ui.device()}, median of 3 timings each. Outputs of the mixed batch "
+               f"8 digits on {ui.device()}, {timed(result['repeats'])}. Outputs of the mixed batch "
                f"{'equal' if report['same'] else 'DIFFER FROM'} one-request-at-a-time outputs.")
     ui.predictions_table(rows)
 

@@ -18,11 +18,20 @@ MERGE_REPEATS = 15  # alternating pairs timed for the merge panel (as many as be
 ss = st.session_state
 
 
+PLAIN_WORD = re.compile(r"[A-Za-z0-9]+([_-][A-Za-z0-9]+)*")  # markdown reads nothing in it
+
+
+def cell(text):
+    """A name or task from a visitor's file for st.table, which reads its cells as markdown:
+    as it is when it is a plain word ('_' between letters or digits is never emphasis), else a literal."""
+    return text if PLAIN_WORD.fullmatch(text) else ui.literal(text, 64)
+
+
 def bank_table(rows, facts):
     """Every phi: method, task, size, and its file measured against the closed form. A static
     table: every column and row in view on a projector, none behind a grid's scrollbars."""
-    table = pd.DataFrame([{"name": r["name"], "method": r["method"], "task": r["task"], "parameters": r["params"],
-                           "phi %": r["phi_pct"], "file bytes (measured)": r["file_bytes"],
+    table = pd.DataFrame([{"name": cell(r["name"]), "method": r["method"], "task": cell(r["task"]),
+                           "parameters": r["params"], "phi %": r["phi_pct"], "file bytes (measured)": r["file_bytes"],
                            "formula bytes": r["formula_bytes"], "header bytes": r["file_bytes"] - r["formula_bytes"]}
                           for r in rows])
     numbers = ["parameters", "phi %", "file bytes (measured)", "formula bytes", "header bytes"]
@@ -41,7 +50,7 @@ def remove_phi():
         try:
             ui.remove_from_bank(name)
         except StoreError as e:
-            ss["remove_msg"] = f"{name} was not deleted: {e}."
+            ss["remove_msg"] = f"{ui.literal(name, 64)} was not deleted: {e}."
 
 
 def remove_widget(names):
@@ -55,7 +64,7 @@ def remove_widget(names):
         st.error(ss.pop("remove_msg"))
     if name in ss.get("stored_ids", {}):
         with b.popover("Delete…", width="stretch"):
-            st.write(f"Deletes {ui.plain(name)} from the store for good: your bank link will not bring it back. "
+            st.write(f"Deletes {ui.literal(name, 64)} from the store for good: your bank link will not bring it back. "
                      "A copy you saved into a class stays in the class.")
             st.button("Yes, delete it", key="remove", type="primary", on_click=remove_phi)
     else:
@@ -75,9 +84,10 @@ def load_upload():
     try:
         ui.add_to_bank(name, f.getvalue())
     except peftcore.AdapterLoadError as e:
-        ss["upload_msg"] = ("error", f"{f.name} was not loaded: {e}")
+        # the file's name and the reason (which may quote the file's own config) are the visitor's text
+        ss["upload_msg"] = ("error", f"{ui.literal(f.name, 80)} was not loaded: {ui.plain(e, 300)}")
         return
-    ss["upload_msg"] = ("success", f"Loaded `{name}` ({f.size:,} bytes) into your bank.")
+    ss["upload_msg"] = ("success", f"Loaded {ui.literal(name, 64)} ({f.size:,} bytes) into your bank.")
     if ui.bank().adapter_task.get(name) in peftcore.TASKS and "serve_names" in ss:
         ss["serve_names"] = [*ss["serve_names"], name]
 
@@ -261,7 +271,7 @@ st.subheader("Your bank")
 with ui.panel("Your bank"):
     ui.bank()
     for error in ss.get("library_errors", []):
-        st.warning(f"Left out of your bank: {error}")
+        st.warning(f"Left out of your bank: {ui.plain(error, 300)}")  # may quote a file's own text
     rows = ui.bank_rows()
     if rows:
         bank_table(rows, facts)

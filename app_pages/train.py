@@ -108,6 +108,19 @@ def exercise():
     return ss["exercise"]
 
 
+def from_exercise():
+    """Whether this session came through an exercise link (its values, locks, hides or even
+    its faulty values): a student's page, which shows no teacher tools."""
+    ex = exercise()
+    return bool(ex["values"] or ex["locked"] or ex["hidden"] or ex["problems"])
+
+
+def shown(name):
+    """Whether the page may show control `name` or its value: what an exercise hides, it hides
+    everywhere (the captions and result cards too, not only the widget)."""
+    return name not in exercise()["hidden"]
+
+
 def control(name, default, draw):
     """Draw a control (disabled if the exercise locks it), or, if it hides it, use the
     link's value unseen."""
@@ -203,7 +216,8 @@ def one_method(task):
     steps = control("steps", preset.train["steps"], lambda **kw: b.slider(
         "Steps", value=unless_set(f"steps-{method}", preset.train["steps"]), key=f"steps-{method}",
         help=f"Batches of {preset.train['batch_size']} examples.", **STEPS, **kw))
-    class_link(task, method, config, lr, steps)
+    if not from_exercise():  # the teacher's tool: a student who came through a link never sees it
+        class_link(task, method, config, lr, steps)
     return [(method, config, dict(preset.train, lr=lr, steps=steps))]
 
 
@@ -231,8 +245,9 @@ def check(specs, facts):
             errors.append(f"{label}: {e}")
             continue
         n = phi_params(config, facts)
+        settings = {"lr": f"lr {kw['lr']:g}", "steps": f"{kw['steps']} steps"}
         st.caption(f"**{label}**: phi = {n:,} trainable parameters, {100 * n / facts['params']:.3g}% of the "
-                   f"base's {facts['params']:,} · lr {kw['lr']:g} · {kw['steps']} steps")
+                   f"base's {facts['params']:,}" + "".join(f" · {t}" for k, t in settings.items() if shown(k)))
     for e in errors:
         st.error(e)
     if not specs:
@@ -317,7 +332,8 @@ def result_card(run):
     cols[3].metric("held-out exact match", "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%",
                    help=f"All 8 answer digits right, on {EVAL_SIZE} examples never trained on.")
     cols[4].metric("digit accuracy", "-" if s["token"] is None else f"{100 * s['token']:.1f}%")
-    cols[5].metric("time", f"{s['seconds']:.1f} s", help=f"{s['step']} steps at {s['steps_per_s']:.1f} steps/s")
+    rate = f"{s['steps_per_s']:.1f} steps/s"  # the steps run would say a hidden budget
+    cols[5].metric("time", f"{s['seconds']:.1f} s", help=(f"{s['step']} steps at " if shown("steps") else "") + rate)
     digits_chart(run)
     same = after == model.base_fingerprint
     prints = f"Shared base fingerprint (sha256) before `{model.base_fingerprint[:16]}…` · after `{after[:16]}…` · "
@@ -366,7 +382,7 @@ def save_and_download(run, data):
     elif b.button("Save to my bank", key=f"save-{run.id}", width="stretch"):
         try:
             ui.add_to_bank(name, data)
-            st.success(f"Saved `{name}` to your bank: see *Many tasks at once*.")
+            st.success(f"Saved {ui.literal(name)} to your bank: see *Many tasks at once*.")
         except peftcore.AdapterLoadError as e:
             st.error(f"Not saved: {e}")
     c.download_button("Download", data, file_name=f"{name or slug}.safetensors", key=f"dl-{run.id}",
