@@ -246,7 +246,7 @@ def _cookie_token(name, kind):
     """A cookie's token if this server signed it; a value planted by anyone else is refused
     (said once) and overwritten."""
     value = st.context.cookies.get(name)
-    if not value:
+    if not isinstance(value, str) or not value:
         return None
     ok = _token_ok(value, kind)
     if ok is False:
@@ -367,7 +367,7 @@ def teacher_handle(code):
     handles = ss.setdefault("teacher_handles", {})
     if code not in handles:
         cookie = st.context.cookies.get(teacher_cookie(code))
-        handles[code] = cookie if cookie and _teacher_of(cookie) == code else None
+        handles[code] = cookie if isinstance(cookie, str) and _teacher_of(cookie) == code else None
     elif handles[code] and _teacher_of(handles[code]) != code:  # expired, or the class closed
         handles[code] = None
     return handles[code]
