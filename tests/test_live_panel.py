@@ -1,0 +1,41 @@
+"""What a class costs the web server per student (issue 35): a result card proposes a name for
+the Save box without loading this session's bank (the 25 library phi, 125 ms) for a student who
+may never save; the name still avoids every name the bank will hold."""
+import os
+import time
+import traceback
+
+from streamlit.testing.v1 import AppTest
+
+import peftcore
+from apptest import ROOT
+from peftcore import library
+from peftcore.store import Store
+
+
+def test_a_result_card_does_not_load_the_library_and_its_name_is_still_new(monkeypatch, base):
+    loads, real = [], library.load_library
+    monkeypatch.setattr(library, "load_library",
+                        lambda *a, **k: loads.append("".join(traceback.format_stack(limit=12))) or real(*a, **k))
+    store = Store(os.environ["PEFT_STORE"], base=base)
+    token = store.mint_token("bank")
+    model = peftcore.PeftModel.from_pretrained(base, dict(library.entries())["lora-times_3"])
+    store.save_phi(token, "lora-times_3-2", peftcore.adapter_to_bytes(model, "default"))
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.session_state["bank_token"] = token  # this browser's bank, which holds lora-times_3-2
+    at.run()  # the storage page, which lists the bank; a student on /train never opened it:
+    del at.session_state[f"bank:{peftcore.resolve_device('auto')}"]
+    loads.clear()
+    at.switch_page("app_pages/train.py").run()
+    at.slider(key="steps-LoRA").set_value(10).run()
+    at.button(key="train_go").click().run()
+    for _ in range(60):
+        if any(s.value.startswith("Results on") for s in at.subheader):
+            break
+        time.sleep(0.5)
+        at.run()
+    assert any(s.value.startswith("Results on") for s in at.subheader)
+    assert not loads, loads[0][-3000:]  # no page the student saw needed the bank
+    name = next(t for t in at.text_input if t.label == "Name in your bank").value
+    assert name == "lora-times_3-3"  # the library holds lora-times_3, the student's bank lora-times_3-2
