@@ -191,13 +191,14 @@ def test_a_bad_value_in_a_link_is_reported(page, url, sync_api):
 
 # ------------------------------------------------------------------ the other pages
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
-def test_serve_page_is_whole(new_page, url, size):
+def test_serve_page_is_whole(new_page, url, size, sync_api):
     page = open_page(new_page, url, "serve", size)
     assert page.get_by_test_id("stMetric").filter(has_text="unmerged").count() == 1  # the merge panel measured
     page.get_by_role("button", name="Serve as one mixed batch").click()
+    # waited for, not read at once: the click's script run may not have begun when wait_ready looks
+    sync_api.expect(page.get_by_text("Why the sort rows are wrong")).to_be_visible(timeout=120_000)  # lora-sort is served by default
     wait_ready(page, timeout=120_000)
     assert page.locator(EXCEPTION).count() == 0
-    assert page.get_by_text("Why the sort rows are wrong").is_visible()  # lora-sort is served by default
     path = shoot(page, "serve", size)
     assert not cut_off(page), f"{cut_off(page)} (see {path})"
 
