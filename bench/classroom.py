@@ -61,6 +61,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bench.appserver import CHROMIUM, CHROMIUM_ARGS, CLK_TCK, READY, proc_cpu_seconds, ray_head, streamlit_server
+from bench.common import LiveUpdates
 
 # ------------------------------------------------------------------ what the pages show
 # The texts and selectors this benchmark (and tests/test_classroom.py) depends on.
@@ -142,7 +143,7 @@ HEADLINE_CHANGED = r"""
 
 # ------------------------------------------------------------------ one student
 @dataclass
-class Student:
+class Student(LiveUpdates):
     index: int
     seed: int = None                # set in the sidebar (--distinct-seeds), else the app's default
     pressed: float = None           # epoch s, just before the click
@@ -185,21 +186,6 @@ class Student:
         """The steps shown part-way through a run (0 < step < budget), in order."""
         return [int(a) for _, text in self.log.get("progress", [])
                 for a, b in STEP_RE.findall(text) if 0 < int(a) < int(b)]
-
-    def running_updates(self):
-        """Progress changes while training: from the first step shown to the result."""
-        start, end = self.first_step, self.result_at
-        return self.updates(start, end) if start and end else []
-
-    @property
-    def live_rate(self):
-        u = self.running_updates()
-        return (len(u) - 1) / (u[-1] - u[0]) if len(u) >= 2 and u[-1] > u[0] else None
-
-    @property
-    def max_gap(self):
-        u = self.running_updates()
-        return max(b - a for a, b in zip(u, u[1:])) if len(u) >= 2 else None
 
     @property
     def steps_per_s(self):

@@ -27,3 +27,23 @@ def machine():
     kernels = torch.backends.cpu.get_cpu_capability()
     return (f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"{kernels} kernels, {gpu}, torch {torch.__version__}")
+
+
+class LiveUpdates:
+    """What a student saw of a live run, for a class benchmark's Student (a browser's or a
+    simulated one): it provides `first_step`, `result_at` and `updates(start, end)`."""
+
+    def running_updates(self):
+        """Progress changes while training: from the first step shown to the result."""
+        start, end = self.first_step, self.result_at
+        return self.updates(start, end) if start and end else []
+
+    @property
+    def live_rate(self):
+        u = self.running_updates()
+        return (len(u) - 1) / (u[-1] - u[0]) if len(u) >= 2 and u[-1] > u[0] else None
+
+    @property
+    def max_gap(self):
+        u = self.running_updates()
+        return max(b - a for a, b in zip(u, u[1:])) if len(u) >= 2 else None

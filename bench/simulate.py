@@ -101,6 +101,7 @@ from streamlit.proto.WidgetStates_pb2 import WidgetState
 from websockets.asyncio.client import connect
 
 from bench.appserver import CLK_TCK, proc_cpu_seconds, ray_head, streamlit_server
+from bench.common import LiveUpdates
 from bench.proxy import COOKIE as PROXY_COOKIE
 
 # ------------------------------------------------------------------ what the train page shows
@@ -120,7 +121,7 @@ RAY_WORKER = b"ray::Worker"               # the process title of a training work
 
 # ------------------------------------------------------------------ one student's observations
 @dataclass
-class Student:
+class Student(LiveUpdates):
     index: int
     seed: int = None          # set in the sidebar (--distinct), else the app's default
     server: str = ""          # the web server it landed on
@@ -196,21 +197,6 @@ class Student:
 
     def updates(self, start=None, end=None):
         return [t for t, _, _ in self.progress if (start is None or t >= start) and (end is None or t <= end)]
-
-    def running_updates(self):
-        """Progress changes while training: from the first step shown to the result."""
-        start, end = self.first_step, self.result_at
-        return self.updates(start, end) if start and end else []
-
-    @property
-    def live_rate(self):
-        u = self.running_updates()
-        return (len(u) - 1) / (u[-1] - u[0]) if len(u) >= 2 and u[-1] > u[0] else None
-
-    @property
-    def max_gap(self):
-        u = self.running_updates()
-        return max(b - a for a, b in zip(u, u[1:])) if len(u) >= 2 else None
 
     @property
     def waited(self):
@@ -849,7 +835,6 @@ def default_steps():
 def core_alone(n, distinct, steps):
     """The same runs in this process with peftcore alone (bench.classroom.core_alone)."""
     from bench.classroom import core_alone as alone, core_jobs
-    from bench.common import machine  # noqa: F401  (one torch thread, as the servers)
     from peftcore import TASKS
     return alone(core_jobs(n, False, distinct, steps), next(iter(TASKS)))
 

@@ -1,4 +1,5 @@
 """Opening the app under AppTest the way a visitor does: app.py with a link's query, then a page."""
+import time
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
@@ -13,4 +14,15 @@ def open_page(page, query=None):
     at.run()
     at.switch_page(page).run()
     assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def wait_for(at, done, timeout=150):
+    """Rerun until `done(at)`: AppTest does not fire run_every, so poll as the browser does."""
+    deadline = time.time() + timeout
+    while not done(at):
+        assert time.time() < deadline, "timed out waiting for the app"
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
     return at

@@ -2,7 +2,6 @@
 training run finishes and shows its results; Stop works; a bad upload gets an error."""
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ sys.path.insert(0, str(ROOT))  # the app's own modules (ui, pages) as `streamlit
 
 import peftcore  # noqa: E402
 import ui  # noqa: E402
+from apptest import wait_for  # noqa: E402
 from peftcore.library import LIBRARY_DIR  # noqa: E402
 from peftcore.presets import longer_budget, robustness  # noqa: E402
 
@@ -34,17 +34,6 @@ def new_app(page=None, query=None):
 
 def assert_clean(at):
     assert not at.exception, [e.value for e in at.exception]
-
-
-def wait_for(at, done, timeout=150):
-    """Rerun until `done(at)`: AppTest does not fire run_every, so poll like the browser does."""
-    deadline = time.time() + timeout
-    while not done(at):
-        assert time.time() < deadline, "timed out waiting for the app"
-        time.sleep(1.0)
-        at.run()
-        assert_clean(at)
-    return at
 
 
 def button(at, key):

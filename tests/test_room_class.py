@@ -6,7 +6,6 @@ waits on) and times a big class once; an exercise link hides what it hides every
 shows no teacher tool; a visitor's text is a literal on these pages."""
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import peftcore  # noqa: E402
 import ui  # noqa: E402
-from apptest import open_page  # noqa: E402
+from apptest import open_page, wait_for  # noqa: E402
 from peftcore import analysis, library  # noqa: E402
 from peftcore import store as store_mod  # noqa: E402
 from peftcore.store import ENV_VAR, Store  # noqa: E402
@@ -51,16 +50,6 @@ def class_page(code, seed=None):
     at.run()
     assert_clean(at)
     return at
-
-
-def wait_for(at, done, timeout=120):
-    """Rerun until `done(at)`: AppTest does not fire run_every; poll as the browser does."""
-    deadline = time.time() + timeout
-    while not done(at):
-        assert time.time() < deadline, "timed out waiting for the app"
-        time.sleep(0.5)
-        at.run()
-        assert_clean(at)
 
 
 def train_and_save(at, steps, name=None):
