@@ -310,10 +310,10 @@ def bank_offer():
         return
     mine = bank_token()
     with st.container(border=True):
-        st.warning(f"**This link opens another bank** ({theirs} saved phi). Your own bank "
-                   + (f"stays yours and is unchanged" if mine else "is empty so far")
-                   + " unless you choose. Use it only if it is your own bank, from another device: "
-                   "whoever has that link can use and delete its phi.", icon=":material/key:")
+        st.warning(f"**This link opens another bank** ({theirs} saved phi). "
+                   + ("Your own bank stays as it is" if mine else "This browser has no bank of its own yet")
+                   + ": nothing changes unless you choose. Use that bank only if it is yours, from another "
+                   "device: whoever has the link can use and delete its phi.", icon=":material/key:")
         a, b = st.columns(2)
         a.button("Use that bank in this browser", key="take_offered_bank", on_click=use_bank, args=(token,),
                  width="stretch")
@@ -911,6 +911,16 @@ def literal(text, limit=60):
     fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
     pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+PLAIN_WORDS = re.compile(r"[A-Za-z0-9]+([ _'-][A-Za-z0-9]+)*")  # markdown reads nothing in these
+
+
+def as_text(text, limit=60):
+    """Visitor text that reads as it is where markdown would find nothing in it ("Monday group",
+    "lora-times_3"), else a literal: a name stays readable, a crafted one stays inert."""
+    text = str(text)
+    return text if len(text) <= limit and PLAIN_WORDS.fullmatch(text) else literal(text, limit)
 
 
 def link_value(value, limit=40):

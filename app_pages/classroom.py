@@ -66,7 +66,7 @@ def start_or_join():
 
 
 def class_header(info):
-    st.subheader(f"{ui.literal(info.name)} · join code {info.code}" + ("" if info.is_open else " · closed"))
+    st.subheader(f"{ui.as_text(info.name)} · join code {info.code}" + ("" if info.is_open else " · closed"))
     new = ss.get("new_class_key")
     if new and new[0] == info.code:
         st.success(f"Class started. Students open this page and type the join code **{info.code}** "
@@ -143,7 +143,7 @@ def save_into_class(code, class_name):
         ui.log.exception("saving into a class failed")
         ss["class_save_msg"] = ("error", "Not saved: something went wrong on the server (its log has the details).")
     else:
-        ss["class_save_msg"] = ("success", f"Saved {ui.literal(rec.name)} into {ui.literal(class_name)} "
+        ss["class_save_msg"] = ("success", f"Saved {ui.literal(rec.name)} into {ui.as_text(class_name)} "
                                            f"({rec.bytes:,} bytes).")
 
 

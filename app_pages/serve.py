@@ -18,19 +18,10 @@ MERGE_REPEATS = 15  # alternating pairs timed for the merge panel (as many as be
 ss = st.session_state
 
 
-PLAIN_WORD = re.compile(r"[A-Za-z0-9]+([_-][A-Za-z0-9]+)*")  # markdown reads nothing in it
-
-
-def cell(text):
-    """A name or task from a visitor's file for st.table, which reads its cells as markdown:
-    as it is when it is a plain word ('_' between letters or digits is never emphasis), else a literal."""
-    return text if PLAIN_WORD.fullmatch(text) else ui.literal(text, 64)
-
-
 def bank_table(rows, facts):
     """Every phi: method, task, size, and its file measured against the closed form. A static
     table: every column and row in view on a projector, none behind a grid's scrollbars."""
-    table = pd.DataFrame([{"name": cell(r["name"]), "method": r["method"], "task": cell(r["task"]),
+    table = pd.DataFrame([{"name": ui.as_text(r["name"], 64), "method": r["method"], "task": ui.as_text(r["task"], 64),
                            "parameters": r["params"], "phi %": r["phi_pct"], "file bytes (measured)": r["file_bytes"],
                            "formula bytes": r["formula_bytes"], "header bytes": r["file_bytes"] - r["formula_bytes"]}
                           for r in rows])
