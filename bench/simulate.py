@@ -9,8 +9,8 @@ protocol" below), so one process carries hundreds of them. Against real `streaml
 servers (bench.appserver): K of them (--servers, default 1) on one fresh `ray start --head`
 (bench.appserver.ray_head, token auth; the web servers train nothing themselves, the run
 service on Ray does), behind a real sticky reverse proxy (bench.proxy: Debian's haproxy,
-cookie-sticky, X-Forwarded-For set to the peer) unless --no-proxy (student i then opens
-server i mod K directly).
+cookie-sticky, X-Forwarded-For set to the peer, compressing, static files cached: the README's
+lecture-hall proxy) unless --no-proxy (student i then opens server i mod K directly).
 
 The flow, per student, as bench.classroom's real browsers do it: open /train (through the
 proxy: a GET of the page first, which gives the proxy's sticky cookie, then the websocket
@@ -813,7 +813,7 @@ def run_class(n, servers=1, distinct=False, steps=None, proxy=True, timeout=900,
         # thread_probe: per-thread CPU (script runs, event loop, static files), as bench.classroom
         every = [stack.enter_context(streamlit_server(timeout=server_timeout, env=env, executor="ray", thread_probe=True))
                  for _ in range(servers)]
-        px = stack.enter_context(haproxy([sv.url for sv in every])) if proxy else None
+        px = stack.enter_context(haproxy([sv.url for sv in every], static=True)) if proxy else None
         result.phases["start"] = time.time() - t0
         say(f"Ray head, {servers} web server(s){' and haproxy' if proxy else ''} up in {result.phases['start']:.0f} s")
         try:
