@@ -35,7 +35,10 @@ from peftcore.tasks import EVAL_SIZE
 log = logging.getLogger("peft_playground")
 MAX_SESSION_RUNS = max(4, len(peftcore.METHODS))  # runs one visitor may have training or waiting, across
                                                   # tabs: a race of every method at once
-POLL_S = 0.75          # live curves refresh at least once a second (a rerun costs the GIL: not faster)
+POLL_S = 0.75          # live curves refresh at least once a second (a rerun costs the GIL: not faster)...
+MAX_POLL_S = 1.5       # ...or, on a server holding many pages, every 1.5 s at most (>= 0.5 updates/s)
+POLL_S_PER_PAGE = 0.015  # a live-panel run costs a server 3-5 ms of CPU (BENCHMARKS.md): 100 open pages
+                         # at 1.5 s take about a third of a core
 WAITING_POLL_S = 2.0   # a session whose runs all wait in line: only its place changes (a class of 30
                        # polling at POLL_S cost the server ~0.6 of a core in refreshes)
 
@@ -695,7 +698,7 @@ def live_runs(group):
 
     inline = [True]  # False once this full run is over: the panel then runs on its own
 
-    @st.fragment(run_every=(WAITING_POLL_S if waiting else POLL_S) if polling else None)
+    @st.fragment(run_every=poll_interval(waiting) if polling else None)
     def live_panel():
         get_manager().reap(connected)
         runs = group_runs(group)
@@ -720,6 +723,24 @@ def live_runs(group):
 
     live_panel()
     inline[0] = False
+
+
+def poll_interval(waiting):
+    """Seconds between a live panel's refreshes on this server: POLL_S, longer as the server holds
+    more open pages (at most MAX_POLL_S), so that a lecture hall's refreshes do not outgrow it:
+    300 pages on 3 servers refreshing at POLL_S overloaded them until pages went a minute or more
+    without an update (BENCHMARKS.md). Pages waiting in line refresh half as often, and no more
+    often than every WAITING_POLL_S."""
+    live = min(MAX_POLL_S, max(POLL_S, open_pages() * POLL_S_PER_PAGE))
+    return max(WAITING_POLL_S, 2 * live) if waiting else live
+
+
+def open_pages():
+    """Pages (sessions) open on this server now (outside a server, as in AppTest: 1)."""
+    if not Runtime.exists():
+        return 1
+    runtime = Runtime.instance()
+    return sum(runtime.is_active_session(s) for tabs in list(sessions_of_owner().values()) for s in list(tabs))
 
 
 def hidden(control):

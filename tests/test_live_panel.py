@@ -1,9 +1,11 @@
 """What a class costs the web server per student (issue 35): a result card proposes a name for
 the Save box without loading this session's bank (the 25 library phi, 125 ms) for a student who
-may never save; the name still avoids every name the bank will hold."""
+may never save; the name still avoids every name the bank will hold. A server holding many
+pages refreshes each less often."""
 import os
 import traceback
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 import peftcore
@@ -33,3 +35,16 @@ def test_a_result_card_does_not_load_the_library_and_its_name_is_still_new(monke
     assert not loads, loads[0][-3000:]  # no page the student saw needed the bank
     name = next(t for t in at.text_input if t.label == "Name in your bank").value
     assert name == "lora-times_3-3"  # the library holds lora-times_3, the student's bank lora-times_3-2
+
+
+@pytest.mark.parametrize("pages, live, waiting", [(1, 0.75, 2.0), (50, 0.75, 2.0), (80, 1.2, 2.4),
+                                                  (100, 1.5, 3.0), (300, 1.5, 3.0)])
+def test_a_server_holding_many_pages_refreshes_each_less_often(monkeypatch, pages, live, waiting):
+    """300 pages on 3 servers refreshing every 0.75 s overloaded them until pages went minutes
+    without an update (BENCHMARKS.md); the interval grows with the server's open pages, and
+    stays within what a live update a second needs (>= 0.5 a second)."""
+    import ui
+    monkeypatch.setattr(ui, "open_pages", lambda: pages)
+    assert ui.poll_interval(waiting=False) == pytest.approx(live)
+    assert ui.poll_interval(waiting=True) == pytest.approx(waiting)
+
