@@ -736,11 +736,12 @@ def poll_interval(waiting):
 
 
 def open_pages():
-    """Pages (sessions) open on this server now (outside a server, as in AppTest: 1)."""
+    """Pages (sessions) open on this server now (outside a server: 0; AppTest's runtime is a
+    mock, whose answers are not True)."""
     if not Runtime.exists():
-        return 1
+        return 0
     runtime = Runtime.instance()
-    return sum(runtime.is_active_session(s) for tabs in list(sessions_of_owner().values()) for s in list(tabs))
+    return sum(runtime.is_active_session(s) is True for tabs in list(sessions_of_owner().values()) for s in list(tabs))
 
 
 def hidden(control):
