@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 import tempfile
@@ -19,6 +20,30 @@ os.environ["PEFT_STORE"] = os.path.join(tempfile.mkdtemp(prefix="peft-store-"), 
 # One intra-op thread: this model's matmuls are tiny, and on a shared 2-core machine two
 # OpenMP threads per op run several times slower than one (see BENCHMARKS.md).
 torch.set_num_threads(1)
+
+
+class _PanelFailures(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.failed = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("a page section failed"):
+            self.failed.append(self.format(record))
+
+
+@pytest.fixture(autouse=True)
+def no_failed_panel(request):
+    """A page section that fails shows its visitor one line and logs the traceback
+    (ui.panel): the page still draws, so no AppTest exception and no crawler would see it. Any
+    test whose page had one fails here, unless it is marked panel_fails."""
+    handler = _PanelFailures()
+    logger = logging.getLogger("peft_playground")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    if handler.failed and not request.node.get_closest_marker("panel_fails"):
+        pytest.fail(f"{len(handler.failed)} page section(s) failed; the first:\n{handler.failed[0][-3000:]}")
 
 
 @pytest.fixture(scope="session")

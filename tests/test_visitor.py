@@ -252,6 +252,7 @@ def test_the_full_fine_tuning_card_says_what_happened_and_a_saved_phi_is_served_
     assert saved in at.multiselect(key="serve_names").value
 
 
+@pytest.mark.panel_fails
 def test_a_failing_panel_says_so_briefly_and_the_rest_of_the_page_works(monkeypatch):
     import ui
 
