@@ -24,13 +24,15 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 import peftcore
 import views
 from peftcore import analysis, library
-from peftcore import store as store_mod
-from peftcore.executors import RunSpec
-from peftcore.runs import QUEUED, QueueFull, RunManager
 from peftcore.pretrain import evaluate as evaluate_pretraining, first_loss
+from peftcore.service import store as store_mod
+from peftcore.service.executors import RunSpec
+from peftcore.service.runs import QUEUED, QueueFull, RunManager
+from peftcore.service.store import StoreError, normalize_code  # noqa: F401 - the pages catch and use these through ui
+from peftcore.service.warmup import start_warm_up
 from peftcore.storage import human_bytes
-from peftcore.train import solved_at, start_warm_up
 from peftcore.tasks import EVAL_SIZE
+from peftcore.train import solved_at
 
 log = logging.getLogger("peft_playground")
 MAX_SESSION_RUNS = max(4, len(peftcore.METHODS))  # runs one visitor may have training or waiting, across
@@ -74,7 +76,7 @@ def panel(what):
     Streamlit's rerun and stop are BaseExceptions: they pass through."""
     try:
         yield
-    except store_mod.StoreError as e:  # the store's own messages are written for visitors
+    except StoreError as e:  # the store's own messages are written for visitors
         st.error(f"{what}: {e}")
     except Exception:  # noqa: BLE001 - a visitor sees no traceback; the log has it
         log.exception("a page section failed: %s", what)
@@ -123,7 +125,7 @@ def make_manager(executor="inprocess"):
     """The run service: on Ray (workers elsewhere; the queue shared by every web server of
     the cluster, RAY_ADDRESS) or in this process. Ray not there: logged, and in-process."""
     if executor == "ray":
-        from peftcore.ray_executor import RayUnavailable, ray_manager
+        from peftcore.service.ray_executor import RayUnavailable, ray_manager
         try:
             return ray_manager(base_of=lambda which, dev: BASES[which](dev),
                                num_cpus=int(os.environ["PEFT_RAY_CPUS"]) if os.environ.get("PEFT_RAY_CPUS") else None,
@@ -234,14 +236,14 @@ def _token_ok(token, kind):
     not used, and not thrown away either."""
     try:
         return bool(token) and store().token_ok(token, kind)
-    except store_mod.StoreError:
+    except StoreError:
         return None
 
 
 def _mint(kind):
     try:
         return store().mint_token(kind)
-    except store_mod.StoreError:  # no store: a token good for this session only
+    except StoreError:  # no store: a token good for this session only
         return secrets.token_urlsafe(32)
 
 
@@ -308,7 +310,7 @@ def bank_offer():
         return
     try:
         theirs = len(store().list_phi(owner=token))
-    except store_mod.StoreError as e:
+    except StoreError as e:
         st.error(f"The bank in this link cannot be read now: {e}.")
         return
     mine = bank_token()
@@ -379,7 +381,7 @@ def teacher_handle(code):
 def _teacher_of(handle):
     try:
         return store().teacher_of(handle)
-    except store_mod.StoreError:
+    except StoreError:
         return None
 
 
@@ -404,7 +406,7 @@ def bank():
         stored, token = {}, bank_token()
         try:
             saved = store().list_phi(owner=token) if token else []
-        except store_mod.StoreError as e:  # the pages work on without the store
+        except StoreError as e:  # the pages work on without the store
             saved = []
             errors.append(f"your saved phi could not be read now ({e}); the library is here")
         for rec in saved:
@@ -412,7 +414,7 @@ def bank():
             try:
                 peftcore.load_adapter(model, name, store().load_bytes(rec.id))
                 stored[name] = rec.id
-            except (store_mod.StoreError, peftcore.AdapterLoadError) as e:
+            except (StoreError, peftcore.AdapterLoadError) as e:
                 errors.append(f"saved phi {rec.name}: {e}")
         ss[key], ss["library_errors"], ss["file_bytes"], ss["stored_ids"] = model, errors, {}, stored
     return ss[key]
@@ -424,7 +426,7 @@ def add_to_bank(name, data):
     peftcore.load_adapter(bank(), name, data)
     try:
         rec = store().save_phi(bank_token(create=True), name, data, client=client())
-    except store_mod.StoreError as e:
+    except StoreError as e:
         bank().delete_adapter(name)
         raise peftcore.AdapterLoadError(str(e)) from None
     ss["stored_ids"][name] = rec.id
@@ -438,7 +440,7 @@ def remove_from_bank(name):
     if phi_id is not None:
         try:
             store().delete_phi(phi_id, owner=bank_token())
-        except store_mod.StoreError as e:
+        except StoreError as e:
             if e.reason is not None:  # a fault of the store: nothing was deleted, say so
                 raise
             # otherwise it is already gone (deleted by the teacher or in another tab)
@@ -498,7 +500,7 @@ def bank_names():
     if token:
         try:
             names |= {rec.name for rec in store().list_phi(owner=token)}
-        except store_mod.StoreError:
+        except StoreError:
             pass  # the bank says so when it loads; a name proposed here is checked again on save
     return names
 

@@ -2,7 +2,7 @@
 a teacher key shown once); students join with the code (kept in the URL: ?class=CODE) and
 save phi from their session bank into the class; the board lists every phi, the storage
 chart prices the class's real files, and one mixed batch serves every phi in the class at
-once on the one shared base. UI only: the store is peftcore.store, the torch work peftcore.
+once on the one shared base. UI only: the store is reached through ui, the torch work is peftcore.
 """
 import numpy as np
 import streamlit as st
@@ -10,7 +10,6 @@ import streamlit as st
 import peftcore
 import ui
 from peftcore import analysis, library
-from peftcore.store import StoreError, normalize_code
 from peftcore.storage import human_bytes
 
 ss = st.session_state
@@ -27,7 +26,7 @@ def current_class():
         return None
     try:
         return ui.store().class_info(raw, client=ui.client())
-    except StoreError as e:
+    except ui.StoreError as e:
         ui.forget_class()  # said once; the link no longer carries it
         st.error(f"The class in this link cannot be opened: {e}.")
         return None
@@ -43,7 +42,7 @@ def start_or_join():
             try:
                 code, key = ui.store().create_class(name)
                 ui.become_teacher(code, key)
-            except StoreError as e:
+            except ui.StoreError as e:
                 st.error(str(e))
             else:
                 ss["new_class_key"] = (code, key)  # shown once, from here; gone with "I have copied the key"
@@ -53,12 +52,12 @@ def start_or_join():
         st.markdown("**Students: join a class**")
         typed = st.text_input("Join code", key="join_code", max_chars=12, placeholder="e.g. ABC234")
         if st.form_submit_button("Join", key="join_class"):
-            code = normalize_code(typed)
+            code = ui.normalize_code(typed)
             try:
                 if code is None:
-                    raise StoreError("a join code is 6 letters and digits, e.g. ABC234")
+                    raise ui.StoreError("a join code is 6 letters and digits, e.g. ABC234")
                 ui.store().join(code, client=ui.client())
-            except StoreError as e:
+            except ui.StoreError as e:
                 st.error(f"Cannot join: {e}.")
             else:
                 st.query_params["class"] = code
@@ -137,7 +136,7 @@ def save_into_class(code, class_name):
         rec = ui.store().save_phi(ui.bank_token(create=True), name, data, class_code=code,
                                   eval_exact=measured_exact(name), author=ss.get("class_author") or "anonymous",
                                   client=ui.client())
-    except StoreError as e:
+    except ui.StoreError as e:
         ss["class_save_msg"] = ("error", f"Not saved: {e}")
     except Exception:  # noqa: BLE001 - a callback is outside the page's panels: say it here, log the rest
         ui.log.exception("saving into a class failed")
@@ -218,7 +217,7 @@ def board(info, records):
         if b.button("Delete", key="class_delete", width="stretch"):
             try:
                 ui.store().delete_phi(phi_id, owner=token, teacher_handle=handle)
-            except StoreError as e:
+            except ui.StoreError as e:
                 st.error(str(e))
             else:
                 st.rerun()
@@ -232,7 +231,7 @@ def teacher_login(info):
         if st.button("Use this key", key="use_teacher_key"):
             try:
                 ui.become_teacher(info.code, typed.strip())
-            except StoreError:
+            except ui.StoreError:
                 ss["wrong_teacher_key"] = True  # the rerun keeps the expander open over the message
             st.rerun()
         if wrong:
@@ -253,7 +252,7 @@ def teacher_panel(info):
                                  help="No more phi can be saved into it; the board stays."):
         try:
             ui.store().close_class(info.code, teacher_handle=handle)
-        except StoreError as e:
+        except ui.StoreError as e:
             st.error(str(e))
         else:
             st.rerun()
@@ -300,7 +299,7 @@ def class_report(path, device, phi_ids):
     for phi_id in phi_ids:
         try:
             peftcore.load_adapter(model, f"phi{phi_id}", s.load_bytes(phi_id))
-        except (StoreError, peftcore.AdapterLoadError) as e:
+        except (ui.StoreError, peftcore.AdapterLoadError) as e:
             errors.append(f"phi #{phi_id}: {e}")
     names = [f"phi{i}" for i in phi_ids if f"phi{i}" in model.peft_config]
     repeats = TIMED_PASSES if len(names) < ONE_PASS_FROM else 1  # 120 phi: 11 s of CPU, not 17.5 (2 cores)
@@ -347,7 +346,7 @@ st.markdown("Thirty students, thirty tasks, **one base**. Each student saves the
 ui.bank_token()  # a malformed ?bank= gets its message on every page of the class
 try:
     info = current_class()
-except StoreError as e:  # the store itself cannot be opened
+except ui.StoreError as e:  # the store itself cannot be opened
     st.error(f"The class store is not available: {e}")
     st.stop()
 if info is None:

@@ -11,7 +11,6 @@ import peftcore
 import ui
 from peftcore import analysis, library, presets
 from peftcore.storage import human_bytes
-from peftcore.store import StoreError
 
 MAX_ROWS = 64
 MERGE_REPEATS = 15  # alternating pairs timed for the merge panel (as many as before: the page waits on them)
@@ -40,7 +39,7 @@ def remove_phi():
     if name in ui.bank().peft_config:
         try:
             ui.remove_from_bank(name)
-        except StoreError as e:
+        except ui.StoreError as e:
             ss["remove_msg"] = f"{ui.literal(name, 64)} was not deleted: {e}."
 
 

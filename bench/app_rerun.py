@@ -14,7 +14,7 @@ import torch
 from streamlit.runtime.scriptrunner.script_runner import ScriptRunner
 from streamlit.testing.v1 import AppTest
 
-from bench.appserver import ROOT
+from harness.servers import ROOT
 
 
 SCRIPT_TIMES = []

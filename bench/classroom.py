@@ -3,7 +3,7 @@
     python -m bench.classroom N [N ...] [--race] [--distinct-seeds] [--steps S] [--timeout T] [--executor ray]
                               [--servers K]
 
-For each N: a fresh `streamlit run` (bench.appserver; --servers K: K of them on one fresh
+For each N: a fresh `streamlit run` (harness.servers; --servers K: K of them on one fresh
 `ray start --head`, student i on server i mod K), one headless Chromium with N+1
 contexts (one visitor each, background throttling off; it and Playwright's driver at the
 lowest CPU priority, SCHED_IDLE). The N students open /train, wait
@@ -22,10 +22,10 @@ Per student, measured in the page (Date.now(), recorded by a MutationObserver):
   in line                whether a waiting student was ever shown text with "in line"
   exceptions             [data-testid=stException] elements, plus the text of st.error boxes
 Server side (the server's /proc, every thread, exited ones included; the server runs with
-bench.appserver's thread_probe, which gives Python's thread names to the OS and logs each
+harness.servers's thread_probe, which gives Python's thread names to the OS and logs each
 thread's CPU, and a script thread's Streamlit session, when it exits):
   server CPU             over click -> last result, split into training threads (Python
-                         thread name "run-...", as peftcore.runs names them) and the rest:
+                         thread name "run-...", as peftcore.service.runs names them) and the rest:
                          event loop, script and fragment reruns, the clicks, result cards.
   page CPU per update    over the live updates every student saw from the first step any
                          student saw to the first result card (only live panels run then):
@@ -60,7 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bench.appserver import CHROMIUM, CHROMIUM_ARGS, CLK_TCK, READY, proc_cpu_seconds, ray_head, streamlit_server
+from harness.servers import CLK_TCK, proc_cpu_seconds, ray_head, streamlit_server
+
+from harness.browser import CHROMIUM, CHROMIUM_ARGS, READY
 from bench.common import LiveUpdates
 
 # ------------------------------------------------------------------ what the pages show
@@ -71,7 +73,7 @@ PROGRESS = "[data-testid=stProgress]"     # one per run: "... · step 12/300 · 
 STEP_RE = re.compile(r"\bstep (\d+)/(\d+)")
 RATE_RE = re.compile(r"(\d+(?:\.\d+)?) steps/s")
 IN_LINE_RE = r"\bin line\b"               # a queued student's place in line (any text on the page)
-TRAINING_THREADS = ("run-",)              # server threads that train (peftcore.runs names them)
+TRAINING_THREADS = ("run-",)              # server threads that train (peftcore.service.runs names them)
 VIEWPORT = {"width": 1400, "height": 1000}
 IDLE_MOVES = 6                            # storage reruns timed before the class starts
 
@@ -208,7 +210,7 @@ class Student(LiveUpdates):
 
 # ------------------------------------------------------------------ driving pages
 async def wait_ready(page, timeout=60_000):
-    """The async twin of bench.appserver.wait_ready."""
+    """The async twin of harness.servers.wait_ready."""
     await page.wait_for_selector(READY, timeout=timeout)
     await page.wait_for_timeout(300)  # let the last deltas paint
     await page.wait_for_selector(READY, timeout=timeout)
@@ -361,7 +363,7 @@ class StorageProbe:
 
 def script_walls(server, sessions, start, end):
     """Server wall seconds of the script runs of `sessions` that began and ended in [start, end]:
-    each is a script thread's life (bench.appserver's thread probe)."""
+    each is a script thread's life (harness.servers's thread probe)."""
     server.thread_cpu()  # reads the probe's log on
     return [wall for session, ended, wall in server.script_runs
             if session in sessions and start <= ended - wall and ended <= end]

@@ -1,5 +1,5 @@
 """A student's first visit, weighed: what a browser downloads to open the app, straight from a
-web server, through the plain proxy and through the lecture-hall proxy (bench.proxy's
+web server, through the plain proxy and through the lecture-hall proxy (harness.proxy's
 `static=True`: compressed, the static files cached), and what a whole class opening it at
 once costs the web server, the proxy and the network.
 
@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.appserver import launch_chromium, streamlit_server, wait_ready
-from bench.proxy import haproxy
+from harness.servers import streamlit_server
+
+from harness.browser import launch_chromium, wait_ready
+from harness.proxy import haproxy
 
 ACCEPT_ENCODING = "gzip, deflate, br, zstd"  # what Chromium sends
 PER_HOST = 6                                # Chromium's connections per host

@@ -6,9 +6,9 @@
 No browser per student: each student is a websocket to `/_stcore/stream` speaking the
 protocol the Streamlit frontend speaks (protobuf BackMsg up, ForwardMsg down; see "The
 protocol" below), so one process carries hundreds of them. Against real `streamlit run`
-servers (bench.appserver): K of them (--servers, default 1) on one fresh `ray start --head`
-(bench.appserver.ray_head, token auth; the web servers train nothing themselves, the run
-service on Ray does), behind a real sticky reverse proxy (bench.proxy: Debian's haproxy,
+servers (harness.servers): K of them (--servers, default 1) on one fresh `ray start --head`
+(harness.servers.ray_head, token auth; the web servers train nothing themselves, the run
+service on Ray does), behind a real sticky reverse proxy (harness.proxy: Debian's haproxy,
 cookie-sticky, X-Forwarded-For set to the peer, compressing, static files cached: the README's
 lecture-hall proxy) unless --no-proxy (student i then opens server i mod K directly).
 
@@ -100,9 +100,9 @@ from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.proto.WidgetStates_pb2 import WidgetState
 from websockets.asyncio.client import connect
 
-from bench.appserver import CLK_TCK, proc_cpu_seconds, ray_head, streamlit_server
+from harness.servers import CLK_TCK, proc_cpu_seconds, ray_head, streamlit_server
 from bench.common import LiveUpdates
-from bench.proxy import COOKIE as PROXY_COOKIE
+from harness.proxy import COOKIE as PROXY_COOKIE
 
 # ------------------------------------------------------------------ what the train page shows
 PAGE = "train"
@@ -116,7 +116,7 @@ WAITING_RE = re.compile(r"\b(queued|waiting)\b")
 ACTIVE_RE = re.compile(r"· (queued|running) ·|waiting: number")
 FULL_RUN, FRAGMENT_RUN = ForwardMsg.FINISHED_SUCCESSFULLY, ForwardMsg.FINISHED_FRAGMENT_RUN_SUCCESSFULLY
 ALERT_ERROR = Alert.ERROR                 # an st.error box
-RAY_WORKER = b"ray::Worker"               # the process title of a training worker (peftcore.ray_executor.Worker)
+RAY_WORKER = b"ray::Worker"               # the process title of a training worker (peftcore.service.ray_executor.Worker)
 
 
 # ------------------------------------------------------------------ one student's observations
@@ -534,7 +534,7 @@ def own(table, pid):
 
 
 def ray_worker_pids():
-    """The processes titled ray::Worker (peftcore.ray_executor's training workers)."""
+    """The processes titled ray::Worker (peftcore.service.ray_executor's training workers)."""
     out = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -801,7 +801,7 @@ def run_class(n, servers=1, distinct=False, steps=None, proxy=True, timeout=900,
               server_timeout=180, seat_timeout=300):
     """Start a Ray head, `servers` web servers on it and (proxy=True) haproxy in front;
     seat n simulated students, press Train together, measure; a ClassResult."""
-    from bench.proxy import haproxy  # needs only /usr/sbin/haproxy when proxy=True
+    from harness.proxy import haproxy  # needs only /usr/sbin/haproxy when proxy=True
     students = [Student(i, seed=i + 1 if distinct else None) for i in range(n)]
     result = ClassResult(n, servers, distinct, steps or default_steps(), proxy, students)
     t0 = time.time()

@@ -1,20 +1,17 @@
-"""peftcore: a frozen pretrained toy base and real PEFT methods (LoRA, bottleneck
-adapters, prompt tuning, and full fine-tuning as the baseline) with HF peft's names.
-Never imports streamlit.
+"""peftcore: the teaching core. A frozen pretrained toy base and real PEFT methods (LoRA,
+bottleneck adapters, IA3, prompt and prefix tuning, and full fine-tuning as the baseline) with
+HF peft's names; torch only, usable from a notebook. Never imports streamlit, and loads
+nothing of the run service (peftcore.service) around it.
 
-Each method registers itself when its file is imported (registry.py); importing the
-package imports them all, in the order the app lists them.
+The methods live in peftcore.methods, one file each; each registers itself when imported, and
+importing the package imports them all, in the order the app lists them.
 """
 from .base import base_file_bytes, fingerprint, load_base, random_base
-from .lora import LoraConfig
-from .adapter import AdapterConfig
-from .ia3 import IA3Config
-from .prompt import PromptTuningConfig
-from .prefix import PrefixTuningConfig
-from .full import FullFineTuneConfig
+from .methods import (AdapterConfig, FullFineTuneConfig, IA3Config, LoraConfig, PrefixTuningConfig,
+                      PromptTuningConfig)
 from .model import BaseConfig, ToyTransformer
 from .peft_model import BASE_ROW, PeftModel, get_peft_model
-from .registry import METHODS, Method, UnknownMethod, method_of, register
+from .methods.registry import METHODS, Method, UnknownMethod, method_of, register
 from .tasks import DIGIT_MAPS, PRETRAIN_TASKS, ROUTINGS, TASKS, Task, skill_grid
 from .train import NonFiniteLossError, TrainEvent, evaluate, resolve_device, run, train
 

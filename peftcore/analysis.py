@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .config import unwrapped
+from .methods.config import unwrapped
 from .model import PROJECTIONS as TARGETABLE
 from .serialization import load_adapter
 from .timing import median_seconds, side_by_side, sync

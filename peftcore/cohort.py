@@ -17,7 +17,7 @@ one is plain train()).
 """
 import torch
 
-from . import registry
+from .methods import registry
 from .peft_model import PeftModel, shared_view
 from .train import NonFiniteLossError, TrainEvent
 

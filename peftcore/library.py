@@ -13,7 +13,7 @@ how many solved), so a fragile row reads as fragile, not as one lucky run.
 import json
 from pathlib import Path
 
-from . import registry
+from .methods import registry
 from .peft_model import PeftModel
 from .presets import SOLVES_AT, robustness
 from .serialization import AdapterLoadError, saved_bytes

@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import registry
+from .methods import registry
 from .base import fingerprint
-from .config import PeftConfig
+from .methods.config import PeftConfig
 
 BASE_ROW = "__base__"  # the name of "no phi" in a mixed batch
 NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")

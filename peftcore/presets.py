@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .registry import METHODS, Preset  # noqa: F401 - Preset is the type of PRESETS' values
+from .methods.registry import METHODS, Preset  # noqa: F401 - Preset is the type of PRESETS' values
 
 
 class _Presets(Mapping):

@@ -5,9 +5,7 @@
 
 Only phi's parameters are given to the optimizer; the frozen base never gets a gradient.
 """
-import atexit
 import math
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -177,37 +175,13 @@ def warm_up(base, device="cpu", stop=None):
     """Pay a process's one-time training setup now: the first optimizer, forward, backward
     and evaluation in a process cost ~3 s on CPU (lazy imports, kernel selection), which a
     server should not add to its first student's run. Trains a throwaway phi (the first
-    registered method's preset) for 2 steps; returns early, between steps, once the
-    threading.Event `stop` is set."""
+    registered method's preset) for 2 steps; returns early, between steps, once `stop` (a
+    threading.Event: peftcore.service.warmup runs this in a thread) is set."""
     from .peft_model import get_peft_model
-    from .registry import METHODS
+    from .methods.registry import METHODS
     if stop is not None and stop.is_set():
         return
     model = get_peft_model(base, next(iter(METHODS.values())).preset.config, seed=0)
     for _ in train(model, "times_3", steps=2, batch_size=8, eval_every=1, device=device):
         if stop is not None and stop.is_set():
             break
-
-
-_WARM_UPS = []  # (thread, stop event) of every warm-up started by start_warm_up
-
-
-def start_warm_up(base, device="cpu"):
-    """Run warm_up in a daemon thread (a server's start-up) and return the thread. At exit
-    it is stopped between steps and joined: a daemon thread still inside a torch op while
-    the interpreter tears torch down aborts the process ("terminate called...", exit 134)."""
-    stop = threading.Event()
-    thread = threading.Thread(target=warm_up, args=(base, device, stop), daemon=True, name="warm-up")
-    _WARM_UPS[:] = [(t, e) for t, e in _WARM_UPS if t.is_alive()] + [(thread, stop)]
-    thread.start()
-    return thread
-
-
-@atexit.register
-def _stop_warm_ups(timeout=30.0):
-    """Stop every warm-up and wait (bounded) for each to leave torch."""
-    for _, stop in _WARM_UPS:
-        stop.set()
-    deadline = time.time() + timeout
-    for thread, _ in _WARM_UPS:
-        thread.join(max(0.0, deadline - time.time()))

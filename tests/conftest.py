@@ -65,7 +65,7 @@ def batch():
 # One `streamlit run` and one chromium for every browser test file (the server starts on
 # first use only). Tests that need a server nobody has visited yet start their own.
 def _require_browser():
-    from bench.appserver import CHROMIUM
+    from harness.browser import CHROMIUM
     if not Path(CHROMIUM).exists():
         if os.environ.get("PEFT_REQUIRE_BROWSER"):  # CI: a missing browser fails, not skips
             raise RuntimeError(f"{CHROMIUM} is missing and PEFT_REQUIRE_BROWSER is set; run tests/setup.sh")
@@ -80,7 +80,7 @@ def sync_api():
 
 @pytest.fixture(scope="session")
 def url(sync_api):
-    from bench.appserver import app_server
+    from harness.servers import app_server
     # the browser tests are many visitors on one loopback address, one after another: no
     # per-address cap between them (tests/test_room_identity.py tests the cap)
     with app_server(env={"PEFT_MAX_PER_ADDRESS": "0"}) as base_url:
@@ -89,7 +89,7 @@ def url(sync_api):
 
 @pytest.fixture(scope="session")
 def browser(sync_api):
-    from bench.appserver import launch_chromium
+    from harness.browser import launch_chromium
     with sync_api.sync_playwright() as pw:
         b = launch_chromium(pw)
         yield b

@@ -2,7 +2,7 @@
 # Installs what the tests need: Python packages, and Debian's chromium for the browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Debian's chromium for the browser tests, haproxy for the lecture hall's sticky proxy (bench/proxy.py)
+# Debian's chromium for the browser tests, haproxy for the lecture hall's sticky proxy (harness/proxy.py)
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/sbin/haproxy ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

@@ -12,7 +12,7 @@ import peftcore
 from peftcore import analysis
 from peftcore import (BASE_ROW, AdapterConfig, AdapterLoadError, LoraConfig, PeftModel,
                       PromptTuningConfig, fingerprint, get_peft_model)
-from peftcore.config import StackCache
+from peftcore.methods.config import StackCache
 from peftcore.serialization import CONFIG_NAME, MAX_FILE_BYTES, WEIGHTS_NAME
 from safetensors.torch import save as st_save
 
@@ -384,7 +384,7 @@ def test_merge_and_unload(base, base_fp, batch, dtype, atol):
     want = bank(batch[0])
     plain = bank.merge_and_unload()
     assert type(plain) is type(base)
-    assert not any(isinstance(m, peftcore.lora.LoraLinear) for m in plain.modules())
+    assert not any(isinstance(m, peftcore.methods.lora.LoraLinear) for m in plain.modules())
     torch.testing.assert_close(plain(batch[0]), want, atol=atol, rtol=0)
     assert fingerprint(base) == base_fp
     torch.testing.assert_close(bank(batch[0]), want, atol=0, rtol=0)  # the bank itself is unchanged

@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-from bench.appserver import app_server, wait_ready
+from harness.servers import app_server
+
+from harness.browser import wait_ready
 
 EXCEPTION = "[data-testid=stException]"
 

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peftcore.store import ENV_VAR, Store  # noqa: E402
+from peftcore.service.store import ENV_VAR, Store  # noqa: E402
 from ui import plain  # noqa: E402
 
 PAGE = str(ROOT / "app_pages" / "classroom.py")

@@ -11,7 +11,7 @@ import torch
 import peftcore
 from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig
 from peftcore.cohort import Cohort, cohort_key
-from peftcore.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, RunManager
+from peftcore.service.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, RunManager
 from peftcore.train import NonFiniteLossError, Trainer, train
 
 TOL = 1e-5    # one step: the same gradients, the same update

@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load, save as st_save
 
 import peftcore
 from peftcore import AdapterLoadError, PeftModel, library
-from peftcore.store import Limits, Store, StoreError, clean_name, new_token, normalize_code, valid_token
+from peftcore.service.store import Limits, Store, StoreError, clean_name, new_token, normalize_code, valid_token
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = (library.LIBRARY_DIR / "lora" / "times_3" / "adapter_model.safetensors").read_bytes()
@@ -424,7 +424,7 @@ def test_a_folder_that_cannot_hold_a_store(tmp_path):
 # ------------------------------------------------------------------ faults: read-only
 RO_CHILD = textwrap.dedent("""
     import json, sys
-    from peftcore.store import Store, StoreError
+    from peftcore.service.store import Store, StoreError
     path, code, token = sys.argv[1:4]
     s = Store(path, check=lambda d: {})
     out = dict(read_only=s.read_only, board=[r.id for r in s.list_phi(class_code=code)],
@@ -534,7 +534,7 @@ def test_a_really_full_disk_still_deletes(tiny_disk, base):
     """A disk filled by saves (not SQLite's page cap): the saves that filled it are in the
     write-ahead log, and a delete needs new space for its own log frames. The store's reserve
     (`<path>-reserve`) is given back for the delete; then the freed room takes saves again."""
-    facts = peftcore.store.loader_check(base)(GOOD)
+    facts = peftcore.service.store.loader_check(base)(GOOD)
     store = Store(tiny_disk / "s.sqlite3", check=lambda d: facts,
                   limits=Limits(student_count=10**6, student_bytes=2**40))
     token, ids = new_token(), set()

@@ -21,7 +21,7 @@ import peftcore
 from peftcore import LoraConfig, PeftModel, get_peft_model, library
 from peftcore.presets import PRESETS
 from peftcore.serialization import MAX_ABS_VALUE
-from peftcore.store import HANDLE_RE, TEACHER_TTL_S, TOKEN_RE, Store, StoreError, _fault, new_token
+from peftcore.service.store import HANDLE_RE, TEACHER_TTL_S, TOKEN_RE, Store, StoreError, _fault, new_token
 from test_hostile import GOOD, ROOT, assert_store_whole, cast, first, rewrite, variant
 
 TASK = "times_3"
@@ -114,7 +114,7 @@ def test_a_phi_at_the_bound_still_serves_finite_rows(base, batch):
 # ------------------------------------------------------------------ item 8: read-only disks
 RO_READER = textwrap.dedent("""
     import hashlib, json, os, sys
-    from peftcore.store import Store, StoreError
+    from peftcore.service.store import Store, StoreError
     path, code, token = sys.argv[1:4]
     out = dict(writable=os.access(path, os.W_OK))
     try:

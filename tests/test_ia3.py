@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import peftcore
-import peftcore.ia3  # registers IA3
+import peftcore.methods.ia3  # registers IA3
 from mixed import assert_rows_equal_alone
 from peftcore import (BASE_ROW, AdapterConfig, LoraConfig, PeftModel, PromptTuningConfig, analysis,
                       fingerprint, get_peft_model)
 from peftcore.cohort import Cohort, carrier, cohort_key
-from peftcore.ia3 import CohortIA3, IA3Config, IA3Linear
+from peftcore.methods.ia3 import CohortIA3, IA3Config, IA3Linear
 from peftcore.train import Trainer, train
 
 TOL = 1e-5
@@ -230,7 +230,7 @@ def test_a_run_in_a_cohort_trains_as_it_would_alone(base):
 # ------------------------------------------------------------------ the lesson
 def test_preset_solves_times_3(base):
     """The smallest phi that learns: the preset (seed 0, its own budget) solves a new digit map."""
-    preset = peftcore.registry.method_of("IA3").preset
+    preset = peftcore.methods.registry.method_of("IA3").preset
     model = get_peft_model(base, preset.config, seed=0)
     events = list(train(model, "times_3", device="cpu", seed=0, **preset.train))
     assert events[-1].eval_exact >= 0.9

@@ -12,7 +12,9 @@ import re
 
 import pytest
 
-from bench.appserver import ROOT, wait_ready
+from harness.servers import ROOT
+
+from harness.browser import wait_ready
 
 SIZES = [(1280, 720), (1440, 900)]
 SIZE_IDS = [f"{w}x{h}" for w, h in SIZES]
@@ -237,7 +239,7 @@ def test_class_page_is_whole(new_page, url, size, base):
 
     import peftcore
     from peftcore import library
-    from peftcore.store import Store, new_token
+    from peftcore.service.store import Store, new_token
     store = Store(os.environ["PEFT_STORE"], base=base)
     code, _ = store.create_class("Period 3")
     for i, (name, directory) in enumerate(library.entries()[:6]):

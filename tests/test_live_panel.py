@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 import peftcore
 from apptest import ROOT, wait_for
 from peftcore import library
-from peftcore.store import Store
+from peftcore.service.store import Store
 
 
 def test_a_result_card_does_not_load_the_library_and_its_name_is_still_new(monkeypatch, base):

@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 import peftcore
 from apptest import ROOT, open_page
 from peftcore import library
-from peftcore.store import Store
+from peftcore.service.store import Store
 
 
 def open_serve(query):

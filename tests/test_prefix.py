@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import peftcore
-import peftcore.prefix  # noqa: F401 - registers PREFIX_TUNING
+import peftcore.methods.prefix  # noqa: F401 - registers PREFIX_TUNING
 from peftcore import BASE_ROW, AdapterConfig, LoraConfig, PeftModel, PromptTuningConfig, fingerprint, get_peft_model
-from peftcore.prefix import PrefixAttention, PrefixTuningConfig
+from peftcore.methods.prefix import PrefixAttention, PrefixTuningConfig
 from peftcore.presets import PRESETS
 
 from mixed import assert_rows_equal_alone

@@ -1,4 +1,4 @@
-"""The lecture-hall proxy (bench.proxy, static=True; README: Run a lecture hall): the app's
+"""The lecture-hall proxy (harness.proxy, static=True; README: Run a lecture hall): the app's
 static files reach a browser compressed and, from the second visit on, from the proxy's memory;
 a client that accepts no gzip gets the file as the server sends it; the page still works
 through it (tests/test_simulated_class.py seats a class through the same proxy)."""
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.proxy import HAPROXY, haproxy
+from harness.proxy import HAPROXY, haproxy
 
 
 def get(url, accept_encoding=None):

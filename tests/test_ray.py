@@ -5,7 +5,7 @@ run service. (The app's own local Ray, started from a script thread, and the REA
 tests/test_ray_network.py.)
 
 One single-node Ray (`ray start --head` as the README has it: 127.0.0.1 only, token auth;
-bench.appserver.ray_head) serves the whole test session; it is real Ray, never mocked.
+harness.servers.ray_head) serves the whole test session; it is real Ray, never mocked.
 Where Ray is not installed these tests skip, except in CI (PEFT_REQUIRE_BROWSER, set by
 .ci/run, means the setup ran: a missing Ray fails there)."""
 import os
@@ -21,8 +21,8 @@ import torch
 
 import peftcore
 from peftcore import LoraConfig
-from peftcore.executors import BaseMismatch, RunSpec, WorkerRuns, load_trained
-from peftcore.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, QueueFull, RunManager
+from peftcore.service.executors import BaseMismatch, RunSpec, WorkerRuns, load_trained
+from peftcore.service.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, QueueFull, RunManager
 
 from conftest import ROOT
 
@@ -31,7 +31,7 @@ KW = dict(batch_size=8, eval_every=5, device="cpu", lr=1e-2)
 
 
 def _ray():
-    # what peftcore.ray_executor.connect sets before Ray is imported (Ray reads them then): this
+    # what peftcore.service.ray_executor.connect sets before Ray is imported (Ray reads them then): this
     # process joins the session's head on 127.0.0.1, with its token
     os.environ.update(RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     try:
@@ -45,10 +45,10 @@ def _ray():
 
 @pytest.fixture(scope="session")
 def ray_head():
-    """A single-node Ray for the session (bench.appserver.ray_head: its own process group,
+    """A single-node Ray for the session (harness.servers.ray_head: its own process group,
     127.0.0.1 only, token auth, its token in RAY_AUTH_TOKEN meanwhile), stopped with it only."""
     _ray()
-    from bench.appserver import ray_head as start_head
+    from harness.servers import ray_head as start_head
     with start_head(num_cpus=4) as head:
         yield head
 
@@ -71,7 +71,7 @@ def ray_address(ray_head):
 
 
 def ray_service(**kw):
-    from peftcore.ray_executor import RayRunManager, service
+    from peftcore.service.ray_executor import RayRunManager, service
     return RayRunManager(service(f"test-{uuid.uuid4().hex[:6]}", **kw))
 
 
@@ -256,7 +256,7 @@ print(type(ui.make_manager("ray")).__name__)
 
 
 def test_ray_not_reachable_logs_one_line_and_trains_in_process():
-    from bench.appserver import free_port
+    from harness.servers import free_port
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
     t0 = time.time()
     done = subprocess.run([sys.executable, "-c", NOT_REACHABLE], cwd=ROOT, capture_output=True, text=True,
@@ -294,8 +294,9 @@ def test_two_web_servers_share_one_fair_line_and_compute_identical_runs_once(ray
     """Two `streamlit run` on two ports against one Ray: a teacher's long run holds the only
     worker, so the students' runs wait; a student on either server sees their place in the
     one line, and the same default run pressed on both servers is one computation."""
-    from bench.appserver import streamlit_server, wait_ready
-    from peftcore.ray_executor import RayRunManager, service
+    from harness.servers import streamlit_server
+    from harness.browser import wait_ready
+    from peftcore.service.ray_executor import RayRunManager, service
     from test_browser import see
     name = f"test-two-{uuid.uuid4().hex[:6]}"
     for k, v in dict(PEFT_EXECUTOR="ray", RAY_ADDRESS=ray_address, PEFT_RAY_SERVICE=name).items():

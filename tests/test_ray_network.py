@@ -68,8 +68,8 @@ import json, os, sys, threading
 sys.path.insert(0, "tests")
 import peftcore
 from peftcore import LoraConfig
-from peftcore.executors import RunSpec
-from peftcore.ray_executor import _check_token_auth, ray_manager
+from peftcore.service.executors import RunSpec
+from peftcore.service.ray_executor import _check_token_auth, ray_manager
 from test_ray_network import listening, process_tree
 box = []
 t = threading.Thread(target=lambda: box.append(ray_manager(num_cpus=1, name="network-test")))
@@ -105,7 +105,7 @@ def test_the_readmes_head_listens_on_loopback_only_and_is_joined_by_address_alon
     --node-ip-address=127.0.0.1` with RAY_AUTH_MODE=token and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0;
     here on a free port and its own temp dir): every port on 127.0.0.1, and a web server joins
     it with RAY_ADDRESS alone (the token from ~/.ray/auth_token)."""
-    from bench.appserver import free_port
+    from harness.servers import free_port
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(tmp_path)  # its own ~/.ray/auth_token
@@ -117,7 +117,7 @@ def test_the_readmes_head_listens_on_loopback_only_and_is_joined_by_address_alon
                             env=head_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        code = f"from peftcore.ray_executor import connect; connect('127.0.0.1:{port}'); print('joined')"
+        code = f"from peftcore.service.ray_executor import connect; connect('127.0.0.1:{port}'); print('joined')"
         deadline = time.time() + 90
         while True:  # until the head's GCS answers
             with contextlib.suppress(OSError):
@@ -145,7 +145,7 @@ def test_a_head_without_token_auth_is_refused_in_one_line_and_the_app_trains_in_
     """A head started without token auth (`ray start --head` with no token on a fresh
     machine): anyone who reaches it runs code as its user. The app refuses it, says why in
     one line, and trains in its own process."""
-    from bench.appserver import ray_head
+    from harness.servers import ray_head
     with ray_head(num_cpus=1, auth=False) as head:
         assert off_loopback(listening(process_tree(head.pid))) == []
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_ADDRESS": head.address}

@@ -13,9 +13,10 @@ from streamlit.testing.v1 import AppTest
 import peftcore
 from apptest import ROOT
 from mixed import assert_rows_equal_alone
-from peftcore import library, registry
-from peftcore.config import PeftConfig
-from peftcore.store import Store, new_token
+from peftcore import library
+from peftcore.methods import registry
+from peftcore.methods.config import PeftConfig
+from peftcore.service.store import Store, new_token
 
 
 @dataclass

@@ -9,7 +9,9 @@ from functools import partial
 
 import pytest
 
-from bench.appserver import free_port, wait_ready
+from harness.servers import free_port
+
+from harness.browser import wait_ready
 from peftcore import library
 from test_browser import EXCEPTION, see, start_class, visit
 

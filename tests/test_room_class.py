@@ -19,8 +19,8 @@ import peftcore  # noqa: E402
 import ui  # noqa: E402
 from apptest import open_page, wait_for  # noqa: E402
 from peftcore import analysis, library  # noqa: E402
-from peftcore import store as store_mod  # noqa: E402
-from peftcore.store import ENV_VAR, Store  # noqa: E402
+from peftcore.service import store as store_mod  # noqa: E402
+from peftcore.service.store import ENV_VAR, Store  # noqa: E402
 
 CLASS_PAGE = str(ROOT / "app_pages" / "classroom.py")
 LONG_NAME = "a-very-long-phi-name-that-a-student-typed-to-say-what-it-does-x"  # 63 characters

@@ -7,7 +7,7 @@ import json
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from bench.appserver import wait_ready
+from harness.browser import wait_ready
 from peftcore import library
 from test_browser import EXCEPTION, see, short_run, start_class, visit
 

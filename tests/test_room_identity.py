@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from apptest import ROOT, open_page
 from peftcore import library
-from peftcore.store import Store
+from peftcore.service.store import Store
 
 DEVICE = peftcore.resolve_device("auto")
 
@@ -83,7 +83,7 @@ def test_a_bank_the_server_did_not_mint_is_refused_with_a_message(forged):
 def test_a_legacy_bank_that_holds_phi_still_opens(store, base):
     """Banks made before tokens were signed keep their phi: a 22-character token is accepted
     only where the store already holds phi of it (so 22 made-up characters open nothing)."""
-    from peftcore.store import new_token
+    from peftcore.service.store import new_token
     legacy = new_token()
     model = peftcore.PeftModel.from_pretrained(base, library.entries()[0][1])
     store.save_phi(legacy, "old", peftcore.adapter_to_bytes(model, "default"))
@@ -140,7 +140,7 @@ def test_the_app_listens_on_loopback_unless_the_operator_says_so():
 
     import psutil
 
-    from bench.appserver import free_port
+    from harness.servers import free_port
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                              "--server.port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,

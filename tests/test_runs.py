@@ -8,7 +8,7 @@ import torch
 import peftcore
 from peftcore import LoraConfig
 from peftcore.presets import PRESETS
-from peftcore.runs import DONE, QUEUED, RUNNING, STOPPED, QueueFull, RunManager
+from peftcore.service.runs import DONE, QUEUED, RUNNING, STOPPED, QueueFull, RunManager
 from peftcore.train import SOLVED, TrainEvent, solved_at
 
 CFG = LoraConfig(r=1, lora_alpha=4, target_modules=("q", "v"))
@@ -203,7 +203,7 @@ def test_stop_when_solved_ends_the_run_at_the_confirming_evaluation(base):
 
 EXIT_WHILE_TRAINING = """
 import time, peftcore
-from peftcore.runs import RUNNING, RunManager
+from peftcore.service.runs import RUNNING, RunManager
 run = RunManager().start(peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(), seed=0), "times_3",
                          steps=100_000, device="cpu")
 while run.status != RUNNING or not run.events:
@@ -222,7 +222,7 @@ def test_a_process_that_exits_while_a_run_trains_exits_cleanly():
 
 EXIT_DURING_WARM_UP = """
 import sys, time, peftcore
-from peftcore.train import start_warm_up
+from peftcore.service.warmup import start_warm_up
 start_warm_up(peftcore.load_base(), "cpu")
 time.sleep(float(sys.argv[1]))
 """  # and exit, the warm-up anywhere from not started to inside torch

@@ -1,6 +1,6 @@
 """A small simulated class (issue 35): 20 students over Streamlit's own websocket protocol
 (bench.simulate: no browsers), two `streamlit run` servers behind a real sticky proxy
-(bench.proxy: Debian's haproxy), the run service on one real `ray start --head`. It asserts
+(harness.proxy: Debian's haproxy), the run service on one real `ray start --head`. It asserts
 the counts, not the timings: every result, no exception, a place in line for every student
 who waited, a live update for every student whose run trained.
 
@@ -27,7 +27,7 @@ def need(present, what):
 
 
 def test_a_simulated_class_of_20_on_two_servers_behind_a_proxy():
-    from bench.proxy import HAPROXY
+    from harness.proxy import HAPROXY
     need(Path(HAPROXY).exists(), "haproxy")
     need(importlib.util.find_spec("ray") is not None, "ray")
     from bench.simulate import details, run_class

@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load, save as st_save
 
 import peftcore
 from peftcore import LoraConfig, get_peft_model, library
-from peftcore.store import (ENV_VAR, Limits, Store, StoreError, default_path, loader_check, new_token,
+from peftcore.service.store import (ENV_VAR, Limits, Store, StoreError, default_path, loader_check, new_token,
                             normalize_code, valid_token)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def test_save_list_load_delete_round_trip(store, lora_bytes, base):
     token = new_token()
     assert valid_token(token) and token != new_token()
     rec = store.save_phi(token, "lora-times_3", lora_bytes, eval_exact=1.0)
-    lora = peftcore.registry.METHODS["LORA"].preset.config  # the library's file is the preset's
+    lora = peftcore.methods.registry.METHODS["LORA"].preset.config  # the library's file is the preset's
     assert (rec.method, rec.task, rec.bytes, rec.num_params) == ("LORA", "times_3", len(lora_bytes),
                                                                  lora.num_params(base.config))
     assert rec.base_fingerprint == peftcore.fingerprint(base) and rec.eval_exact == 1.0
@@ -89,7 +89,7 @@ def test_every_shipped_method_saves(store):
         if name.endswith("times_3"):
             rec = store.save_phi(token, name, (d / "adapter_model.safetensors").read_bytes())
             assert rec.task == "times_3"
-    assert sorted(r.method for r in store.list_phi(owner=token)) == sorted(peftcore.registry.bankable())  # every one
+    assert sorted(r.method for r in store.list_phi(owner=token)) == sorted(peftcore.methods.registry.bankable())  # every one
 
 
 def test_class_bank_and_personal_bank_are_separate(store, lora_bytes):
@@ -318,7 +318,7 @@ def test_restart_keeps_every_bank_and_class(tmp_path, base, lora_bytes):
 
 CHILD = textwrap.dedent("""
     import sys, torch, peftcore
-    from peftcore.store import Store, loader_check
+    from peftcore.service.store import Store, loader_check
     from tests.test_store import variant
     torch.set_num_threads(1)
     token, data = sys.argv[2], open(sys.argv[3], "rb").read()

@@ -185,7 +185,7 @@ def peftcore_fingerprint(model):
 
 def test_the_bank_and_the_class_follow_the_visitor_across_pages_and_a_reset():
     """The class follows in the link; the bank in the session (and a cookie), never the link."""
-    from peftcore.store import Store
+    from peftcore.service.store import Store
     import os
     store = Store(os.environ["PEFT_STORE"])
     code, _ = store.create_class("follows")
@@ -209,7 +209,7 @@ def test_the_bank_and_the_class_follow_the_visitor_across_pages_and_a_reset():
 
 
 def test_a_wrong_teacher_key_says_so_and_a_join_code_in_any_case_joins():
-    from peftcore.store import Store
+    from peftcore.service.store import Store
     import os
     code, _ = Store(os.environ["PEFT_STORE"]).create_class("cases")
     at = fresh("app_pages/classroom.py")

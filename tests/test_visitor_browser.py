@@ -2,7 +2,7 @@
 titles with text (read from the rendered SVG, not the figure dict), the visitor's bank and
 class survive a sidebar click and a refresh, a teacher stays a teacher across a reload and
 a wrong key is told so, and the exercise link names the host the teacher's browser used."""
-from bench.appserver import wait_ready
+from harness.browser import wait_ready
 from test_browser import EXCEPTION, press, see, short_run, start_class, visit
 
 TITLES = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot =>

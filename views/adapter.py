@@ -1,5 +1,5 @@
 """Bottleneck adapters as the app shows them."""
-from peftcore.adapter import SUBLAYERS
+from peftcore.methods.adapter import SUBLAYERS
 
 from . import PHI_EDGE, Control, Diagram, MethodView, phi_node, register_view
 

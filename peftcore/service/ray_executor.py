@@ -198,7 +198,7 @@ def _check_loopback(ray):
     if not gcs.startswith("127.0.0.1:"):
         ray.shutdown()
         raise RayUnavailable(f"a local Ray would listen on the network ({gcs}), not on 127.0.0.1 only: "
-                             "Ray was imported before peftcore.ray_executor.connect")
+                             "Ray was imported before peftcore.service.ray_executor.connect")
 
 
 # ------------------------------------------------------------------ the worker processes
@@ -208,7 +208,7 @@ class Worker:
     def __init__(self, device="cpu"):
         torch.set_num_threads(1)  # as the in-process lanes: same kernels, same bits
         self.runs = WorkerRuns(device)
-        from .train import warm_up
+        from ..train import warm_up
         try:  # its first run pays no one-time setup (~3 s: lazy imports, kernel selection)
             warm_up(self.runs.base("pretrained")[0], device)
         except Exception:  # noqa: BLE001 - best effort: a failing warm-up must not kill the worker
@@ -500,7 +500,7 @@ class RayRunManager:
         """A Run here for a run of the service, its model built on this process's base
         (untrained until its phi comes back). Holds the lock."""
         spec = RunSpec.from_dict(snap["spec"])
-        from .train import resolve_device
+        from ..train import resolve_device
         base = self.base_of(spec.base, resolve_device(snap["kwargs"].get("device", "auto")))
         run = Run(spec.build(base), snap["task"], snap["label"], dict(snap["kwargs"]), spec=spec, id=snap["id"])
         for old in finished_beyond(self.runs, self.max_kept):  # as RunManager: memory bounded over a class
@@ -542,7 +542,7 @@ class RayRunManager:
 
     def _install_phi(self, run, status):
         """Load the worker's phi into the mirror's model, with an uploaded file's checks."""
-        from .serialization import AdapterLoadError
+        from ..serialization import AdapterLoadError
         data = self.ray.get(self.service.phi.remote(run.id))
         if data is None:  # stopped before it ever trained: the untrained phi is its phi
             return status

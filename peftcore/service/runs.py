@@ -21,9 +21,9 @@ refresh only re-reads `run.events`. The manager is built for a class on one serv
 - owners: a run belongs to the owners who started or joined it. Only an owner may stop
   it; a stop detaches that owner, and the run stops when no owner is left, or when
   `reap()` finds none of its owners still connected;
-- executors: this file decides which run trains when; an executor (peftcore.executors)
+- executors: this file decides which run trains when; an executor (peftcore.service.executors)
   trains it. In-process, the default: a lane is a thread stepping a Cohort of live models.
-  Ray (peftcore.ray_executor): a lane drives a worker process that rebuilds the run from
+  Ray (peftcore.service.ray_executor): a lane drives a worker process that rebuilds the run from
   its RunSpec (data) and sends its events and phi back; the same RunManager then lives in
   one named actor, shared by every web server of a lecture hall.
 """

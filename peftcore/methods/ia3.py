@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PeftConfig, StackCache, base_modules
-from .model import PROJECTIONS
+from ..model import PROJECTIONS
 from .registry import Method, Preset, register
 
 

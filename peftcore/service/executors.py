@@ -15,12 +15,12 @@ per run allowed, in order) and lets a finished run go (`remove`: its phi is fina
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import registry
-from .base import fingerprint, load_base, random_base
-from .cohort import Cohort, cohort_key
-from .peft_model import PeftModel, get_peft_model
-from .serialization import adapter_to_bytes, load_adapter
-from .train import Trainer, resolve_device
+from ..methods import registry
+from ..base import fingerprint, load_base, random_base
+from ..cohort import Cohort, cohort_key
+from ..peft_model import PeftModel, get_peft_model
+from ..serialization import adapter_to_bytes, load_adapter
+from ..train import Trainer, resolve_device
 
 # The bases a run may train on, by name: every process rebuilds them from the shipped file
 # (the random-base control from its fixed seed), so a name and a fingerprint are enough.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .config import PeftConfig, StackCache, base_modules, check_range, pad_to
 from .registry import Method, Preset, register
 
-from .model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
+from ..model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
 
 
 @dataclass

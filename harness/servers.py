@@ -1,5 +1,5 @@
-"""Start the app with `streamlit run` on a free port and drive it with Debian's chromium:
-shared by the browser tests, the screenshot script and the classroom benchmark."""
+"""The processes a test or a benchmark starts: `streamlit run` servers on free ports, a Ray
+head as the README starts one, and their teardown (stop_group)."""
 import contextlib
 import ctypes
 import os
@@ -16,17 +16,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-# The last three keep timers and rendering of every page at full speed: Streamlit's live panel
-# polls from the browser (st.fragment's run_every is a timer in the page), and a class of
-# headless pages must not have theirs slowed as background tabs.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-                 "--disable-backgrounding-occluded-windows"]
-# A script run has ended and the page's title is drawn: every page starts with st.title, so a
-# page still waiting for its first run (slow on a loaded machine) never counts as ready.
-READY = "[data-testid=stApp][data-test-script-state=notRunning] [data-testid=stMain] h1"
 THREAD_LOG_ENV = "PEFT_THREAD_CPU_LOG"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -145,7 +134,7 @@ def streamlit_server(timeout=90, flags=(), thread_probe=False, env=None, executo
         os.close(fd)
         thread_log = Path(name)
         env[THREAD_LOG_ENV] = name
-        cmd = [sys.executable, "-c", "from bench.appserver import _serve_with_thread_probe as m; m()", *args]
+        cmd = [sys.executable, "-c", "from harness.servers import _serve_with_thread_probe as m; m()", *args]
     else:
         cmd = [sys.executable, "-m", "streamlit", *args]
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
@@ -167,15 +156,25 @@ def streamlit_server(timeout=90, flags=(), thread_probe=False, env=None, executo
             time.sleep(0.5)
         yield Server(url, proc.pid, log, thread_log)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: this group holds only the server
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)  # its own session: this group holds only the server (and a Ray it started)
         log.close()
         if thread_log:
             thread_log.unlink(missing_ok=True)
+
+
+def stop_group(proc, grace=10, group=True):
+    """Stop a process started in a session of its own: SIGTERM to its whole group (`group`) or
+    to it alone, up to `grace` seconds to exit, then SIGKILL to whatever of the group is left."""
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 class RayHead(NamedTuple):
@@ -222,14 +221,7 @@ def ray_head(num_cpus=None, timeout=90, auth=True):
     finally:
         # `ray start --block` alone: it stops its cluster on SIGTERM in ~3 s (the whole group at
         # once took 35 s: its processes died before it could drain them); then what is left
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_group(proc, grace=20, group=False)
         if auth and before is None:
             os.environ.pop("RAY_AUTH_TOKEN", None)
         elif auth:
@@ -241,14 +233,3 @@ def app_server(timeout=90, flags=(), env=None):
     """Yield the base URL of a fresh `streamlit run app.py`; kill it (and only it) afterwards."""
     with streamlit_server(timeout, flags, env=env) as server:
         yield server.url
-
-
-def launch_chromium(playwright):
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-
-
-def wait_ready(page, timeout=60_000):
-    """Wait until the app has finished running its script (and any fragment)."""
-    page.wait_for_selector(READY, timeout=timeout)
-    page.wait_for_timeout(300)  # let the last deltas paint
-    page.wait_for_selector(READY, timeout=timeout)

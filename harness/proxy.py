@@ -6,7 +6,7 @@
 
 A lecture hall's proxy (README: Run a lecture hall), in the foreground until Ctrl-C:
 
-    python -m bench.proxy --listen 0.0.0.0:8080 8501 8502 8503
+    python -m harness.proxy --listen 0.0.0.0:8080 8501 8502 8503
 
 What it does, and why:
 - Sticky by a cookie the proxy inserts (PEFT_SERVER=s<i>), not by the client's address: a
@@ -28,7 +28,6 @@ What it does, and why:
 """
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from bench.appserver import free_port
+from harness.servers import free_port, stop_group
 
 HAPROXY = "/usr/sbin/haproxy"
 COOKIE = "PEFT_SERVER"
@@ -158,14 +157,7 @@ def haproxy(backends, port=None, timeout=20, static=False):
                 time.sleep(0.1)
         yield Proxy(f"http://127.0.0.1:{port}", proc.pid, tuple(backends))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # its own group: haproxy alone
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)  # its own group: haproxy alone
         log.close()
         for f in folder.iterdir():
             f.unlink()

@@ -59,8 +59,8 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import quote
 
-from . import registry
-from .serialization import MAX_FILE_BYTES, AdapterLoadError, adapter_config, load_adapter
+from ..methods import registry
+from ..serialization import MAX_FILE_BYTES, AdapterLoadError, adapter_config, load_adapter
 
 ENV_VAR = "PEFT_STORE"
 SCHEMA_VERSION = 2                                         # 2: file bytes in `blobs`, rows name them
@@ -260,7 +260,7 @@ def loader_check(base):
     """The default check: parse `data` with peftcore's loader onto a scratch PeftModel over
     `base` (format, config, base fingerprint, tensor names, shapes, finite values) and return
     the file's facts. Raises AdapterLoadError with the reason. The base is never modified."""
-    from .peft_model import PeftModel
+    from ..peft_model import PeftModel
 
     def check(data):
         model = PeftModel(base)  # a view: shares the base's tensors, copies none

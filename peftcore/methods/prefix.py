@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import PeftConfig, StackCache, check_range, unwrapped
-from .model import BaseConfig
+from ..model import BaseConfig
 from .registry import Method, Preset, register
 
 

@@ -1,0 +1,2 @@
+"""What the tests and the benchmarks share: the app's servers and a Ray head (servers.py), the
+lecture-hall proxy (proxy.py), the browser (browser.py). bench/ holds benchmarks only."""

@@ -1,0 +1,24 @@
+"""Debian's chromium driven by Playwright (never `playwright install`): how it is launched for
+a class of headless pages, and when a page of the app is ready."""
+CHROMIUM = "/usr/bin/chromium"
+# The last three keep timers and rendering of every page at full speed: Streamlit's live panel
+# polls from the browser (st.fragment's run_every is a timer in the page), and a class of
+# headless pages must not have theirs slowed as background tabs.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+                 "--disable-backgrounding-occluded-windows"]
+# A script run has ended and the page's title is drawn: every page starts with st.title, so a
+# page still waiting for its first run (slow on a loaded machine) never counts as ready.
+READY = "[data-testid=stApp][data-test-script-state=notRunning] [data-testid=stMain] h1"
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def wait_ready(page, timeout=60_000):
+    """Wait until the app has finished running its script (and any fragment)."""
+    page.wait_for_selector(READY, timeout=timeout)
+    page.wait_for_timeout(300)  # let the last deltas paint
+    page.wait_for_selector(READY, timeout=timeout)

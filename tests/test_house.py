@@ -1,0 +1,80 @@
+"""The rules of direction of the house (README: The house), read from the source: what each
+room may import. The teaching core (peftcore/, peftcore/methods/) is torch only, usable from a
+notebook: it never imports the run service, threads, SQLite, exit hooks or streamlit. The run
+service (peftcore/service/) never imports streamlit or the app. The pages reach the service
+through ui only. The harness (harness/) never imports a benchmark. And `import peftcore`
+loads no service module and registers no exit hook."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CORE = sorted([*ROOT.glob("peftcore/*.py"), *ROOT.glob("peftcore/methods/*.py")])
+SERVICE = sorted(ROOT.glob("peftcore/service/*.py"))
+PAGES = sorted(ROOT.glob("app_pages/*.py"))
+HARNESS = sorted(ROOT.glob("harness/*.py"))
+
+RULES = [  # (files, what they must not import: a module or any module below it)
+    (CORE, ("peftcore.service", "threading", "sqlite3", "atexit", "streamlit", "ui", "app_pages", "views")),
+    (SERVICE, ("streamlit", "ui", "app_pages", "views", "harness", "bench")),
+    (PAGES, ("peftcore.service", "sqlite3")),
+    (HARNESS, ("bench",)),
+]
+
+
+def module_name(path):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path):
+    """Every module `path` imports, anywhere in it (functions too), relative imports resolved."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from peftcore import service`
+    return found
+
+
+def breaks(path, forbidden):
+    return sorted(m for m in imports(path) for f in forbidden if m == f or m.startswith(f + "."))
+
+
+@pytest.mark.parametrize("files, forbidden", RULES, ids=["core", "service", "pages", "harness"])
+def test_each_room_imports_only_what_its_rule_allows(files, forbidden):
+    assert files, "the room has no files: the tree moved and this test did not"
+    broken = {module_name(f): b for f in files if (b := breaks(f, forbidden))}
+    assert not broken, broken
+
+
+def test_the_rule_reader_sees_a_broken_rule(tmp_path, monkeypatch):
+    """A check that cannot fail is no check: a core file importing the store, sqlite3 inside a
+    function, or the service through a relative import is seen."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    core = tmp_path / "peftcore" / "methods"
+    core.mkdir(parents=True)
+    for text in ("from ..service.store import Store\n", "def f():\n    import sqlite3\n",
+                 "from peftcore import service\n", "import streamlit as st\n"):
+        (core / "bad.py").write_text(text)
+        assert breaks(core / "bad.py", RULES[0][1]), text
+
+
+def test_importing_peftcore_loads_no_service_and_registers_no_exit_hook():
+    code = ("import atexit, sys, torch, numpy, safetensors.torch\n"
+            "before = atexit._ncallbacks()\n"
+            "import peftcore\n"
+            "print(atexit._ncallbacks() - before, sorted(m for m in sys.modules if m.startswith('peftcore.service')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split(None, 1) == ["0", "[]\n"], out
