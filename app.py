@@ -77,7 +77,7 @@ def my_bank():
         if st.button("Yes, delete them", type="primary", key="delete_mine"):
             try:
                 st.success(f"Deleted {ui.delete_my_phi()} saved phi.")
-            except ui.store_mod.StoreError as e:
+            except ui.StoreError as e:
                 st.error(f"Not deleted: {e}.")
 
 

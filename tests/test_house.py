@@ -1,8 +1,8 @@
 """The rules of direction of the house (README: The house), read from the source: what each
 room may import. The teaching core (peftcore/, peftcore/methods/) is torch only, usable from a
 notebook: it never imports the run service, threads, SQLite, exit hooks or streamlit. The run
-service (peftcore/service/) never imports streamlit or the app. The pages reach the service
-through ui only. The harness (harness/) never imports a benchmark. And `import peftcore`
+service (peftcore/service/) never imports streamlit or the app. The ui package never imports a
+page; the pages reach the service through ui only. The harness (harness/) never imports a benchmark. And `import peftcore`
 loads no service module and registers no exit hook."""
 import ast
 import subprocess
@@ -16,11 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE = sorted([*ROOT.glob("peftcore/*.py"), *ROOT.glob("peftcore/methods/*.py")])
 SERVICE = sorted(ROOT.glob("peftcore/service/*.py"))
 PAGES = sorted(ROOT.glob("app_pages/*.py"))
+UI = sorted(ROOT.glob("ui/*.py"))
 HARNESS = sorted(ROOT.glob("harness/*.py"))
 
 RULES = [  # (files, what they must not import: a module or any module below it)
     (CORE, ("peftcore.service", "threading", "sqlite3", "atexit", "streamlit", "ui", "app_pages", "views")),
     (SERVICE, ("streamlit", "ui", "app_pages", "views", "harness", "bench")),
+    (UI, ("app_pages", "harness", "bench", "sqlite3")),
     (PAGES, ("peftcore.service", "sqlite3")),
     (HARNESS, ("bench",)),
 ]
@@ -52,7 +54,7 @@ def breaks(path, forbidden):
     return sorted(m for m in imports(path) for f in forbidden if m == f or m.startswith(f + "."))
 
 
-@pytest.mark.parametrize("files, forbidden", RULES, ids=["core", "service", "pages", "harness"])
+@pytest.mark.parametrize("files, forbidden", RULES, ids=["core", "service", "ui", "pages", "harness"])
 def test_each_room_imports_only_what_its_rule_allows(files, forbidden):
     assert files, "the room has no files: the tree moved and this test did not"
     broken = {module_name(f): b for f in files if (b := breaks(f, forbidden))}

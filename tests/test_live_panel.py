@@ -44,7 +44,7 @@ def test_a_server_holding_many_pages_refreshes_each_less_often(monkeypatch, page
     without an update (BENCHMARKS.md); the interval grows with the server's open pages, and
     stays within what a live update a second needs (>= 0.5 a second)."""
     import ui
-    monkeypatch.setattr(ui, "open_pages", lambda: pages)
+    monkeypatch.setattr(ui.runs, "open_pages", lambda: pages)
     assert ui.poll_interval(waiting=False) == pytest.approx(live)
     assert ui.poll_interval(waiting=True) == pytest.approx(waiting)
 
