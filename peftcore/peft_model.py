@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .methods import registry
 from .base import fingerprint
-from .methods.config import PeftConfig
+from .methods.config import MergeablePhiLayer, PeftConfig, PhiLayer
 
 BASE_ROW = "__base__"  # the name of "no phi" in a mixed batch
 NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -158,12 +158,12 @@ class PeftModel(nn.Module):
         """Put back the wrapped module wherever a phi wrapper holds no phi any more, and drop
         a model-level phi layer (a prompt encoder) left empty."""
         for child_name, child in list(self.named_children()):
-            if child is not self.base_model and isinstance(child, registry.layer_types()) and not _holds_phi(child):
+            if child is not self.base_model and isinstance(child, PhiLayer) and not child.has_phi():
                 delattr(self, child_name)
         for parent in list(self.base_model.modules()):
             for child_name, child in list(parent.named_children()):
-                if hasattr(child, "get_base_layer") and not _holds_phi(child):  # a wrapper left empty
-                    setattr(parent, child_name, child.get_base_layer())
+                if isinstance(child, PhiLayer) and child.wraps and not child.has_phi():  # a wrapper left empty
+                    setattr(parent, child_name, child.wrapped())
         self._layers = None
 
     def set_adapter(self, adapter_name):
@@ -268,7 +268,8 @@ class PeftModel(nn.Module):
         if unknown:
             raise KeyError(f"unknown adapter name(s) {unknown}; have {sorted(self.peft_config)} and {BASE_ROW!r}")
         if self._merged is not None:  # as HF peft: a merged W would serve every row
-            raise ValueError(f"Cannot pass `adapter_names` while LoRA {self._merged!r} is merged; "
+            merged = self.peft_config[self._merged].peft_type
+            raise ValueError(f"Cannot pass `adapter_names` while the {merged} adapter {self._merged!r} is merged; "
                              "call unmerge_adapter() first.")
         self.route.rows, self.route._slots = names, {}
         try:
@@ -325,7 +326,7 @@ class PeftModel(nn.Module):
     # ---------------------------------------------------------------- merging
     def _merge_layers(self, name=None):
         """The phi layers that can fold phi into a merged weight (those holding `name`)."""
-        return [m for m in self._phi_layers() if hasattr(m, "merge") and (name is None or _holds_phi(m, name))]
+        return [m for m in self._phi_layers() if isinstance(m, MergeablePhiLayer) and (name is None or m.has_phi(name))]
 
     def _check_mergeable(self, name, what):
         cfg = self.peft_config.get(name)
@@ -368,12 +369,12 @@ class PeftModel(nn.Module):
 
 
 def _hf_key(parts, adapter_name):
-    """base_model.blocks.0.attn.q.lora_A.default.weight -> base_model.model.blocks.0.attn.q.lora_A.weight:
-    HF peft's saved layout (no adapter name, the model under base_model.model)."""
+    """base_model.blocks.0.attn.q.<container>.<adapter>.weight -> base_model.model.blocks.0.attn.q.<container>.weight:
+    HF peft's saved layout (no adapter name, no wrapper's attribute, the model under base_model.model)."""
     out = []
     for i, part in enumerate(parts):
         # wrappers (a phi layer around a projection or sublayer) and adapter names are not part of the saved name
-        if part in ("sublayer", "base_layer") or (i and parts[i - 1] in registry.containers() and part == adapter_name):
+        if part in registry.wrapper_attributes() or (i and parts[i - 1] in registry.containers() and part == adapter_name):
             continue  # wrappers and adapter names are not part of the saved name
         out.append(part)
     if out[0] == "base_model":
@@ -381,16 +382,10 @@ def _hf_key(parts, adapter_name):
     return ".".join(out)
 
 
-def _holds_phi(layer, name=None):
-    """Whether a phi layer holds any phi (or phi `name`)."""
-    held = [getattr(layer, attr) for attr in registry.containers() if hasattr(layer, attr)]
-    return any(name in c for c in held) if name is not None else any(len(c) for c in held)
-
-
 def _unwrap(module, name):
     """Replace every phi wrapper by what it unloads to: plain modules, phi `name` folded in."""
     for child_name, child in list(module.named_children()):
-        if hasattr(child, "unloaded"):
+        if isinstance(child, PhiLayer) and child.wraps:
             child = child.unloaded(name)
             setattr(module, child_name, child)
         _unwrap(child, name)

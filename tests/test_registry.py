@@ -3,6 +3,7 @@ to end without a line of it anywhere else: it trains, saves and loads, rides in 
 batch beside the shipped methods, enters the store, is listed with the library's methods
 and appears on the Train page (under its peft_type: it has no view). An unknown config is
 an error, never a full fine-tune."""
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -15,7 +16,7 @@ from apptest import ROOT
 from mixed import assert_rows_equal_alone
 from peftcore import library
 from peftcore.methods import registry
-from peftcore.methods.config import PeftConfig
+from peftcore.methods.config import PeftConfig, PhiLayer
 from peftcore.service.store import Store, new_token
 
 
@@ -28,7 +29,9 @@ class ShiftConfig(PeftConfig):
         return base_config.d_model
 
 
-class ShiftLayer(nn.Module):
+class ShiftLayer(PhiLayer):
+    containers, wraps = ("shifts",), "base_layer"
+
     def __init__(self, base_layer, route):
         super().__init__()
         self.base_layer, self.route = base_layer, route
@@ -37,16 +40,6 @@ class ShiftLayer(nn.Module):
     def add(self, name, cfg, generator=None):
         w = self.base_layer.weight
         self.shifts[name] = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
-
-    def remove(self, name):
-        if name in self.shifts:
-            del self.shifts[name]
-
-    def get_base_layer(self):
-        return self.base_layer
-
-    def unloaded(self, name):
-        return self.base_layer
 
     def forward(self, x):
         out = self.base_layer(x)
@@ -68,7 +61,7 @@ def plug(model, name, cfg, generator):
 @pytest.fixture
 def toy():
     method = registry.register(registry.Method(
-        ShiftConfig, plug=plug, layers=(ShiftLayer,), containers=("shifts",), slug="shift",
+        ShiftConfig, plug=plug, layers=(ShiftLayer,), slug="shift",
         preset=registry.Preset(ShiftConfig(), dict(steps=10, lr=1e-2, batch_size=16))))
     yield method
     registry.unregister(method.peft_type)
@@ -115,23 +108,53 @@ def test_an_unknown_config_is_an_error_never_a_full_fine_tune(base):
         peftcore.get_peft_model(base, type("MyLora", (peftcore.LoraConfig,), {})())
 
 
+GENERIC = ("peftcore", "ui", "views", "app_pages", ".")  # every folder of code, searched below it too
+
+
+def generic_files():
+    """The code outside each method's own two files (peftcore/methods/<slug>.py, views/<slug>.py)."""
+    own = {f"{m.slug}.py" for m in registry.METHODS.values()}
+    for path in sorted({p for folder in GENERIC for p in (ROOT / folder).rglob("*.py")}):
+        inside = path.relative_to(ROOT).parts
+        if inside[0] in ("tests", "bench", "harness", ".git") or path.name in own or path.name == "__init__.py":
+            continue  # __init__: the imports that register the methods
+        yield path
+
+
 def test_generic_code_names_no_method():
-    """Outside each method's own two files (peftcore/<method>.py and views/<method>.py), no
-    code tests for a method's class or spells a method's name."""
+    """Outside each method's own two files, no code tests for a method's class or spells a
+    method's name, nor reads a method's layer by its attributes (lora_A, ia3_l, sublayer...):
+    in a string, an f-string, or as `.attribute`."""
     import views
     names = [m.config_cls.__name__ for m in registry.METHODS.values()] + list(registry.METHODS) + [
         v.name for v in views.all_views()]
-    own = {f"{m.slug}.py" for m in registry.METHODS.values()}
+    attributes = [*registry.containers(), *registry.wrapper_attributes(),
+                  *(a for cls in registry.layer_types() for a in cls.per_adapter)]
     not_methods = ("PASSIVE",)  # SQLite's checkpoint modes include "FULL"
-    hits = []
-    for folder in ("peftcore", "views", "app_pages", "."):
-        for path in sorted((ROOT / folder).glob("*.py")):
-            if path.name in own or path.name == "__init__.py":  # __init__: the imports that register them
+    hits, files = [], list(generic_files())
+    assert any(p.parts[-2] == "service" for p in files) and any(p.parts[-2] == "ui" for p in files)
+    for path in files:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if any(word in code for word in not_methods):
                 continue
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                code = line.split("#")[0]
-                if any(word in code for word in not_methods):
-                    continue
-                hits += [f"{path.relative_to(ROOT)}:{n}: {name}" for name in names
-                         if f'"{name}"' in code or f"'{name}'" in code or "isinstance(" in code and name in code]
+            hits += [f"{path.relative_to(ROOT)}:{n}: {name}" for name in names
+                     if f'"{name}"' in code or f"'{name}'" in code or "isinstance(" in code and name in code]
+            hits += [f"{path.relative_to(ROOT)}:{n}: {a}" for a in attributes
+                     if re.search(rf"\.{a}\b|[\"'{{]{a}[\"'}}.]", code)]
     assert not hits, hits
+
+
+def test_the_registry_refuses_a_layer_that_is_not_a_phi_layer_and_a_taken_slug_or_attribute(toy):
+    class Loose(nn.Module):  # duck typing is not enough: the generic code reads PhiLayer's names
+        pass
+
+    class Clash(ShiftLayer):
+        containers = ("shifts",)
+    for layers, slug, error in (((Loose,), "loose", TypeError), ((ShiftLayer,), "shift2", ValueError),
+                                ((Clash,), "clash", ValueError), ((), "shift", ValueError)):
+        config = type(f"Cfg{slug}", (ShiftConfig,), {"peft_type": f"T_{slug.upper()}"})
+        with pytest.raises(error):
+            registry.register(registry.Method(config, plug=plug, layers=layers, slug=slug,
+                                              preset=registry.Preset(config())))
+        assert config.peft_type not in registry.METHODS

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, StackCache, check_range, pad_to
+from .config import PeftConfig, PhiLayer, check_range, pad_to
 from .registry import Method, Preset, register
 
 
@@ -55,8 +55,9 @@ class Bottleneck(nn.Module):
         return self.up(F.gelu(self.down(h)))
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(PhiLayer):
     """Wraps one sublayer (a block's attention or MLP) and adds the active bottleneck."""
+    containers, wraps = ("adapters",), "sublayer"
 
     def __init__(self, sublayer, d_model, route):
         super().__init__()
@@ -64,23 +65,9 @@ class AdapterLayer(nn.Module):
         self.d_model = d_model
         self.route = route
         self.adapters = nn.ModuleDict()
-        self._stack_cache = StackCache()
 
     def add(self, name, cfg: AdapterConfig, like: torch.Tensor, generator=None):
         self.adapters[name] = Bottleneck(self.d_model, cfg.bottleneck_size, like.device, like.dtype, generator)
-
-    def remove(self, name):
-        if name not in self.adapters:
-            return
-        del self.adapters[name]
-        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
-
-    def get_base_layer(self):
-        return self.sublayer
-
-    def unloaded(self, name):
-        """What stands in this wrapper's place once phi is unloaded: the sublayer itself."""
-        return self.sublayer
 
     @staticmethod
     def cohort(sublayer, members):
@@ -162,7 +149,7 @@ def add_adapter_layers(view, name, cfg: AdapterConfig, route, generator=None):
 
 register(Method(
     AdapterConfig, plug=lambda model, name, cfg, g: add_adapter_layers(model.base_model, name, cfg, model.route, g),
-    layers=(AdapterLayer,), containers=("adapters",), slug="adapter",
+    layers=(AdapterLayer,), slug="adapter",
     cohort_kind=lambda cfg: ("BOTTLENECK_ADAPTER", tuple(sorted(cfg.target_sublayers))),  # the same layers wrapped
     # after the MLP only: with an adapter after the attention too, a solved run's held-out exact
     # match fell by more than 0.1 on the way in some seeds on AVX2 kernels (0.365 on add_5 seed

@@ -1,8 +1,10 @@
-"""What every method shares: a config with a peft_type and a round trip through JSON, and
-the helpers for stacking many phi (the cache of mixed batches, padding to one size)."""
+"""What every method shares: a config with a peft_type and a round trip through JSON, the phi
+layer every method's layer is (PhiLayer, and MergeablePhiLayer for phi that folds into a
+weight), and the helpers for stacking many phi (the cache of mixed batches, padding to one size)."""
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn as nn
 
 
 @dataclass
@@ -79,6 +81,91 @@ def base_modules(module):
 def unwrapped(module):
     """The base's own module under any stack of PEFT wrappers (LoRA's on k and v, an
     adapter or a prefix around attention)."""
-    while hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
-    return module
+    return module.get_base_layer() if isinstance(module, PhiLayer) and module.wraps else module
+
+
+def wrapper_of(module, kind):
+    """The wrapper of class `kind` in the stack of wrappers `module` heads, or None."""
+    while not isinstance(module, kind) and isinstance(module, PhiLayer) and module.wraps:
+        module = module.wrapped()
+    return module if isinstance(module, kind) else None
+
+
+class PhiLayer(nn.Module):
+    """What every method's layer is: it holds phi by adapter name, and it either wraps a module
+    (the projection, sublayer or other method's wrapper it stands in for) or stands alone (a
+    prompt encoder). A method's layer names its attributes, and the code here (and in PeftModel)
+    reads them; generic code never spells a method's attribute.
+
+    containers:  attributes holding phi's tensors by adapter name (ModuleDicts, ParameterDicts);
+                 the first says which names the layer holds
+    per_adapter: other attributes keyed by adapter name (a scale, a flag), removed with them
+    wraps:       the attribute holding the wrapped module, or None"""
+    containers = ()
+    per_adapter = ()
+    wraps = None
+
+    def __init__(self):
+        super().__init__()
+        self._stack_cache = StackCache()
+
+    def has_phi(self, name=None):
+        """Whether the layer holds phi `name` (or any phi)."""
+        held = getattr(self, self.containers[0])
+        return name in held if name is not None else len(held) > 0
+
+    def remove(self, name):
+        if not self.has_phi(name):
+            return
+        for attr in (*self.containers, *self.per_adapter):
+            del getattr(self, attr)[name]
+        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
+
+    def wrapped(self):
+        """The module right under this wrapper (maybe another method's wrapper)."""
+        return getattr(self, self.wraps)
+
+    def get_base_layer(self):
+        """The module under every wrapper (HF peft's get_base_layer)."""
+        layer = self.wrapped()
+        while isinstance(layer, PhiLayer) and layer.wraps:
+            layer = layer.wrapped()
+        return layer
+
+    def unloaded(self, name):
+        """What stands in this wrapper's place once phi is unloaded (merge_and_unload): the
+        module under it, itself unloaded if it is a wrapper too."""
+        under = self.wrapped()
+        return under.unloaded(name) if isinstance(under, PhiLayer) and under.wraps else under
+
+
+class MergeablePhiLayer(PhiLayer):
+    """A phi layer around a Linear whose phi folds into the weight (`folded`). merge() keeps the
+    folded weight beside the shared base's, never writing into it; unloaded() is a plain Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.merged_adapter = None  # the adapter folded into merged_weight, if any
+        self.merged_weight = None   # the folded weight, never written into the base's
+
+    def folded(self, name):
+        """The wrapped Linear's weight with phi `name` folded in."""
+        raise NotImplementedError
+
+    def merge(self, name):
+        self.merged_adapter = name
+        self.merged_weight = self.folded(name).detach()
+
+    def unmerge(self):
+        self.merged_adapter = self.merged_weight = None
+
+    def unloaded(self, name):
+        """A plain Linear in this wrapper's place, phi `name` folded in; another method's phi:
+        the wrapper under it unloads itself."""
+        under = self.wrapped()
+        if not self.has_phi(name) and isinstance(under, PhiLayer) and under.wraps:
+            return under.unloaded(name)
+        w = (self.folded(name) if self.has_phi(name) else self.get_base_layer().weight).detach()
+        plain = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        plain.weight = nn.Parameter(w, requires_grad=False)
+        return plain

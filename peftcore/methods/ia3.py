@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, StackCache, base_modules
+from .config import MergeablePhiLayer, PeftConfig, base_modules, unwrapped
 from ..model import PROJECTIONS
 from .registry import Method, Preset, register
 
@@ -44,15 +44,15 @@ class IA3Config(PeftConfig):
 
 def _linear(module):
     """The Linear under any stack of phi wrappers (a LoRA may already wrap this projection)."""
-    while not isinstance(module, nn.Linear) and hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
+    module = unwrapped(module)
     return module if isinstance(module, nn.Linear) else None
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(MergeablePhiLayer):
     """Wraps one projection (a Linear, or another method's wrapper of it) and rescales its
     input or output by the routed adapter's vector. One IA3Linear holds every adapter for its
     projection, keyed by name; whether a vector scales the input is per adapter."""
+    containers, per_adapter, wraps = ("ia3_l",), ("is_feedforward",), "base_layer"
 
     def __init__(self, base_layer, route):
         super().__init__()
@@ -60,9 +60,6 @@ class IA3Linear(nn.Module):
         self.route = route
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward = {}  # adapter name -> True: scales the input
-        self.merged_adapter = None  # the adapter folded into merged_weight, if any
-        self.merged_weight = None  # W * l, never written into W
-        self._stack_cache = StackCache()
 
     # as a Linear, for a method that wraps this wrapper in turn
     weight = property(lambda self: _linear(self).weight)
@@ -75,38 +72,13 @@ class IA3Linear(nn.Module):
         self.ia3_l[name] = nn.Parameter(torch.ones(shape, device=w.device, dtype=w.dtype))  # as HF peft
         self.is_feedforward[name] = feedforward
 
-    def remove(self, name):
-        if name not in self.ia3_l:
-            return
-        del self.ia3_l[name], self.is_feedforward[name]
-        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
-
-    def get_base_layer(self):
-        return self.base_layer
-
     def folded(self, name):
         return self.weight * self.ia3_l[name].detach()  # (out, 1) scales rows, (1, in) columns
-
-    def unloaded(self, name):
-        """A plain Linear in this wrapper's place, vector `name` folded in (merge_and_unload)."""
-        if name not in self.ia3_l:  # another method's phi, or none: what lies under
-            return self.base_layer.unloaded(name) if hasattr(self.base_layer, "unloaded") else self.base_layer
-        w = self.folded(name)
-        plain = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        plain.weight = nn.Parameter(w, requires_grad=False)
-        return plain
 
     @staticmethod
     def cohort(base_layer, members):
         """The cohort's layer in this one's place: row group k through members[k] = (layer, name)."""
         return CohortIA3(base_layer, [(layer.ia3_l[name], layer.is_feedforward[name]) for layer, name in members])
-
-    def merge(self, name):
-        self.merged_adapter = name
-        self.merged_weight = self.folded(name)
-
-    def unmerge(self):
-        self.merged_adapter = self.merged_weight = None
 
     def forward(self, x):
         # the merged weight serves its own adapter only (never a mixed batch or another phi)
@@ -181,7 +153,7 @@ def add_ia3(model, name, cfg: IA3Config, generator=None):
 
 
 register(Method(
-    IA3Config, plug=add_ia3, layers=(IA3Linear,), containers=("ia3_l",), mergeable=True, slug="ia3",
+    IA3Config, plug=add_ia3, layers=(IA3Linear,), mergeable=True, slug="ia3",
     cohort_kind=lambda cfg: ("IA3", tuple(sorted(cfg.target_modules)), tuple(sorted(cfg.feedforward_modules))),
     # what HF peft's IA3Config expects to find in adapter_config.json
     hf_fields=dict(fan_in_fan_out=False, init_ia3_weights=True, modules_to_save=None, inference_mode=True,

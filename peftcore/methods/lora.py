@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PeftConfig, StackCache, base_modules, check_range, pad_to
+from .config import MergeablePhiLayer, PeftConfig, base_modules, check_range, pad_to
 from .registry import Method, Preset, register
 
 from ..model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
@@ -58,7 +58,9 @@ class LoraDropout(nn.Dropout):
         return x * keep / (1 - self.p)
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(MergeablePhiLayer):
+    containers, per_adapter, wraps = ("lora_A", "lora_B"), ("lora_dropout", "scaling"), "base_layer"
+
     def __init__(self, base_layer: nn.Linear, route):
         super().__init__()
         self.base_layer = base_layer
@@ -67,9 +69,6 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling = {}
-        self.merged_adapter = None  # the adapter folded into merged_weight, if any
-        self.merged_weight = None  # W + its delta, never written into W
-        self._stack_cache = StackCache()
 
     def add(self, name, cfg: LoraConfig, generator=None):
         d_in, d_out = self.base_layer.in_features, self.base_layer.out_features
@@ -81,43 +80,16 @@ class LoraLinear(nn.Module):
         self.lora_dropout[name] = LoraDropout(cfg.lora_dropout, self.route) if cfg.lora_dropout else nn.Identity()
         self.scaling[name] = cfg.lora_alpha / cfg.r
 
-    def remove(self, name):
-        if name not in self.lora_A:
-            return
-        for d in (self.lora_A, self.lora_B, self.lora_dropout):
-            del d[name]
-        del self.scaling[name]
-        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
-
     def delta_weight(self, name):
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
-    def get_base_layer(self):
-        return self.base_layer
-
-    def unloaded(self, name):
-        """A plain Linear in this wrapper's place, LoRA `name` folded in (merge_and_unload);
-        another method's wrapper under it unloads itself."""
-        if name not in self.lora_A and hasattr(self.base_layer, "unloaded"):
-            return self.base_layer.unloaded(name)
-        w = self.base_layer.weight
-        if name in self.lora_A:
-            w = w + self.delta_weight(name).detach()
-        plain = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        plain.weight = nn.Parameter(w.detach(), requires_grad=False)
-        return plain
+    def folded(self, name):
+        return self.base_layer.weight + self.delta_weight(name).detach()
 
     @staticmethod
     def cohort(base_layer, members):
         """The cohort's layer in this one's place: row group k through members[k] = (layer, name)."""
         return CohortLora(base_layer, members)
-
-    def merge(self, name):
-        self.merged_adapter = name
-        self.merged_weight = self.base_layer.weight + self.delta_weight(name).detach()
-
-    def unmerge(self):
-        self.merged_adapter = self.merged_weight = None
 
     def forward(self, x):
         # the merged weight serves its own adapter only: a mixed batch, another adapter or
@@ -190,8 +162,7 @@ def add_lora(view, name, cfg: LoraConfig, route, generator=None):
         for child_name, child in list(parent.named_children()):
             if child_name not in cfg.target_modules:
                 continue
-            if isinstance(child, nn.Linear) or (hasattr(child, "get_base_layer") and hasattr(child, "weight")
-                                                and not isinstance(child, LoraLinear)):
+            if isinstance(child, nn.Linear) or (isinstance(child, MergeablePhiLayer) and not isinstance(child, LoraLinear)):
                 child = LoraLinear(child, route)
                 setattr(parent, child_name, child)
             if isinstance(child, LoraLinear):
@@ -209,7 +180,7 @@ HF_FIELDS = dict(bias="none", fan_in_fan_out=False, inference_mode=True, task_ty
 
 register(Method(
     LoraConfig, plug=lambda model, name, cfg, g: add_lora(model.base_model, name, cfg, model.route, g),
-    layers=(LoraLinear,), containers=("lora_A", "lora_B"), mergeable=True, cohort_kind=cohort_kind,
+    layers=(LoraLinear,), mergeable=True, cohort_kind=cohort_kind,
     hf_fields=HF_FIELDS, slug="lora",
     # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6);
     # the attention's four, as the paper adapted attention only: with the MLP's up too, the same

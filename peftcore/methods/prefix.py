@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .config import PeftConfig, StackCache, check_range, unwrapped
+from .config import PeftConfig, PhiLayer, check_range, unwrapped, wrapper_of
 from ..model import BaseConfig
 from .registry import Method, Preset, register
 
@@ -43,33 +43,21 @@ class Prefix(nn.Module):
         self.value = nn.Parameter(value)
 
 
-class PrefixAttention(nn.Module):
+class PrefixAttention(PhiLayer):
     """Wraps a block's attention (or a wrapper of it) and puts the routed prefix in front of
     its keys and values. Any other argument (attn_mask) passes through to the wrapped module."""
 
+    containers, wraps = ("prefixes",), "sublayer"
+
     def __init__(self, sublayer, n_head, route):
         super().__init__()
-        self.sublayer = sublayer  # the name AdapterLayer uses too: saved names skip it
+        self.sublayer = sublayer
         self.n_head = n_head
         self.route = route
         self.prefixes = nn.ModuleDict()
-        self._stack_cache = StackCache()
 
     def add(self, name, key, value):
         self.prefixes[name] = Prefix(key, value)
-
-    def remove(self, name):
-        if name not in self.prefixes:
-            return
-        del self.prefixes[name]
-        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
-
-    def get_base_layer(self):
-        return self.sublayer
-
-    def unloaded(self, name):
-        """What stands in this wrapper's place once phi is unloaded: the attention itself."""
-        return self.sublayer
 
     def _heads(self, t):
         """(..., n, d) -> (..., n_head, n, head_dim): the base's layout of keys and values."""
@@ -114,13 +102,6 @@ class PrefixAttention(nn.Module):
         return K[slots], V[slots], keep
 
 
-def _find(module):
-    """The PrefixAttention in a chain of wrappers around a block's attention, or None."""
-    while not isinstance(module, PrefixAttention) and hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
-    return module if isinstance(module, PrefixAttention) else None
-
-
 def add_prefix(model, name, cfg: PrefixTuningConfig, generator=None):
     """Wrap each block's attention (once) and give it prefix `name`.
 
@@ -134,7 +115,7 @@ def add_prefix(model, name, cfg: PrefixTuningConfig, generator=None):
     view = model.base_model
     w = view.head.weight
     for block in view.blocks:
-        layer = _find(block.attn)
+        layer = wrapper_of(block.attn, PrefixAttention)
         if layer is None:
             layer = block.attn = PrefixAttention(block.attn, unwrapped(block.attn).n_head, model.route)
         shape = (cfg.num_virtual_tokens, view.config.d_model)
@@ -150,7 +131,7 @@ HF_FIELDS = dict(task_type=None, inference_mode=True, base_model_name_or_path=No
                  modules_to_save=None)
 
 register(Method(
-    PrefixTuningConfig, plug=add_prefix, layers=(PrefixAttention,), containers=("prefixes",), slug="prefix",
+    PrefixTuningConfig, plug=add_prefix, layers=(PrefixAttention,), slug="prefix",
     hf_fields=HF_FIELDS,
     # a high learning rate, as prompt tuning's. n=32 (bench.presets, 5 seeds, keys at std 1):
     # times_3, complement and both compositions on 5 of 5 (seeds 5-9: the maps 5 each, the

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .config import PeftConfig, StackCache, check_range
+from .config import PeftConfig, PhiLayer, check_range
 from .registry import Method, Preset, register
 
 
@@ -34,25 +34,19 @@ class PromptEmbedding(nn.Module):
         self.embedding = nn.Parameter(token_embedding.weight.detach()[ids.to(token_embedding.weight.device)].clone())
 
 
-class PromptEncoder(nn.Module):
+class PromptEncoder(PhiLayer):
     """Every prompt of a model, keyed by adapter name; puts the routed one(s) in front.
     An input layer (`prepends`): PeftModel runs it on the embeddings of the rows it serves."""
     prepends = True
+    containers = ("prompts",)
 
     def __init__(self, route):
         super().__init__()
         self.route = route
         self.prompts = nn.ModuleDict()
-        self._stack_cache = StackCache()
 
     def add(self, name, cfg: PromptTuningConfig, token_embedding, generator=None):
         self.prompts[name] = PromptEmbedding(cfg, token_embedding, generator)
-
-    def remove(self, name):
-        if name not in self.prompts:
-            return
-        del self.prompts[name]
-        self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
 
     def serves(self, names):
         """Whether any of the phi `names` a forward uses is one of these prompts."""
@@ -106,6 +100,6 @@ def add_prompt(model, name, cfg, generator=None):
 
 
 register(Method(
-    PromptTuningConfig, plug=add_prompt, layers=(PromptEncoder,), containers=("prompts",), slug="prompt",
+    PromptTuningConfig, plug=add_prompt, layers=(PromptEncoder,), slug="prompt",
     # prompt tuning wants a high learning rate (Lester et al. used 0.3)
     preset=Preset(PromptTuningConfig(num_virtual_tokens=8), dict(steps=200, lr=1e-1, batch_size=32))))

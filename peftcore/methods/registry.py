@@ -3,8 +3,10 @@ itself once, at the end of its own file (lora.py, adapter.py, prompt.py, ia3.py,
 full.py), and generic code (PeftModel, cohorts, files, the store, presets, the library)
 asks here and never names a method. A config no method registered is an error.
 
-    register(Method(LoraConfig, plug=add_lora, layers=(LoraLinear,), containers=("lora_A", "lora_B"),
-                    mergeable=True, cohort_kind=..., slug="lora", preset=Preset(...)))
+    register(Method(LoraConfig, plug=add_lora, layers=(LoraLinear,), mergeable=True, cohort_kind=...,
+                    slug="lora", preset=Preset(...)))
+
+A method's layers are PhiLayers (config.py): what they hold and wrap, they name themselves.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -23,8 +25,7 @@ class Method:
     plug: Callable                 # plug(model, adapter_name, config, generator): puts its phi in
     preset: Preset                 # what a live run of it trains by default
     slug: str                      # its short name in files and phi names ("lora" -> lora-times_3)
-    layers: tuple = ()             # module classes that hold its phi, keyed by adapter name
-    containers: tuple = ()         # attributes of those layers that hold phi by adapter name
+    layers: tuple = ()             # its PhiLayer classes, which hold its phi by adapter name
     shares_base: bool = True       # False: a whole trainable copy (no bank, no class, no mixed batch)
     mergeable: bool = False        # folds into the base's weights (merge_adapter, merge_and_unload)
     cohort_kind: Optional[Callable] = None  # config -> hashable (runs of one kind ride together), or
@@ -35,6 +36,11 @@ class Method:
     def peft_type(self):
         return self.config_cls.peft_type
 
+    @property
+    def containers(self):
+        """The attributes of its layers that hold phi's tensors by adapter name."""
+        return tuple({c: None for cls in self.layers for c in cls.containers})
+
 
 METHODS = {}  # peft_type -> Method, in the order the methods registered
 
@@ -44,8 +50,20 @@ class UnknownMethod(TypeError):
 
 
 def register(method: Method) -> Method:
+    """Add a method; its peft_type, slug and the attributes its layers hold phi in must be its
+    own (saved names and phi names are built from them)."""
+    from .config import PhiLayer
     if method.peft_type in METHODS:
         raise ValueError(f"a method with peft_type {method.peft_type!r} is already registered")
+    bad = [cls.__name__ for cls in method.layers if not (isinstance(cls, type) and issubclass(cls, PhiLayer))]
+    if bad:
+        raise TypeError(f"{method.peft_type}: its layers must be PhiLayers (peftcore.methods.config): {bad}")
+    for other in METHODS.values():
+        if method.slug == other.slug:
+            raise ValueError(f"{method.peft_type}: the slug {method.slug!r} is {other.peft_type}'s")
+        shared = set(method.containers) & set(other.containers)
+        if shared:
+            raise ValueError(f"{method.peft_type}: {sorted(shared)} already hold {other.peft_type}'s phi")
     METHODS[method.peft_type] = method
     return method
 
@@ -72,6 +90,11 @@ def layer_types():
 def containers():
     """Every attribute name under which a phi layer holds phi by adapter name."""
     return tuple({c: None for m in METHODS.values() for c in m.containers})
+
+
+def wrapper_attributes():
+    """Every attribute name under which a phi layer keeps the module it wraps."""
+    return tuple({cls.wraps: None for cls in layer_types() if cls.wraps})
 
 
 def bankable():
