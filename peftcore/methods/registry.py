@@ -28,6 +28,7 @@ class Method:
     layers: tuple = ()             # its PhiLayer classes, which hold its phi by adapter name
     shares_base: bool = True       # False: a whole trainable copy (no bank, no class, no mixed batch)
     mergeable: bool = False        # folds into the base's weights (merge_adapter, merge_and_unload)
+    starts_as_base: bool = True    # its fresh phi changes no output (False: a prompt or prefix is there at once)
     cohort_kind: Optional[Callable] = None  # config -> hashable (runs of one kind ride together), or
                                             # None for a config that trains alone
     hf_fields: dict = field(default_factory=dict)  # what HF peft's config of it also expects to read
