@@ -11,6 +11,7 @@ import torch
 import peftcore
 from peftcore import AdapterConfig, FullFineTuneConfig, LoraConfig, PromptTuningConfig
 from peftcore.cohort import Cohort, cohort_key
+from peftcore.service.executors import RunSpec
 from peftcore.service.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, RunManager
 from peftcore.train import NonFiniteLossError, Trainer, train
 
@@ -114,8 +115,8 @@ def test_who_may_ride_together(base):
 def test_the_manager_lets_a_cohort_ride_in_one_slot(base):
     manager = RunManager(max_concurrent=1, max_cohort=3, torch_threads=None)
     start = lambda cfg, seed, steps=12, owner="a": manager.start(
-        lambda: peftcore.get_peft_model(base, cfg, seed=seed), "times_3", owner=owner, steps=steps,
-        seed=seed, batch_size=16, eval_every=4, device="cpu")
+        RunSpec(cfg.to_dict(), "times_3", seed, train=dict(steps=steps, batch_size=16, eval_every=4, device="cpu")),
+        owner=owner)
     runs = [start(LoraConfig(r=2), seed, owner=f"s{seed}") for seed in range(4)]
     prompt = start(PromptTuningConfig(), 9)
     assert [r.status for r in runs] == [RUNNING] * 3 + [QUEUED]  # 3 share the slot; the 4th waits
@@ -132,9 +133,8 @@ def test_the_manager_lets_a_cohort_ride_in_one_slot(base):
 
 def test_bad_settings_fail_one_run_not_its_lane(base):
     manager = RunManager(max_concurrent=1, max_cohort=2, torch_threads=None)
-    good = manager.start(peftcore.get_peft_model(base, LoraConfig(), seed=0), "times_3", steps=6,
-                         batch_size=16, eval_every=3, device="cpu")
-    bad = manager.start(peftcore.get_peft_model(base, LoraConfig(), seed=1), "no_such_task", steps=6,
-                        batch_size=16, eval_every=3, device="cpu")
+    train = dict(steps=6, batch_size=16, eval_every=3, device="cpu")
+    good = manager.start(RunSpec(LoraConfig().to_dict(), "times_3", 0, train=train))
+    bad = manager.start(RunSpec(LoraConfig().to_dict(), "no_such_task", 1, train=train))
     assert good.wait(60).status == DONE and bad.wait(60).status == FAILED
     assert "no_such_task" in bad.error

@@ -95,14 +95,12 @@ def manager(request):
     close(m)
 
 
-def spec(base_fp, seed=0):
-    return RunSpec(CFG.to_dict(), seed=seed, fingerprint=base_fp)
+def spec(base_fp, seed=0, steps=10):
+    return RunSpec(CFG.to_dict(), "times_3", seed, fingerprint=base_fp, train=dict(steps=steps, **KW))
 
 
-def start(manager, base, base_fp, owner, seed=0, steps=10, key=None, **kw):
-    s = spec(base_fp, seed)
-    return manager.start(lambda: s.build(base), "times_3", label="LoRA", owner=owner, key=key, spec=s,
-                         steps=steps, **KW, seed=seed, **kw)
+def start(manager, base, base_fp, owner, seed=0, steps=10, shared=False, **kw):
+    return manager.start(spec(base_fp, seed, steps), label="LoRA", owner=owner, shared=shared, **kw)
 
 
 def values(events):
@@ -128,11 +126,11 @@ def test_same_seed_same_events_and_bit_identical_phi(manager, base, base_fp):
 
 
 def test_identical_runs_are_computed_once(manager, base, base_fp):
-    first = start(manager, base, base_fp, "a", seed=1, key=("same", 1))
-    second = start(manager, base, base_fp, "b", seed=1, key=("same", 1))
+    first = start(manager, base, base_fp, "a", seed=1, shared=True)
+    second = start(manager, base, base_fp, "b", seed=1, shared=True)
     assert second is first and first.owners == {"a", "b"} and first.joined == 1
     assert first.wait(120).status == DONE
-    again = start(manager, base, base_fp, "c", seed=1, key=("same", 1))
+    again = start(manager, base, base_fp, "c", seed=1, shared=True)
     assert again is not first  # a finished run is not joined
     assert again.wait(120).status == DONE
 
@@ -214,7 +212,7 @@ def test_starting_from_other_threads_works(ray_address, base, base_fp):
     try:
         got = []
         threads = [threading.Thread(target=lambda i=i: got.append(
-            start(manager, base, base_fp, f"s{i}", key=("k",), steps=10))) for i in range(4)]
+            start(manager, base, base_fp, f"s{i}", shared=True, steps=10))) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -228,18 +226,18 @@ def test_starting_from_other_threads_works(ray_address, base, base_fp):
 def test_a_worker_refuses_another_base_and_a_bad_config_in_one_line(base_fp):
     worker = WorkerRuns("cpu")
     other = "0" * 64
-    error = worker.add("r1", spec(other).to_dict(), "times_3", dict(steps=5, **KW))
+    error = worker.add("r1", spec(other, steps=5).to_dict())
     assert error.startswith(f"{BaseMismatch.__name__}: this worker's pretrained base is {base_fp[:16]}")
     assert "different base files" in error and "\n" not in error
     bad = dict(CFG.to_dict(), r=-1)
-    assert worker.add("r2", RunSpec(bad, fingerprint=base_fp).to_dict(), "times_3", dict(steps=5, **KW)).startswith(
+    assert worker.add("r2", RunSpec(bad, "times_3", fingerprint=base_fp, train=dict(steps=5, **KW)).to_dict()).startswith(
         "ValueError: r must be")
     assert not worker.session  # nothing was queued
 
 
 def test_phi_from_a_worker_enters_through_the_loaders_checks(base, base_fp):
     worker = WorkerRuns("cpu")
-    assert worker.add("r", spec(base_fp).to_dict(), "times_3", dict(steps=3, **KW)) is None
+    assert worker.add("r", spec(base_fp, steps=3).to_dict()) is None
     while worker.session:
         worker.step()
     data = worker.finish("r")
@@ -313,8 +311,8 @@ def test_two_web_servers_share_one_fair_line_and_compute_identical_runs_once(ray
             box.fill("5")
             box.press("Enter")
             wait_ready(pages["b2"])
-            hold = teacher.start(None, "times_3", owner=None, spec=RunSpec(CFG.to_dict(), fingerprint=peftcore.fingerprint(
-                peftcore.load_base())), steps=100_000, **KW)
+            hold = teacher.start(RunSpec(CFG.to_dict(), "times_3", fingerprint=peftcore.fingerprint(peftcore.load_base()),
+                                         train=dict(steps=100_000, **KW)), owner=None)
             wait_for(lambda: hold.status == RUNNING)
             for who in ("a", "b1", "b2"):
                 pages[who].get_by_role("button", name="Train", exact=True).click()

@@ -74,8 +74,9 @@ from test_ray_network import listening, process_tree
 box = []
 t = threading.Thread(target=lambda: box.append(ray_manager(num_cpus=1, name="network-test")))
 t.start(); t.join()  # the thread that started Ray has ended, as a Streamlit script run does
-spec = RunSpec(LoraConfig(r=1, target_modules=("q",)).to_dict(), fingerprint=peftcore.fingerprint(peftcore.load_base()))
-run = box[0].start(None, "times_3", owner="a", spec=spec, steps=2, batch_size=8, eval_every=2, device="cpu").wait(120)
+spec = RunSpec(LoraConfig(r=1, target_modules=("q",)).to_dict(), "times_3", fingerprint=peftcore.fingerprint(peftcore.load_base()),
+               train=dict(steps=2, batch_size=8, eval_every=2, device="cpu"))
+run = box[0].start(spec, owner="a").wait(120)
 import ray  # only now: connect sets what Ray reads when it is imported
 gcs = ray.get_runtime_context().gcs_address
 _check_token_auth(gcs)  # raises unless its GCS refuses a process without the token and opens to its own

@@ -8,19 +8,21 @@ import torch
 import peftcore
 from peftcore import LoraConfig
 from peftcore.presets import PRESETS
+from peftcore.service.executors import RunSpec
 from peftcore.service.runs import DONE, QUEUED, RUNNING, STOPPED, QueueFull, RunManager
 from peftcore.train import SOLVED, TrainEvent, solved_at
 
 CFG = LoraConfig(r=1, lora_alpha=4, target_modules=("q", "v"))
 
 
-def make(base, seed=0):
-    return lambda: peftcore.get_peft_model(base, CFG, seed=seed)
+def spec(steps=20, seed=0):
+    return RunSpec(CFG.to_dict(), "times_3", seed, train=dict(steps=steps, batch_size=8, eval_every=10, device="cpu"))
 
 
-def start(manager, base, owner="a", key=None, steps=20, **kw):
-    return manager.start(make(base), "times_3", label="LoRA", owner=owner, key=key, steps=steps,
-                         batch_size=8, eval_every=10, device="cpu", **kw)
+def start(manager, base, owner="a", shared=False, steps=20, seed=0, **kw):
+    """A run of `base` (not shared unless `shared`: then an equal run is joined)."""
+    s = spec(steps, seed)
+    return manager.start(s, label="LoRA", owner=owner, shared=shared, model=s.build(base), **kw)
 
 
 def test_more_runs_than_slots_wait_first_come_first_served(base):
@@ -104,26 +106,24 @@ def test_a_cap_per_client_address_counts_every_visitor_on_it(base):
 
 def test_joining_an_identical_run_counts_toward_the_joiners_cap(base):
     manager = RunManager(max_concurrent=2, max_per_owner=1, torch_threads=None)
-    key = ("same",)
-    run = start(manager, base, owner="a", key=key, steps=400)
+    run = start(manager, base, owner="a", shared=True, steps=400)
     mine = start(manager, base, owner="b", steps=400)
     with pytest.raises(QueueFull) as refused:
-        start(manager, base, owner="b", key=key)  # b is at its cap: joining would be one more
+        start(manager, base, owner="b", shared=True, steps=400)  # b is at its cap: joining would be one more
     assert refused.value.reason == "owner" and run.owners == {"a"}
-    assert start(manager, base, owner="c", key=key) is run and run.owners == {"a", "c"}
+    assert start(manager, base, owner="c", shared=True, steps=400) is run and run.owners == {"a", "c"}
     manager.stop(mine, "b")
-    assert start(manager, base, owner="b", key=key) is run  # under its cap again: b may join
+    assert start(manager, base, owner="b", shared=True, steps=400) is run  # under its cap again: b may join
     for o in ("a", "b", "c"):
         manager.stop(run, o)
 
 
 def test_a_visitors_own_second_tab_is_not_another_visitor(base):
     manager = RunManager(max_concurrent=1, max_per_owner=1, torch_threads=None)
-    key = ("same",)
-    run = start(manager, base, owner="a", key=key, steps=400)
-    assert start(manager, base, owner="a", key=key) is run  # a second tab: allowed at the cap
+    run = start(manager, base, owner="a", shared=True, steps=400)
+    assert start(manager, base, owner="a", shared=True, steps=400) is run  # a second tab: allowed at the cap
     assert run.joined == 1 and run.other_owners("a") == 0  # not "shared with 1 other"
-    start(manager, base, owner="b", key=key)
+    start(manager, base, owner="b", shared=True, steps=400)
     assert run.other_owners("a") == 1 and run.other_owners("b") == 1 and run.joined == 2
     for o in ("a", "b"):
         manager.stop(run, o)
@@ -131,24 +131,22 @@ def test_a_visitors_own_second_tab_is_not_another_visitor(base):
 
 def test_identical_runs_are_computed_once_and_each_gets_the_same_phi(base):
     manager = RunManager(max_concurrent=2, torch_threads=None)
-    key = ("base", "lora", "times_3", 0)
-    first, second = start(manager, base, owner="a", key=key), start(manager, base, owner="b", key=key)
+    first, second = start(manager, base, owner="a", shared=True), start(manager, base, owner="b", shared=True)
     assert second is first and first.shared and first.owners == {"a", "b"}
-    other = start(manager, base, owner="c", key=key + (1,))  # any difference: its own run
+    other = start(manager, base, owner="c", shared=True, seed=1)  # any difference: its own run
     assert other is not first
     first.wait(60)
     alone = peftcore.get_peft_model(base, CFG, seed=0)
     peftcore.run(alone, "times_3", steps=20, batch_size=8, eval_every=10, device="cpu")
     for (_, p), (_, q) in zip(first.model.named_adapter_parameters(), alone.named_adapter_parameters()):
         assert torch.equal(p, q)  # the shared computation is the one each would have run
-    assert start(manager, base, owner="d", key=key) is not first  # a finished run is not joined
+    assert start(manager, base, owner="d", shared=True) is not first  # a finished run is not joined
 
 
 def test_only_owners_stop_and_a_shared_run_stops_when_its_last_owner_leaves(base):
     manager = RunManager(max_concurrent=1, torch_threads=None)
-    key = ("same",)
-    run = start(manager, base, owner="a", key=key, steps=400)
-    start(manager, base, owner="b", key=key, steps=400)
+    run = start(manager, base, owner="a", shared=True, steps=400)
+    start(manager, base, owner="b", shared=True, steps=400)
     assert not manager.stop(run, "stranger") and run.owners == {"a", "b"}  # a shared link can't stop it
     assert not manager.stop(run, "a")  # a leaves; b still trains it
     assert run.owners == {"b"} and not run._stop.is_set()
@@ -172,7 +170,7 @@ def test_a_run_whose_owners_all_left_is_reaped_after_a_grace(base):
 def test_starts_from_many_threads_join_one_run(base):
     manager = RunManager(max_concurrent=2, torch_threads=None)
     got = []
-    threads = [threading.Thread(target=lambda i=i: got.append(start(manager, base, owner=f"s{i}", key=("k",))))
+    threads = [threading.Thread(target=lambda i=i: got.append(start(manager, base, owner=f"s{i}", shared=True)))
                for i in range(12)]
     for t in threads:
         t.start()
@@ -203,9 +201,9 @@ def test_stop_when_solved_ends_the_run_at_the_confirming_evaluation(base):
 
 EXIT_WHILE_TRAINING = """
 import time, peftcore
+from peftcore.service.executors import RunSpec
 from peftcore.service.runs import RUNNING, RunManager
-run = RunManager().start(peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(), seed=0), "times_3",
-                         steps=100_000, device="cpu")
+run = RunManager().start(RunSpec(peftcore.LoraConfig().to_dict(), "times_3", train=dict(steps=100_000, device="cpu")))
 while run.status != RUNNING or not run.events:
     time.sleep(0.01)
 """  # and exit, the run mid-training
@@ -236,3 +234,25 @@ def test_a_process_that_exits_during_the_warm_up_exits_cleanly(after_s):
     done = subprocess.run([sys.executable, "-c", EXIT_DURING_WARM_UP, str(after_s)],
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]  # 134 ("terminate called...") before the fix
+
+
+def test_a_runs_model_is_built_outside_the_managers_lock(base):
+    """A run is one object (RunSpec) the manager builds its model from; the build takes the
+    server's time, never its lock: another visitor's start goes on meanwhile."""
+    building, release = threading.Event(), threading.Event()
+
+    def slow_base(which, device):
+        building.set()
+        release.wait(30)
+        return base
+    manager = RunManager(max_concurrent=1, torch_threads=None, base_of=slow_base)
+    built = []
+    t = threading.Thread(target=lambda: built.append(manager.start(spec(steps=5), owner="a")))
+    t.start()
+    assert building.wait(30)
+    other = start(manager, base, owner="b", steps=5)  # its model given: no build
+    assert manager.runs[other.id] is other and not built
+    release.set()
+    t.join(30)
+    assert built and built[0].spec == spec(steps=5) and built[0].wait(60).status == DONE
+    other.wait(60)

@@ -54,13 +54,18 @@ def per_address_cap():
     return int(text) or None  # None: RunManager's "no cap"
 
 
+def base_of(which, device):
+    """The server's shared frozen base a run's model wraps, by name (pretrained, random)."""
+    return BASES[which](device)
+
+
 def make_manager(executor="inprocess"):
     """The run service: on Ray (workers elsewhere; the queue shared by every web server of
     the cluster, RAY_ADDRESS) or in this process. Ray not there: logged, and in-process."""
     if executor == "ray":
         from peftcore.service.ray_executor import RayUnavailable, ray_manager
         try:
-            return ray_manager(base_of=lambda which, dev: BASES[which](dev),
+            return ray_manager(base_of=base_of,
                                num_cpus=int(os.environ["PEFT_RAY_CPUS"]) if os.environ.get("PEFT_RAY_CPUS") else None,
                                name=os.environ.get("PEFT_RAY_SERVICE") or "run-service", max_per_owner=MAX_SESSION_RUNS,
                                max_per_client=per_address_cap())
@@ -68,7 +73,8 @@ def make_manager(executor="inprocess"):
             log.error("PEFT_EXECUTOR=ray, but %s: training runs in this web process instead.", e)
     elif executor != "inprocess":
         log.error("PEFT_EXECUTOR=%r is not an executor (inprocess, ray): training runs in this process.", executor)
-    manager = RunManager(max_per_owner=MAX_SESSION_RUNS, max_per_client=per_address_cap())  # across tabs; per address
+    manager = RunManager(max_per_owner=MAX_SESSION_RUNS, max_per_client=per_address_cap(),  # across tabs; per address
+                         base_of=base_of)
     # the first training of a process pays ~3 s of one-time setup: at server start, in the
     # background, not on the first student's click
     start_warm_up(get_base(device()), device())  # stopped and joined at exit: no abort mid torch op

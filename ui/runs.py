@@ -1,14 +1,11 @@
 """Runs as a page shows them: started in groups, shared, stopped, and followed live (progress lines
 and curves polled by a fragment) until their result."""
-import functools
-import json
 import threading
 import weakref
 
 import streamlit as st
 from streamlit.runtime import Runtime
 
-import peftcore
 from peftcore.service.executors import RunSpec
 from peftcore.service.runs import QUEUED, QueueFull
 from peftcore.tasks import EVAL_SIZE
@@ -16,7 +13,7 @@ from peftcore.train import solved_at
 
 from .frame import panel, run_view, ss
 from .charts import PALETTE, figure, plot
-from .resources import BASES, MAX_SESSION_RUNS, base_facts, base_fingerprint, device, get_manager, run_address
+from .resources import MAX_SESSION_RUNS, base_facts, base_fingerprint, device, get_manager, run_address
 from .visitor import connected, owner, sessions_of_owner
 
 
@@ -46,14 +43,6 @@ def active_session_runs():
     return [r for g in ss.get("groups", {}) for r in group_runs(g) if not r.finished and owns(r)]
 
 
-def run_key(which, config, task, kwargs):
-    """What makes two runs the same computation: the base they train on (its fingerprint),
-    method config, task and every training argument (seed, steps, lr, batch...). Equal
-    keys train bit-identical phi."""
-    return (base_fingerprint(which, kwargs["device"]), json.dumps(config.to_dict(), sort_keys=True), task,
-            json.dumps(kwargs, sort_keys=True))
-
-
 def start_group(group, jobs, task, url=False, **train_kwargs):
     """Start (or join) one run per job (label, config, extra train kwargs) as group `group`,
     replacing the group's previous runs. A job trains on the pretrained base unless its
@@ -61,14 +50,11 @@ def start_group(group, jobs, task, url=False, **train_kwargs):
     manager, ids = get_manager(), []
     for label, config, extra in jobs:
         kwargs = {**train_kwargs, **extra}
-        which = kwargs.pop("base", "pretrained")
+        which, seed = kwargs.pop("base", "pretrained"), kwargs.pop("seed", 0)
         kwargs.setdefault("eval_every", eval_every(kwargs.get("steps", 300)))
-        base = BASES[which](kwargs["device"])
-        make = functools.partial(peftcore.get_peft_model, base, config, seed=kwargs.get("seed", 0))
-        spec = RunSpec(config.to_dict(), kwargs.get("seed", 0), which, base_fingerprint(which, kwargs["device"]))
+        spec = RunSpec(config.to_dict(), task, seed, which, base_fingerprint(which, kwargs["device"]), kwargs)
         try:
-            run = manager.start(make, task, label=label, owner=owner(), client=run_address(),
-                                key=run_key(which, config, task, kwargs), spec=spec, **kwargs)
+            run = manager.start(spec, label=label, owner=owner(), client=run_address())
         except QueueFull as e:
             for i in ids:  # all of the group or none of it
                 manager.stop(manager.runs[i], owner())

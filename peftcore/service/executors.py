@@ -6,12 +6,13 @@ per run allowed, in order) and lets a finished run go (`remove`: its phi is fina
 
 - InProcess, the default: a lane is a thread of this process stepping a Cohort of the
   runs' live models (`streamlit run app.py`, notebooks, most tests).
-- Ray (ray_executor.py): a lane drives a worker process. A run travels there as data, a
-  RunSpec plus its task and training arguments; the worker rebuilds it with WorkerRuns
+- Ray (ray_executor.py): a lane drives a worker process. A run travels there as data, its
+  RunSpec (config, task, seed, base, training arguments); the worker rebuilds it with WorkerRuns
   (below: no Ray in it) on its own copy of the shipped base, trains it with the same
   Trainer and Cohort, and sends back its events and phi's file bytes, which load_trained
   loads through the same checks as an uploaded file.
 """
+import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +27,17 @@ from ..train import Trainer, resolve_device
 # (the random-base control from its fixed seed), so a name and a fingerprint are enough.
 SHIPPED_BASES = {"pretrained": load_base, "random": random_base}
 ADAPTER = "default"  # get_peft_model's adapter name: the one a run trains
+_LOADED = {}  # (name, device) -> a shipped base this process loaded
+
+
+def shipped_base(name, device="cpu"):
+    """A shipped base by name, loaded once per process and device: a RunManager's bases where
+    its caller gives none (a script, a test; the app gives its own shared ones)."""
+    if name not in SHIPPED_BASES:
+        raise BaseMismatch(f"no shipped base is named {name!r}; known: {', '.join(SHIPPED_BASES)}")
+    if (name, device) not in _LOADED:
+        _LOADED[name, device] = SHIPPED_BASES[name](device=device)
+    return _LOADED[name, device]
 
 
 class BaseMismatch(ValueError):
@@ -43,13 +55,21 @@ def describe(error):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """A run's model as data: the method config (as adapter_config.json has it, peft_type
-    included), the seed of phi's initial values, which shipped base and its fingerprint
-    (a worker holding another base refuses the run)."""
+    """A whole run as data, what both executors receive: the method config (as
+    adapter_config.json has it, peft_type included), the task, the seed (of phi's initial
+    values and of the batches), which shipped base and its fingerprint (a worker holding
+    another base refuses the run), and train()'s other keyword arguments (steps, lr, batch
+    size, device...). Equal keys train bit-identical phi."""
     config: dict
+    task: str = "times_3"
     seed: int = 0
     base: str = "pretrained"
     fingerprint: str = ""
+    train: dict = field(default_factory=dict)  # train()'s keyword arguments but the seed
+
+    def __post_init__(self):
+        if "seed" in self.train:
+            raise ValueError("a run's seed is RunSpec.seed, not one of its training arguments")
 
     def to_dict(self):
         return asdict(self)
@@ -57,6 +77,17 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d):
         return cls(**d)
+
+    @property
+    def train_kwargs(self):
+        """train()'s keyword arguments, the seed among them."""
+        return {**self.train, "seed": self.seed}
+
+    def key(self):
+        """What makes two runs the same computation: the base (its fingerprint), the method
+        config, the task and every training argument."""
+        return (self.fingerprint, json.dumps(self.config, sort_keys=True), self.task,
+                json.dumps(self.train_kwargs, sort_keys=True))
 
     def make_config(self):
         """The config object, checked as a file's would be (an unknown method is an error)."""
@@ -154,14 +185,12 @@ class WorkerRuns:
 
     def base(self, name):
         if name not in self.bases:
-            if name not in SHIPPED_BASES:
-                raise BaseMismatch(f"no shipped base is named {name!r}; known: {', '.join(SHIPPED_BASES)}")
-            base = SHIPPED_BASES[name](device=self.device)
+            base = shipped_base(name, self.device)
             self.bases[name] = base, fingerprint(base)
         return self.bases[name]
 
-    def add(self, run_id, spec, task, kwargs):
-        """Rebuild and queue run `run_id`; None, or the reason it cannot train."""
+    def add(self, run_id, spec):
+        """Rebuild and queue run `run_id` from its spec (a dict); None, or the reason it cannot train."""
         try:
             spec = RunSpec.from_dict(spec)
             base, have = self.base(spec.base)
@@ -169,8 +198,8 @@ class WorkerRuns:
                 raise BaseMismatch(f"this worker's {spec.base} base is {have[:16]}..., the run was set up on "
                                    f"{spec.fingerprint[:16]}...: the web server and the worker hold different base "
                                    "files (update both to the same version)")
-            run = WorkerRun(run_id, spec.build(base), task,
-                            {**kwargs, "device": self.device})  # a worker trains on its own device
+            run = WorkerRun(run_id, spec.build(base), spec.task,
+                            {**spec.train_kwargs, "device": self.device})  # a worker trains on its own device
             self.session.add(run)
         except Exception as e:  # noqa: BLE001 - the reason travels back as one line
             return describe(e)

@@ -219,8 +219,8 @@ class Worker:
     def pid(self):
         return os.getpid()
 
-    def add(self, run_id, spec, task, kwargs):
-        return self.runs.add(run_id, spec, task, kwargs)
+    def add(self, run_id, spec):
+        return self.runs.add(run_id, spec)
 
     def step(self, max_s=STEP_S):
         return self.runs.step(max_s)
@@ -292,7 +292,7 @@ class WorkerSession:
             raise RemoteError(WORKER_DIED) from None
 
     def add(self, run):
-        error = self._call("add", run.id, run.spec.to_dict(), run.task, run.kwargs)
+        error = self._call("add", run.id, run.spec.to_dict())
         if error:
             raise RemoteError(error)
         self.runs[run.id] = run
@@ -324,11 +324,10 @@ class RunService:
         self.manager = RunManager(executor=self.pool, torch_threads=None, **(manager_kwargs or {}))
         self.seen = {}  # owner -> when a web server last reported it connected
 
-    def start(self, spec, task, label, owner, key, client, kwargs):
+    def start(self, spec, label, owner, client, shared):
         self.seen[owner] = time.time()
         try:
-            run = self.manager.start(None, task, label, owner=owner, key=key, client=client,
-                                     spec=RunSpec.from_dict(spec), **kwargs)
+            run = self.manager.start(RunSpec.from_dict(spec), label, owner=owner, client=client, shared=shared)
         except QueueFull as e:
             return {"refused": str(e), "reason": e.reason}
         return self._snapshot(run, -1)
@@ -375,7 +374,7 @@ class RunService:
         snap = dict(at=time.monotonic(), id=run.id, status=run.status, events=run.events[max(n, 0):], error=run.error,
                     owners=sorted(run.owners, key=str), joined=run.joined, started=run.started)
         if n < 0:  # the whole run: what a mirror is built from
-            snap.update(spec=run.spec.to_dict(), task=run.task, label=run.label, kwargs=run.kwargs)
+            snap.update(spec=run.spec.to_dict(), label=run.label)
         return snap
 
 
@@ -437,11 +436,9 @@ class RayRunManager:
         _CLIENTS.append(self)
 
     # ---------------------------------------------------------------- the interface
-    def start(self, model, task, label="", owner=None, key=None, client=None, spec=None, **train_kwargs) -> Run:
-        """As RunManager.start; `spec` is required (the run travels as data; `model` is not used)."""
-        if spec is None:
-            raise ValueError("a run on Ray needs its spec (executors.RunSpec): the model travels as data")
-        snap = self.ray.get(self.service.start.remote(spec.to_dict(), task, label, owner, key, client, train_kwargs))
+    def start(self, spec, label="", owner=None, client=None, shared=True) -> Run:
+        """As RunManager.start: the run travels to the service as data."""
+        snap = self.ray.get(self.service.start.remote(spec.to_dict(), label, owner, client, shared))
         if "refused" in snap:
             raise QueueFull(snap["refused"], snap["reason"])
         self._line.clear()
@@ -501,8 +498,8 @@ class RayRunManager:
         (untrained until its phi comes back). Holds the lock."""
         spec = RunSpec.from_dict(snap["spec"])
         from ..train import resolve_device
-        base = self.base_of(spec.base, resolve_device(snap["kwargs"].get("device", "auto")))
-        run = Run(spec.build(base), snap["task"], snap["label"], dict(snap["kwargs"]), spec=spec, id=snap["id"])
+        base = self.base_of(spec.base, resolve_device(spec.train.get("device", "auto")))
+        run = Run(spec, spec.build(base), snap["label"], id=snap["id"])
         for old in finished_beyond(self.runs, self.max_kept):  # as RunManager: memory bounded over a class
             dict.__delitem__(self.runs, old.id)
             self._at.pop(old.id, None)

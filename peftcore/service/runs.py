@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .executors import InProcess, describe
+from ..train import resolve_device
+from .executors import InProcess, describe, shipped_base
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
 
@@ -55,13 +56,11 @@ class QueueFull(RuntimeError):
 
 @dataclass(eq=False)
 class Run:
-    model: object
-    task: str
+    spec: object  # the whole run as data (executors.RunSpec): config, task, seed, base, training arguments
+    model: object = None  # its live model where it trains or shows here (None in a Ray service)
     label: str = ""
-    kwargs: dict = field(default_factory=dict)
-    key: object = None  # runs with equal keys are the same computation
+    key: object = None  # runs with equal keys are the same computation (None: never joined)
     cohort: object = None  # runs with equal cohort keys may train together (None: alone)
-    spec: object = None  # the run as data (executors.RunSpec): what a worker process rebuilds it from
     phi: bytes = None  # phi's file bytes, when a worker process trained it (None in-process)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     status: str = QUEUED
@@ -93,8 +92,17 @@ class Run:
         return self.events[-1] if self.events else None
 
     @property
+    def task(self):
+        return self.spec.task
+
+    @property
+    def kwargs(self):
+        """train()'s keyword arguments (a fresh dict: the spec is the one carrier)."""
+        return self.spec.train_kwargs
+
+    @property
     def steps(self):
-        return self.kwargs.get("steps", 0)
+        return self.spec.train.get("steps", 0)
 
     def wait(self, timeout=None):
         self._ended.wait(timeout)
@@ -150,12 +158,13 @@ class RunManager:
     visitor). A class behind one NAT or proxy shares one address: raise max_per_client there."""
 
     def __init__(self, max_concurrent=None, max_waiting=60, max_kept=256, torch_threads=1, grace_s=20.0,
-                 max_cohort=None, max_per_owner=4, max_per_client=8, executor=None):
+                 max_cohort=None, max_per_owner=4, max_per_client=8, executor=None, base_of=None):
         # Many small runs at once: parallel across runs, one thread inside each op. Two
         # OpenMP threads per tiny matmul on busy cores run several times slower (BENCHMARKS.md).
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.executor = executor or InProcess()
+        self.base_of = base_of or shipped_base  # (base name, device) -> the frozen base a run's model wraps
         self.max_concurrent = max_concurrent or self.executor.slots or default_concurrency()  # lanes
         self.max_cohort = max_cohort or default_cohort_size()  # runs per lane (in-process)
         self.max_waiting = max_waiting
@@ -173,24 +182,25 @@ class RunManager:
         _MANAGERS.add(self)
 
     # ------------------------------------------------------------ starting and joining
-    def start(self, model, task, label="", owner=None, key=None, client=None, spec=None, **train_kwargs) -> Run:
-        """Queue a run of `model` (or of `model()`, built only when no run joins) for `owner`
-        (a visitor) from `client` (an address) and return it; a live run with the same `key`
-        is joined and returned instead. Raises QueueFull when a cap refuses the start.
-        `spec` (executors.RunSpec) is the run as data: an executor of worker processes needs
-        it, and builds no model here (`model` may then be None)."""
+    def start(self, spec, label="", owner=None, client=None, shared=True, model=None) -> Run:
+        """Queue run `spec` (executors.RunSpec) for `owner` (a visitor) from `client` (an
+        address) and return it; with `shared`, a live run of an equal spec is joined and
+        returned instead. Raises QueueFull when a cap refuses the start. Where runs train in
+        this process, the model is built from the spec on `base_of`'s base (or given as
+        `model`), outside the lock: another start waits for no build."""
+        key = spec.key() if shared else None
         with self._lock:
-            twin = self._twin(key)
-            self._check_caps(owner, client, twin)
+            twin = self._join(key, owner, client)
+        if twin is not None:
+            return twin
+        if self.executor.needs_model and model is None:
+            model = spec.build(self.base_of(spec.base, resolve_device(spec.train.get("device", "auto"))))
+        with self._lock:
+            twin = self._join(key, owner, client)  # an equal run may have started meanwhile
             if twin is not None:
-                twin.joined += 1
-                twin.owners.add(owner)
-                twin.clients[owner] = client
                 return twin
-            if self.executor.needs_model and callable(model) and not isinstance(model, torch.nn.Module):
-                model = model()
-            run = Run(model if self.executor.needs_model else None, task, label, train_kwargs, key=key,
-                      spec=spec, owners={owner}, clients={owner: client})
+            run = Run(spec, model if self.executor.needs_model else None, label, key=key,
+                      owners={owner}, clients={owner: client})
             run.cohort = self.executor.cohort_key(run)
             # Round-robin by owner: a run's round is one after its owner's last waiting run,
             # and never before the round now being dispatched, so a visitor's k-th waiting
@@ -203,6 +213,17 @@ class RunManager:
             self._queue.append(run)
             self._dispatch()
         return run
+
+    def _join(self, key, owner, client):
+        """The live run of `key` with `owner` joined to it, or None; QueueFull if a cap
+        refuses this start. Holds the lock."""
+        twin = self._twin(key)
+        self._check_caps(owner, client, twin)
+        if twin is not None:
+            twin.joined += 1
+            twin.owners.add(owner)
+            twin.clients[owner] = client
+        return twin
 
     def _check_caps(self, owner, client, twin):
         """Raise QueueFull if this start would put `owner`, `client` or the server over its
