@@ -15,17 +15,11 @@ from peftcore import (BASE_ROW, AdapterConfig, AdapterLoadError, LoraConfig, Pef
 from peftcore.methods.config import StackCache
 from peftcore.serialization import CONFIG_NAME, MAX_FILE_BYTES, WEIGHTS_NAME
 from safetensors.torch import save as st_save
+from phi import randomize
 
 CONFIGS = {"lora": LoraConfig(r=2, target_modules=("q", "v", "up")), "lora8": LoraConfig(r=8, lora_alpha=8, target_modules=("k", "down")),
            "adapter": AdapterConfig(bottleneck_size=8), "adapter3": AdapterConfig(bottleneck_size=3, target_sublayers=("mlp",)),
            "prompt": PromptTuningConfig(num_virtual_tokens=4), "prompt7": PromptTuningConfig(num_virtual_tokens=7)}
-
-
-def randomize(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def build_bank(base, dtype=torch.float32):

@@ -10,6 +10,7 @@ import torch
 
 import peftcore
 from mixed import assert_rows_equal_alone
+from phi import randomize
 from peftcore import BASE_ROW, PeftModel, fingerprint, get_peft_model
 from peftcore.methods import registry
 from peftcore.methods.config import PhiLayer
@@ -24,17 +25,6 @@ def each(methods):
 
 def fresh(base, method, name="default", seed=0):
     return get_peft_model(base, copy.deepcopy(method.preset.config), adapter_name=name, seed=seed)
-
-
-def nudge(model, name, seed):
-    """Move phi `name` off its init, as training would, without the cost of training."""
-    g = torch.Generator().manual_seed(seed)
-    params = [p for _, p in model.named_adapter_parameters(name)] or list(model.trainable_parameters())  # a full copy
-    assert params
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05)
-    model._bump()
 
 
 @each(METHODS)
@@ -58,7 +48,7 @@ def test_training_moves_phi_and_nothing_else(base, base_fp, method):
 @each(METHODS)
 def test_a_saved_file_gives_the_phi_back_exactly(base, batch, tmp_path, method):
     model = fresh(base, method)
-    nudge(model, "default", seed=1)
+    randomize(model, "default", seed=1, scale=0.05)
     model.save_pretrained(tmp_path)
     assert torch.equal(PeftModel.from_pretrained(base, tmp_path)(batch[0]), model(batch[0]))
 
@@ -67,15 +57,15 @@ def test_a_saved_file_gives_the_phi_back_exactly(base, batch, tmp_path, method):
 def test_each_row_of_a_mixed_batch_equals_that_row_alone(base, batch, method):
     model = fresh(base, method, name="a")
     model.add_adapter("b", copy.deepcopy(method.preset.config), seed=1)
-    nudge(model, "a", seed=1)
-    nudge(model, "b", seed=2)
+    randomize(model, "a", seed=1, scale=0.05)
+    randomize(model, "b", seed=2, scale=0.05)
     assert_rows_equal_alone(model, batch[0][:4], ["a", "b", BASE_ROW, "a"])
 
 
 @each(BANKABLE)
 def test_it_merges_exactly_where_it_says_it_does(base, base_fp, batch, method):
     model = fresh(base, method)
-    nudge(model, "default", seed=3)
+    randomize(model, "default", seed=3, scale=0.05)
     x, out = batch[0], model(batch[0])
     if not method.mergeable:
         with pytest.raises(ValueError):

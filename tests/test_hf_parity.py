@@ -6,6 +6,7 @@ import torch
 
 import peftcore
 from peftcore import LoraConfig, get_peft_model
+from phi import randomize
 
 peft = pytest.importorskip("peft")
 
@@ -16,17 +17,10 @@ def hf_lora(base, config):
     return peft.get_peft_model(copy.deepcopy(base), hf_config)
 
 
-def randomize(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, p in model.named_adapter_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 @pytest.mark.parametrize("config", [LoraConfig(), LoraConfig(r=8, lora_alpha=8, target_modules=("q", "k", "v", "o", "up", "down"))], ids=repr)
 def test_same_A_B_same_outputs_and_counts(base, batch, config):
     ours = get_peft_model(base, config)
-    randomize(ours)
+    randomize(ours, scale=0.05, replace=True)
     theirs = hf_lora(base, config)
     hf_state = theirs.state_dict()
     with torch.no_grad():
@@ -40,7 +34,7 @@ def test_same_A_B_same_outputs_and_counts(base, batch, config):
 
 def test_hf_peft_loads_our_lora_file(base, batch, tmp_path):
     ours = get_peft_model(base, LoraConfig(r=4, target_modules=("q", "v", "up")))
-    randomize(ours)
+    randomize(ours, scale=0.05, replace=True)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     torch.testing.assert_close(ours(batch[0]), theirs(batch[0]), atol=1e-5, rtol=0)

@@ -14,18 +14,12 @@ from peftcore import (BASE_ROW, AdapterConfig, LoraConfig, PeftModel, PromptTuni
 from peftcore.cohort import Cohort, carrier, cohort_key
 from peftcore.methods.ia3 import CohortIA3, IA3Config, IA3Linear
 from peftcore.train import Trainer, train
+from phi import randomize
 
 TOL = 1e-5
 DRIFT = 2e-2  # a whole cohort run against the run alone (tests/test_cohort.py says why)
 WIDE = IA3Config(target_modules=("q", "k", "v", "o", "up", "down"), feedforward_modules=("up", "down"))
 CONFIGS = [IA3Config(), WIDE, IA3Config(target_modules=("v", "up"), feedforward_modules=())]
-
-
-def randomize(model, name=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
 
 
 def same_config(a, b):
@@ -79,7 +73,7 @@ def build_bank(base, dtype=torch.float64):
                "prompt": PromptTuningConfig(3), "ia3": IA3Config(), "ia3_wide": WIDE, "ia3_out": CONFIGS[2]}
     for i, (name, cfg) in enumerate(configs.items()):
         model.add_adapter(name, cfg, seed=i)
-        randomize(model, name, i)
+        randomize(model, name, i, scale=0.3)
     return model.eval()
 
 
@@ -126,7 +120,7 @@ def test_lora_under_ia3_still_merges_and_unloads(base, batch):
 @pytest.mark.parametrize("config", CONFIGS, ids=repr)
 def test_round_trip(base, batch, tmp_path, config):
     model = get_peft_model(base, config)
-    randomize(model)
+    randomize(model, scale=0.3)
     model.adapter_task["default"] = "times_3"
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -152,7 +146,7 @@ def hf_ia3(base, config):
 @pytest.mark.parametrize("config", CONFIGS, ids=repr)
 def test_same_vectors_same_outputs_as_hf_peft(base, batch, config):
     ours = get_peft_model(base, config)
-    randomize(ours)
+    randomize(ours, scale=0.3)
     theirs = hf_ia3(base, config)
     hf_state = theirs.state_dict()
     with torch.no_grad():
@@ -166,7 +160,7 @@ def test_same_vectors_same_outputs_as_hf_peft(base, batch, config):
 @pytest.mark.parametrize("config", CONFIGS[:2], ids=repr)
 def test_hf_peft_loads_our_ia3_file(base, batch, tmp_path, config):
     ours = get_peft_model(base, config)
-    randomize(ours)
+    randomize(ours, scale=0.3)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert isinstance(theirs.peft_config["default"], peft.IA3Config)

@@ -15,6 +15,7 @@ from peftcore.methods.prefix import PrefixAttention, PrefixTuningConfig
 from peftcore.presets import PRESETS
 
 from mixed import assert_rows_equal_alone
+from phi import randomize
 
 
 def prefixes(base, n, keep=None, seed=0):
@@ -24,13 +25,6 @@ def prefixes(base, n, keep=None, seed=0):
     w = base.head.weight
     kv = lambda: torch.randn(B, cfg.n_head, n, hd, generator=g, dtype=w.dtype)
     return [(kv(), kv(), keep) for _ in range(cfg.n_layer)]
-
-
-def randomize(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_adapter_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
 
 
 @pytest.fixture(scope="module")
