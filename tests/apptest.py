@@ -7,9 +7,15 @@ from streamlit.testing.v1 import AppTest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def app(script="app.py"):
+    """The one way the tests open the app under AppTest: app.py (or one page's file alone),
+    not yet run, with a timeout a loaded 2-core machine needs."""
+    return AppTest.from_file(str(ROOT / script), default_timeout=120)
+
+
 def open_page(page, query=None):
     """AppTest of app.py (sidebar, navigation) with `query` in the URL, switched to `page`."""
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.query_params.update(query or {})
     at.run()
     at.switch_page(page).run()

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the app's own modules (ui, pages) as `streamlit run` sees them
 
 import peftcore  # noqa: E402
 import ui  # noqa: E402
-from apptest import wait_for  # noqa: E402
+from apptest import app, wait_for  # noqa: E402
 from peftcore.library import LIBRARY_DIR  # noqa: E402
 from peftcore.presets import longer_budget, robustness  # noqa: E402
 
@@ -22,7 +21,7 @@ PAGES = {"app_pages/storage.py": "One base, many tasks", "app_pages/train.py": "
 
 
 def new_app(page=None, query=None):
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     if query:
         at.query_params.update(query)
     at.run()

@@ -36,8 +36,9 @@ def build_bank(base, dtype=torch.float32):
 DTYPES = [(torch.float64, 1e-5), (torch.float32, 5e-4)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def bank(base):
+    """A fresh bank per test (13 ms): the tests set its active phi and its tasks."""
     return build_bank(base)
 
 

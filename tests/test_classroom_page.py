@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from peftcore.service.store import ENV_VAR, Store  # noqa: E402
 from ui import plain  # noqa: E402
+from apptest import app
 
 PAGE = str(ROOT / "app_pages" / "classroom.py")
 
@@ -26,7 +26,7 @@ def store_path(tmp_path, monkeypatch):
 
 def page(query=None, bank=None):
     """The Class page in a fresh session; `bank`: the bank token this browser already holds."""
-    at = AppTest.from_file(PAGE, default_timeout=120)
+    at = app(PAGE)
     if bank:
         at.session_state["bank_token"] = bank
     if query:

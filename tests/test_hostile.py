@@ -31,6 +31,7 @@ from safetensors.torch import load as st_load, save as st_save
 import peftcore
 from peftcore import AdapterLoadError, PeftModel, library
 from peftcore.service.store import Limits, Store, StoreError, clean_name, new_token, normalize_code, valid_token
+from apptest import app
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = (library.LIBRARY_DIR / "lora" / "times_3" / "adapter_model.safetensors").read_bytes()
@@ -591,10 +592,8 @@ LINKS = [  # (page, link, where the echo shows) : crafted values come back as pl
 
 @pytest.mark.parametrize("page, query, where", LINKS, ids=[p for p, _, _ in LINKS])
 def test_link_values_are_echoed_as_plain_text_cut_short(page, query, where):
-    from streamlit.testing.v1 import AppTest
-    from apptest import ROOT
     from ui import link_value, plain
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.query_params.update(query)
     at.run()  # the default page, storage, says it in this first run (its sliders then drop the value)
     if page != "app_pages/storage.py":

@@ -6,10 +6,9 @@ import os
 import traceback
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 import peftcore
-from apptest import ROOT, wait_for
+from apptest import app, wait_for
 from peftcore import library
 from peftcore.service.store import Store
 
@@ -23,7 +22,7 @@ def test_a_result_card_does_not_load_the_library_and_its_name_is_still_new(monke
     model = peftcore.PeftModel.from_pretrained(base, dict(library.entries())["lora-times_3"])
     store.save_phi(token, "lora-times_3-2", peftcore.adapter_to_bytes(model, "default"))
 
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.session_state["bank_token"] = token  # this browser's bank, which holds lora-times_3-2
     at.run()  # the storage page, which lists the bank; a student on /train never opened it:
     del at.session_state[f"bank:{peftcore.resolve_device('auto')}"]

@@ -3,10 +3,9 @@ session (a deliberate choice), a bad token is reported, and "delete my saved phi
 store (AppTest, against the test session's real store file)."""
 import os
 
-from streamlit.testing.v1 import AppTest
 
 import peftcore
-from apptest import ROOT, open_page
+from apptest import app, open_page
 from peftcore import library
 from peftcore.service.store import Store
 
@@ -40,7 +39,7 @@ def test_saved_phi_come_back_with_the_link_and_can_be_deleted(base):
 
 
 def test_a_malformed_bank_token_is_reported_not_fatal():
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.query_params["bank"] = "not a token!"
     at.run()
     assert not at.exception

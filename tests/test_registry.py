@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-from streamlit.testing.v1 import AppTest
 
 import peftcore
-from apptest import ROOT
+from apptest import ROOT, app
 from mixed import assert_rows_equal_alone
 from peftcore import library
 from peftcore.methods import registry
@@ -92,7 +91,7 @@ def test_a_toy_method_runs_end_to_end(base, toy, tmp_path):
 
 
 def test_the_train_page_lists_a_method_without_a_view(toy):
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.run()
     at.switch_page("app_pages/train.py").run()
     assert "TOY_SHIFT" in at.selectbox(key="method").options and not at.exception

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import peftcore  # noqa: E402
 import ui  # noqa: E402
-from apptest import open_page, wait_for  # noqa: E402
+from apptest import app, open_page, wait_for  # noqa: E402
 from peftcore import analysis, library  # noqa: E402
 from peftcore.service import store as store_mod  # noqa: E402
 from peftcore.service.store import ENV_VAR, Store  # noqa: E402
@@ -43,7 +42,7 @@ def texts(at):
 
 
 def class_page(code, seed=None):
-    at = AppTest.from_file(CLASS_PAGE, default_timeout=120)
+    at = app(CLASS_PAGE)
     at.query_params["class"] = code
     if seed is not None:
         at.session_state["seed"] = seed
@@ -130,7 +129,7 @@ def bank_token(store):
 
 # ------------------------------------------------------------------ teacher mode on the page
 def test_teacher_mode_shows_the_key_once_keeps_a_handle_and_can_be_left(store_path):
-    at = AppTest.from_file(CLASS_PAGE, default_timeout=120)
+    at = app(CLASS_PAGE)
     at.run()
     at.text_input(key="class_name").input("Room T")
     at.button(key="create_class").click().run()

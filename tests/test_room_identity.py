@@ -7,9 +7,8 @@ import os
 import pytest
 
 import peftcore
-from streamlit.testing.v1 import AppTest
 
-from apptest import ROOT, open_page
+from apptest import ROOT, app, open_page
 from peftcore import library
 from peftcore.service.store import Store
 
@@ -31,7 +30,7 @@ def saved_bank(store, base, name):
 
 def open_with_bank(token, page, query=None):
     """A browser whose own bank is `token` (its cookie) opens `page` with `query` in the link."""
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.session_state["bank_token"] = token
     at.query_params.update(query or {})
     at.run()
@@ -73,7 +72,7 @@ def test_no_page_puts_the_bank_in_the_address_bar_and_the_private_link_is_offere
 
 @pytest.mark.parametrize("forged", ["A" * 22, "A" * 44, "not a token!"])
 def test_a_bank_the_server_did_not_mint_is_refused_with_a_message(forged):
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.query_params["bank"] = forged
     at.run()
     assert not at.exception and any("not one this server made" in t.value for t in at.toast)

@@ -12,9 +12,8 @@ import re
 import time
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
-from apptest import ROOT
+from apptest import ROOT, app
 from peftcore.presets import PRESETS
 
 PAGES = re.findall(r'st\.Page\("(app_pages/\w+\.py)"', (ROOT / "app.py").read_text())
@@ -30,7 +29,7 @@ def test_the_crawler_finds_every_page():
 
 
 def fresh(page):
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.run()
     at.switch_page(page).run()
     settle(at, f"opening {page}")
@@ -190,7 +189,7 @@ def test_the_bank_and_the_class_follow_the_visitor_across_pages_and_a_reset():
     store = Store(os.environ["PEFT_STORE"])
     code, _ = store.create_class("follows")
     token = store.mint_token("bank")
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = app()
     at.session_state["bank_token"] = token
     at.query_params.update({"class": code})
     at.run()
