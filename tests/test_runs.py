@@ -256,3 +256,20 @@ def test_a_runs_model_is_built_outside_the_managers_lock(base):
     t.join(30)
     assert built and built[0].spec == spec(steps=5) and built[0].wait(60).status == DONE
     other.wait(60)
+
+
+def test_both_run_services_keep_one_protocol():
+    """The in-process manager and the Ray client are one interface to the app: every call of
+    RunService, with the same parameter names in the same order (defaults may differ)."""
+    import inspect
+
+    from peftcore.service.ray_executor import RayRunManager
+    from peftcore.service.runs import RunService
+    calls = [n for n, v in vars(RunService).items() if callable(v) and not n.startswith("_")]
+    assert calls
+    for cls in (RunManager, RayRunManager):
+        for name in calls:
+            want = list(inspect.signature(getattr(RunService, name)).parameters)
+            have = list(inspect.signature(getattr(cls, name)).parameters)
+            assert have[:len(want)] == want, (cls.__name__, name, have)
+    assert isinstance(RunManager(max_concurrent=1, torch_threads=None), RunService)

@@ -8,7 +8,7 @@ import peftcore
 from peftcore import analysis
 from peftcore.pretrain import evaluate as evaluate_pretraining, first_loss
 from peftcore.service import store as store_mod
-from peftcore.service.runs import RunManager
+from peftcore.service.runs import RunManager, RunService
 from peftcore.service.warmup import start_warm_up
 
 from .frame import log, ss
@@ -31,7 +31,7 @@ def get_random_base(device):
 
 
 @st.cache_resource
-def get_manager():
+def get_manager() -> RunService:
     """One run service per server process: runs outlive the pages that started them; one
     training slot per core, a fair queue behind them. In this process (the default), or on
     Ray with PEFT_EXECUTOR=ray (README: a lecture hall)."""
@@ -59,7 +59,7 @@ def base_of(which, device):
     return BASES[which](device)
 
 
-def make_manager(executor="inprocess"):
+def make_manager(executor="inprocess") -> RunService:
     """The run service: on Ray (workers elsewhere; the queue shared by every web server of
     the cluster, RAY_ADDRESS) or in this process. Ray not there: logged, and in-process."""
     if executor == "ray":

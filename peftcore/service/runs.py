@@ -36,6 +36,7 @@ import traceback
 import uuid
 import weakref
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -149,6 +150,29 @@ def finished_beyond(runs, max_kept):
     `max_kept`: how a manager bounds its memory over a long class."""
     finished = sorted((r for r in runs.values() if r.finished), key=lambda r: r.created)
     return finished[:max(0, len(runs) + 1 - max_kept)]
+
+
+@runtime_checkable
+class RunService(Protocol):
+    """What the app asks of a run service, in this process (RunManager) or shared over Ray
+    (ray_executor.RayRunManager): tests/test_runs.py checks both against it."""
+    runs: dict  # run id -> Run: the runs this service holds (or mirrors)
+
+    def start(self, spec, label="", owner=None, client=None, shared=True) -> Run: ...
+
+    def stop(self, run, owner=None) -> bool: ...
+
+    def reap(self, connected) -> None: ...
+
+    def active(self) -> list: ...
+
+    def place_in_line(self, run): ...
+
+    def estimated_wait(self, run): ...
+
+    def seconds_per_step(self): ...
+
+    def shutdown(self, timeout=10.0) -> None: ...
 
 
 class RunManager:
