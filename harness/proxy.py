@@ -173,11 +173,12 @@ def main(argv=None):
                     help="address:port the students open (default 127.0.0.1:8080; 0.0.0.0:8080 for the room)")
     ap.add_argument("--print", action="store_true", help="print the configuration and exit")
     args = ap.parse_args(argv)
-    folder = Path(tempfile.mkdtemp(prefix="peft-haproxy-"))
-    text = config_text([f"http://127.0.0.1:{port}" for port in args.ports], args.listen, True, folder / "gzip.sock")
-    if args.print:
-        print(text)
+    backends = [f"http://127.0.0.1:{port}" for port in args.ports]
+    if args.print:  # for a system haproxy: Debian's package makes /run/haproxy
+        print(config_text(backends, args.listen, True, "/run/haproxy/peft-gzip.sock"))
         return
+    folder = Path(tempfile.mkdtemp(prefix="peft-haproxy-"))
+    text = config_text(backends, args.listen, True, folder / "gzip.sock")
     cfg = folder / "haproxy.cfg"
     cfg.write_text(text)
     print(f"haproxy on {args.listen} in front of 127.0.0.1:{', '.join(map(str, args.ports))} (Ctrl-C stops it)")

@@ -11,7 +11,6 @@ import importlib.util
 import ipaddress
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from harness.servers import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None and not os.environ.get("PEFT_REQUIRE_BROWSER"),
@@ -55,12 +56,7 @@ def off_loopback(sockets):
 
 def stop(proc):
     """`ray start --block` stops its cluster on SIGTERM; then whatever is left of its group."""
-    proc.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(20)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    stop_group(proc, grace=20, group=False)
 
 
 LOCAL = """
