@@ -60,10 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from harness.servers import CLK_TCK, proc_cpu_seconds, ray_head, streamlit_server
-
+from bench.common import LiveUpdates, fmt, pct
 from harness.browser import CHROMIUM, CHROMIUM_ARGS, READY
-from bench.common import LiveUpdates
+from harness.servers import CLK_TCK, proc_cpu_seconds, ray_head, streamlit_server
 
 # ------------------------------------------------------------------ what the pages show
 # The texts and selectors this benchmark (and tests/test_classroom.py) depends on.
@@ -762,15 +761,6 @@ def core_alone(jobs, task):
 
 
 # ------------------------------------------------------------------ the table
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else None
-
-
-def fmt(x, spec=".1f", none="-"):
-    return none if x is None else format(x, spec)
-
-
 HEADER = ("| N | mode | results | click->first curve p50 / max s | click->result p50 / max s | steps/s seen "
           "| live updates/s min | max gap s | exceptions | in line seen / waited | server CPU s train / other "
           "| page CPU ms per live update: all / scripts | storage rerun p50 / p95 ms | core alone s | ratio |\n"

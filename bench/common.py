@@ -47,3 +47,14 @@ class LiveUpdates:
     def max_gap(self):
         u = self.running_updates()
         return max(b - a for a, b in zip(u, u[1:])) if len(u) >= 2 else None
+
+
+def pct(values, q):
+    """The q-quantile (nearest rank) of the values that are not None, or None."""
+    values = sorted(v for v in values if v is not None)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else None
+
+
+def fmt(x, spec=".1f", none="-"):
+    """A table cell: `x` formatted, or `none` for a missing figure."""
+    return none if x is None else format(x, spec)

@@ -21,13 +21,11 @@ import contextlib
 import os
 import statistics
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
-
-from harness.servers import streamlit_server
 
 from harness.browser import launch_chromium, wait_ready
 from harness.proxy import haproxy
+from harness.servers import proc_cpu_seconds, streamlit_server
 
 ACCEPT_ENCODING = "gzip, deflate, br, zstd"  # what Chromium sends
 PER_HOST = 6                                # Chromium's connections per host
@@ -35,8 +33,7 @@ CHART = ".js-plotly-plot .main-svg"
 
 
 def proc_cpu(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc_cpu_seconds(f"/proc/{pid}/stat")
 
 
 def record(url):

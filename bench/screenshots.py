@@ -16,9 +16,8 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from harness.servers import ROOT, app_server
-
 from harness.browser import launch_chromium, wait_ready
+from harness.servers import ROOT, app_server
 
 VIEWPORT = {"width": 1600, "height": 1000}
 PROJECTORS = [(1280, 720), (1440, 900)]

@@ -66,7 +66,7 @@ from pathlib import Path
 
 from streamlit.proto.Alert_pb2 import Alert
 
-from bench.common import LiveUpdates
+from bench.common import LiveUpdates, fmt, pct
 from harness.proxy import COOKIE as PROXY_COOKIE
 from harness.servers import CLK_TCK, proc_cpu_seconds, ray_head, streamlit_server
 from harness.student import FRAGMENT_RUN, FULL_RUN, Page
@@ -529,15 +529,6 @@ def core_alone(n, distinct, steps):
 
 
 # ------------------------------------------------------------------ the table
-def pct(values, q):
-    values = sorted(v for v in values if v is not None)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else None
-
-
-def fmt(x, spec=".1f", none="-"):
-    return none if x is None else format(x, spec)
-
-
 HEADER = ("| N | servers | mode | results | exceptions | in line seen / waited (places) | live updates/s min / p50 "
           "| max gap s | server CPU ms per live update: live panels / whole class | per script run ms "
           "| server CPU s per session "

@@ -28,15 +28,13 @@ What it does, and why:
 """
 import contextlib
 import os
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from harness.servers import free_port, stop_group
+from harness.servers import free_port, stop_group, wait_for_port
 
 HAPROXY = "/usr/sbin/haproxy"
 COOKIE = "PEFT_SERVER"
@@ -144,17 +142,8 @@ def haproxy(backends, port=None, timeout=20, static=False):
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited: {(folder / 'haproxy.log').read_text(errors='replace')[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise TimeoutError(f"haproxy did not listen on 127.0.0.1:{port} within {timeout} s") from None
-                time.sleep(0.1)
+        wait_for_port(proc, port, timeout, "haproxy",
+                      lambda: (folder / "haproxy.log").read_text(errors="replace")[-2000:])
         yield Proxy(f"http://127.0.0.1:{port}", proc.pid, tuple(backends))
     finally:
         stop_group(proc)  # its own group: haproxy alone

@@ -162,6 +162,22 @@ def streamlit_server(timeout=90, flags=(), thread_probe=False, env=None, executo
             thread_log.unlink(missing_ok=True)
 
 
+def wait_for_port(proc, port, timeout, what, why_exited, every=0.1):
+    """Wait until `proc` (`what`) accepts a TCP connection on 127.0.0.1:`port`; RuntimeError
+    naming why_exited() if it exits first, TimeoutError after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {why_exited()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s") from None
+            time.sleep(every)
+
+
 def stop_group(proc, grace=10, group=True):
     """Stop a process started in a session of its own: SIGTERM to its whole group (`group`) or
     to it alone, up to `grace` seconds to exit, then SIGKILL to whatever of the group is left."""
@@ -206,17 +222,8 @@ def ray_head(num_cpus=None, timeout=90, auth=True):
     if auth:
         os.environ["RAY_AUTH_TOKEN"] = token
     try:
-        deadline = time.time() + timeout
-        while True:  # the head's GCS answers a TCP connect once it is up
-            if proc.poll() is not None:
-                raise RuntimeError(f"`ray start --head` exited with {proc.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise TimeoutError(f"Ray did not answer on {address} within {timeout} s") from None
-                time.sleep(0.5)
+        # the head's GCS answers a TCP connect once it is up
+        wait_for_port(proc, port, timeout, "`ray start --head`", lambda: f"exit code {proc.returncode}", every=0.5)
         yield RayHead(address, proc.pid)
     finally:
         # `ray start --block` alone: it stops its cluster on SIGTERM in ~3 s (the whole group at

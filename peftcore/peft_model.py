@@ -206,13 +206,17 @@ class PeftModel(nn.Module):
 
     def _phi_layers(self):
         """The modules that hold phi, found once per change of structure (set_adapter is hot)."""
-        return [m for _, m in self._named_phi_layers()]
+        return self._found_layers()[1]
 
     def _named_phi_layers(self):
         """(module path, layer) of every phi layer, found once per change of structure."""
+        return self._found_layers()[0]
+
+    def _found_layers(self):
         if self._layers is None:
             kinds = registry.layer_types()
-            self._layers = [(n, m) for n, m in self.named_modules() if isinstance(m, kinds)]
+            named = [(n, m) for n, m in self.named_modules() if isinstance(m, kinds)]
+            self._layers = named, [m for _, m in named]
         return self._layers
 
     def _input_layers(self, names):

@@ -6,9 +6,8 @@ import re
 
 import pytest
 
-from harness.servers import app_server
-
 from harness.browser import wait_ready
+from harness.servers import app_server
 
 EXCEPTION = "[data-testid=stException]"
 

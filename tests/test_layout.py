@@ -12,9 +12,8 @@ import re
 
 import pytest
 
-from harness.servers import ROOT
-
 from harness.browser import wait_ready
+from harness.servers import ROOT
 
 SIZES = [(1280, 720), (1440, 900)]
 SIZE_IDS = [f"{w}x{h}" for w, h in SIZES]

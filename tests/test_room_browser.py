@@ -9,9 +9,8 @@ from functools import partial
 
 import pytest
 
-from harness.servers import free_port
-
 from harness.browser import wait_ready
+from harness.servers import free_port
 from peftcore import library
 from test_browser import EXCEPTION, see, start_class, visit
 

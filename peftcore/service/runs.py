@@ -10,7 +10,7 @@ refresh only re-reads `run.events`. The manager is built for a class on one serv
 - bounded per visitor: an owner (a visitor, across tabs) may have `max_per_owner` runs
   training or waiting, a client address `max_per_client`, the server `max_waiting` waiting;
   beyond a cap a start raises QueueFull, whose message tells the visitor why;
-- identical runs computed once: a start whose `key` equals a queued or training run's
+- identical runs computed once: a shared start whose spec equals a queued or training run's
   joins it, so thirty students pressing Train on the defaults cost one computation;
 - cohorts: a slot is a lane, a thread that steps its runs together (peftcore.cohort: one
   forward and backward for all). A run that can ride in a training lane of its cohort
