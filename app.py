@@ -81,14 +81,12 @@ def my_bank():
                 st.error(f"Not deleted: {e}.")
 
 
-# Less of Streamlit's empty band above the title (6rem): on a 720-pixel laptop screen or a
-# projector, a page's controls and live curve start that much higher.
-TOP_PADDING = "<style>[data-testid=stMainBlockContainer] {padding-top: 2.5rem}</style>"
-
 navigation = st.navigation(PAGES)
-st.html(TOP_PADDING)
+ui.page_frame()
 ui.identify()
 ui.follow_visitor()
+ui.send_cookies()
 ui.bank_offer()
 sidebar()
 navigation.run()
+ui.send_cookies(every_run=False)

@@ -65,7 +65,7 @@ def start_or_join():
 
 
 def class_header(info):
-    st.subheader(f"{ui.as_text(info.name)} · join code {info.code}" + ("" if info.is_open else " · closed"))
+    st.header(f"{ui.as_text(info.name)} · join code {info.code}" + ("" if info.is_open else " · closed"))
     new = ss.get("new_class_key")
     if new and new[0] == info.code:
         st.success(f"Class started. Students open this page and type the join code **{info.code}** "
@@ -358,7 +358,7 @@ else:
         class_header(info)
     with ui.panel("Saving into the class"):
         save_panel(info)
-    st.subheader("Class board")
+    st.header("Class board")
     with ui.panel("The class board"):
         records = ui.store().list_phi(class_code=info.code)
         if records:
@@ -368,9 +368,9 @@ else:
     with ui.panel("Teacher mode"):
         teacher_panel(info)
     if records:
-        st.subheader("What the class stores")
+        st.header("What the class stores")
         with ui.panel("The class's storage"):
             storage_section(records)
-        st.subheader("Serve the whole class at once")
+        st.header("Serve the whole class at once")
         with ui.panel("Serving the class"):
             serve_section(records)

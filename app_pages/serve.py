@@ -178,7 +178,7 @@ def sort_note(same):
 
 
 def swap_panel(rows):
-    st.subheader("What a task swap costs")
+    st.header("What a task swap costs")
     names = [r["name"] for r in rows]
     name = st.selectbox("phi", names, key="swap_name", help="Switch to it while resident, or load it from its file.")
     if name and st.button("Time a swap", key="swap_time"):
@@ -193,7 +193,7 @@ def swap_panel(rows):
 
 
 def merge_panel(rows):
-    st.subheader("Merge phi into W, or keep it beside W")
+    st.header("Merge phi into W, or keep it beside W")
     mergeable = [r["name"] for r in rows if peftcore.METHODS[r["peft_type"]].mergeable and r["task"] in peftcore.TASKS]
     if not mergeable:
         st.info("No phi of a method that merges (" + ", ".join(
@@ -257,7 +257,7 @@ st.markdown(
 
 facts = ui.base_facts(ui.device())
 rows = []
-st.subheader("Your bank")
+st.header("Your bank")
 with ui.panel("Your bank"):
     ui.bank()
     for error in ss.get("library_errors", []):
@@ -271,7 +271,7 @@ with ui.panel("Your bank"):
 with ui.panel("Uploading"):
     upload_widget()
 
-st.subheader("Serve a mixed batch")
+st.header("Serve a mixed batch")
 if rows:
     with ui.panel("Serving"):
         serve_panel(rows)

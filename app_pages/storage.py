@@ -189,7 +189,7 @@ def presets_table(facts):
 
 
 def serving_panel(p, base_name, base_bytes):
-    st.subheader("Serving: many phi beside one base")
+    st.header("Serving: many phi beside one base")
     gb = st.select_slider("GPU memory", GPU_GB, value=80, format_func=lambda g: f"{g} GB", key="gpu_gb",
                           help="Weights only: activations and caches need room too.")
     phi_bytes = p * base_bytes
@@ -233,7 +233,7 @@ if base_name == TOY:
     with ui.panel("Your bank's phi files"):
         measured = measured_fractions(facts)
 with chart, ui.panel("The storage chart"):
-    st.markdown(f"#### {sentence(p, t_max, scale)}")
+    st.markdown(f"## {sentence(p, t_max, scale)}")  # the chart's heading: h2 under the title
     ui.plot(storage_figure(p, t_max, log, scale, base_name, measured), key="storage_chart")
     if measured:
         shown = f"the first {t_max} of the {len(measured)}" if len(measured) > t_max else f"the {len(measured)}"
@@ -251,5 +251,5 @@ left, right = st.columns(2, gap="large")
 with left, ui.panel("Serving"):
     serving_panel(p, base_name, base_bytes)
 with right, ui.panel("The bytes table"):
-    st.subheader("What one task costs, in bytes")
+    st.header("What one task costs, in bytes")
     presets_table(facts)

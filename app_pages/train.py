@@ -349,5 +349,5 @@ with live, ui.panel("Training"):  # Train and the live curve at the top: in view
 runs = ui.group_runs(GROUP)
 if runs and all(r.finished for r in runs):  # right under the curve, not below every control
     with live, ui.panel("The results"):
-        st.subheader(f"Results on {runs[0].task}")
+        st.header(f"Results on {runs[0].task}")
         results(runs)

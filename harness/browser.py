@@ -22,3 +22,19 @@ def wait_ready(page, timeout=60_000):
     page.wait_for_selector(READY, timeout=timeout)
     page.wait_for_timeout(300)  # let the last deltas paint
     page.wait_for_selector(READY, timeout=timeout)
+
+
+# What the app is held to: WCAG 2.2 AA (axe-core's tags for A and AA of 2.0, 2.1 and 2.2).
+WCAG_AA = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
+
+
+def axe_violations(page, tags=WCAG_AA):
+    """axe-core's violations of `tags` on the page as it is now, each as one line (rule, impact,
+    the first offending elements). The axe script is the copy bundled with axe-playwright-python:
+    nothing is fetched."""
+    from axe_playwright_python.sync_playwright import Axe
+    results = Axe().run(page, options={"runOnly": {"type": "tag", "values": list(tags)}, "resultTypes": ["violations"]})
+    return [f"{v['id']} ({v['impact']}): {v['help']} - " +
+            "; ".join(" ".join(n["target"][-1:]) + " " + (n.get("failureSummary") or "").replace("\n", " ")[:160]
+                      for n in v["nodes"][:3])
+            for v in results.response["violations"]]

@@ -78,7 +78,7 @@ def test_phi_slider_plots_the_formula(p_pct):
     assert np.array_equal(np.array(peft["y"]), 1 + x * (p_pct / 100))  # exactly the formula
     assert np.array_equal(np.array(full["y"]), x)
     assert x.max() == at.select_slider(key="T").value
-    headline = [m.value for m in at.markdown if m.value.startswith("####")][0]
+    headline = [m.value for m in at.markdown if m.value.startswith("## ")][0]
     assert f"at {p_pct:g}%" in headline
 
 
@@ -88,7 +88,7 @@ def test_sentence_log_axes_and_bytes():
     at.select_slider(key="T").set_value(100)
     at.toggle(key="log").set_value(True).run()
     assert_clean(at)
-    assert any(m.value == "#### With 100 tasks at 0.5%, PEFT stores 1.5 base models; full fine-tuning stores 100."
+    assert any(m.value == "## With 100 tasks at 0.5%, PEFT stores 1.5 base models; full fine-tuning stores 100."
                for m in at.markdown)
     fig = chart(at, "storage_chart")
     assert fig["layout"]["xaxis"]["type"] == "log" and fig["data"][0]["x"][0] == 1
@@ -106,7 +106,7 @@ def start_training(at, steps_key, steps):
 
 
 def results_shown(at):
-    return any(s.value.startswith("Results on") for s in at.subheader)
+    return any(s.value.startswith("Results on") for s in at.header)
 
 
 def test_training_run_finishes_and_shows_results():

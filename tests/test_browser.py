@@ -99,7 +99,7 @@ def test_navigation_keeps_the_sidebar(page, url):
 def test_storage_sliders_live_in_the_url(page, url, sync_api):
     expect = sync_api.expect
     visit(page, f"{url}/?p=0.5%25&T=1000")
-    headline = page.locator("h4").first
+    headline = page.locator("h2").first
     assert headline.inner_text() == "With 1,000 tasks at 0.5%, PEFT stores 6 base models; full fine-tuning stores 1,000."
     phi = page.get_by_test_id("stSlider").filter(has_text="phi size p").get_by_role("slider")
     press(page, phi, "ArrowRight")  # 0.5% -> 0.7%

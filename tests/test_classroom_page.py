@@ -41,7 +41,7 @@ def assert_clean(at):
 
 
 def texts(at):
-    return " ".join(m.value for kind in ("markdown", "caption", "success", "error", "warning", "info", "subheader")
+    return " ".join(m.value for kind in ("markdown", "caption", "success", "error", "warning", "info", "header")
                     for m in at.get(kind)) + " " + " ".join(t.value for t in at.toast)
 
 

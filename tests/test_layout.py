@@ -187,7 +187,7 @@ def test_a_bad_value_in_a_link_is_reported(page, url, sync_api):
     sync_api.expect(toasts.filter(has_text="p='abc'")).to_contain_text("reset to 1%")
     sync_api.expect(toasts.filter(has_text="T='-5'")).to_contain_text("reset to 100")
     assert "abc" not in page.url and "T=-5" not in page.url
-    assert page.locator("h4").first.inner_text().startswith("With 100 tasks at 1%")
+    assert page.locator("h2").first.inner_text().startswith("With 100 tasks at 1%")
 
 
 # ------------------------------------------------------------------ the other pages

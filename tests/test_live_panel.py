@@ -30,7 +30,7 @@ def test_a_result_card_does_not_load_the_library_and_its_name_is_still_new(monke
     at.switch_page("app_pages/train.py").run()
     at.slider(key="steps-LoRA").set_value(10).run()
     at.button(key="train_go").click().run()
-    wait_for(at, lambda at: any(s.value.startswith("Results on") for s in at.subheader))
+    wait_for(at, lambda at: any(s.value.startswith("Results on") for s in at.header))
     assert not loads, loads[0][-3000:]  # no page the student saw needed the bank
     name = next(t for t in at.text_input if t.label == "Name in your bank").value
     assert name == "lora-times_3-3"  # the library holds lora-times_3, the student's bank lora-times_3-2

@@ -37,7 +37,7 @@ def assert_clean(at):
 
 
 def texts(at):
-    kinds = ("markdown", "caption", "success", "error", "warning", "info", "subheader", "code")
+    kinds = ("markdown", "caption", "success", "error", "warning", "info", "header", "code")
     return " ".join(m.value for kind in kinds for m in at.get(kind))
 
 
@@ -55,7 +55,7 @@ def train_and_save(at, steps, name=None):
     """A short LoRA run on the train page, saved to the bank (as `name`, if given); the name saved."""
     at.slider(key="steps-LoRA").set_value(steps).run()
     at.button(key="train_go").click().run()
-    wait_for(at, lambda at: any(s.value.startswith("Results on") for s in at.subheader))
+    wait_for(at, lambda at: any(s.value.startswith("Results on") for s in at.header))
     run_id = at.session_state["groups"]["train"][0]
     box = at.text_input(key=f"name-{run_id}")
     if name:
@@ -212,7 +212,7 @@ def test_an_exercise_link_hides_the_learning_rate_everywhere_and_shows_no_teache
     assert not [e for e in at.expander if "Copy link for the class" in e.label]
     assert "link_only" not in [p.key for p in at.get("pills")]
     at.button(key="train_go").click().run()
-    wait_for(at, lambda at: any(s.value.startswith("Results on") for s in at.subheader))
+    wait_for(at, lambda at: any(s.value.startswith("Results on") for s in at.header))
     run = ui.get_manager().runs[at.session_state["groups"]["train"][0]]
     assert run.kwargs["lr"] == 0.005 and run.kwargs["steps"] == 10  # the link's hidden values are used...
     shown = all_text(at)
@@ -227,7 +227,7 @@ def test_an_exercise_link_hides_the_learning_rate_everywhere_and_shows_no_teache
 def test_a_hidden_step_budget_is_not_in_the_progress_line():
     at = open_page("app_pages/train.py", {"method": "LoRA", "steps": "10", "only": "r", "hide": "steps"})
     at.button(key="train_go").click().run()
-    wait_for(at, lambda at: any(s.value.startswith("Results on") for s in at.subheader))
+    wait_for(at, lambda at: any(s.value.startswith("Results on") for s in at.header))
     assert not [p for p in at.get("progress") if "/10" in p.proto.text]
 
 
@@ -240,7 +240,7 @@ def test_visitor_text_on_the_class_and_train_pages_is_literal(store_path):
     name = "www.evil.example"  # an autolink, were it read as markdown
     code, _ = Store(store_path).create_class(name)
     at = class_page(code)
-    header = at.subheader[0].value
+    header = at.header[0].value
     assert name in header and "evil" not in outside_code_spans(header)
 
     link = "[x](http://evil.example/a)"

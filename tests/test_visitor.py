@@ -130,7 +130,7 @@ def test_every_button_in_every_mode(page):
 
 # ------------------------------------------------------------------ what a visitor met (issue 13)
 def texts(at):
-    return " ".join(m.value for kind in ("markdown", "caption", "success", "error", "warning", "info", "subheader")
+    return " ".join(m.value for kind in ("markdown", "caption", "success", "error", "warning", "info", "header")
                     for m in at.get(kind)) + " " + " ".join(t.value for t in at.toast)
 
 
@@ -284,5 +284,5 @@ def test_every_method_trains_from_its_own_controls_in_one_method_mode():
         at.slider(key=f"steps-{view.name}").set_value(10)
         at.button(key="train_go").click().run()
         settle(at, f"training {view.name}")
-        assert any(s.value == "Results on times_3" for s in at.subheader), view.name
+        assert any(s.value == "Results on times_3" for s in at.header), view.name
         assert at.get("download_button"), view.name

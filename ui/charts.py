@@ -76,7 +76,7 @@ def plot(fig, key=None, height=None):
     """Show a figure() dict. It is built by code, not typed by a user, so plotly's validation
     of a dict (~10 ms of GIL per chart, every rerun and live refresh) is skipped."""
     st.plotly_chart(_BuiltFigure(fig), theme=None, width="stretch", height=height or "content", key=key,
-                    config={"displaylogo": False})
+                    config={"displaylogo": False, "displayModeBar": False})
 
 
 class _BuiltFigure(go.Figure):

@@ -49,3 +49,49 @@ def panel(what):
         log.exception("a page section failed: %s", what)
         st.error(f"{what} {PANEL_FAILED}: something went wrong on the server (its log has the "
                  "details). The rest of the page works; try again, or reset your session in the sidebar.")
+
+
+# What every page shares in the browser, sent once per run by app.py (the same element each run,
+# so the browser keeps it and its script runs once per tab):
+# - less of Streamlit's empty band above the title (6rem): on a 720-pixel screen or a projector,
+#   a page's controls and live curve start that much higher;
+# - captions at 7:1 on white (Streamlit draws them 0.6 opaque: 2.8:1 to 3.9:1, under WCAG's 4.5:1);
+# - a page's sections are h2 under its h1 title (a screen reader's outline skips no level), drawn
+#   at the size of a subheader;
+# - Streamlit's own markup made whole for a keyboard and a screen reader, as it appears: a table
+#   that scrolls sideways (a phone) takes the focus, so arrows scroll it, and says what it is;
+#   the file uploader's drop zone is a labelled group, not a "presentation" that has a label.
+PAGE_FRAME = """<style>
+[data-testid=stMainBlockContainer] {padding-top: 2.5rem}
+[data-testid=stCaptionContainer] {color: #55585f; opacity: 1}
+[data-testid=stMain] h2 {font-size: 1.5rem}
+</style>
+<script>
+if (!window.peftFrame) {
+  window.peftFrame = true;
+  let tables = 0;
+  const mend = () => {
+    for (const box of document.querySelectorAll('[data-testid=stTable] > div')) {
+      if (box.scrollWidth > box.clientWidth + 1 && box.tabIndex < 0) {
+        box.tabIndex = 0;
+        box.setAttribute('role', 'region');
+        const head = box.querySelector('th');
+        box.setAttribute('aria-label', 'Table ' + (++tables) + (head ? ' (' + head.textContent.trim() + '...)' : '') + ', scrolls sideways');
+      }
+    }
+    for (const zone of document.querySelectorAll('[data-testid=stFileUploaderDropzone][role=presentation]')) {
+      zone.setAttribute('role', 'group');
+    }
+  };
+  let queued = false;
+  new MutationObserver(() => {
+    if (!queued) { queued = true; requestAnimationFrame(() => { queued = false; mend(); }); }
+  }).observe(document.body, {childList: true, subtree: true});
+  window.addEventListener('resize', mend);
+  mend();
+}
+</script>"""
+
+
+def page_frame():
+    st.html(PAGE_FRAME, unsafe_allow_javascript=True)

@@ -59,7 +59,7 @@ def bank_token(create=False):
         ss["bank_token"] = _cookie_token(BANK_COOKIE, "bank")
     if ss["bank_token"] is None and create:
         ss["bank_token"] = _mint("bank")
-        set_cookie(BANK_COOKIE, ss["bank_token"])  # now: the visitor may leave before the next run
+        set_cookie(BANK_COOKIE, ss["bank_token"])  # queued: sent at the end of this very run (app.py)
     return ss["bank_token"]
 
 
@@ -215,26 +215,38 @@ def identify():
 
 
 def set_cookie(name, value, max_age=COOKIE_YEAR_S):
-    """Set a cookie in this browser (for a year unless `max_age` says otherwise), by a script
-    sent once per session and value. Only tokens travel this way (letters, digits, '_' and
-    '-'): nothing to escape."""
+    """Set a cookie in this browser (for a year unless `max_age` says otherwise), once per
+    session and value: queued for send_cookies. Only tokens travel this way (letters, digits,
+    '_' and '-'): nothing to escape."""
     assert re.fullmatch(r"[A-Za-z0-9_-]+", name + value)
     sent = ss.setdefault("cookies_sent", {})
     if st.context.cookies.get(name) == value or sent.get(name) == value:
         return
     sent[name] = value
-    st.html(f"<script>document.cookie = '{name}={value}; path=/; max-age={int(max_age)}; SameSite=Strict'</script>",
-            unsafe_allow_javascript=True)
+    ss.setdefault("cookies_queued", []).append(f"document.cookie = '{name}={value}; path=/; max-age={int(max_age)}; "
+                                               "SameSite=Strict';")
 
 
 def clear_cookie(name):
-    """Delete a cookie from this browser, once per session."""
+    """Delete a cookie from this browser, once per session (queued for send_cookies)."""
     sent = ss.setdefault("cookies_sent", {})
     if name not in st.context.cookies and name not in sent or sent.get(name, "") is None:
         return
     sent[name] = None
-    st.html(f"<script>document.cookie = '{name}=; path=/; max-age=0; SameSite=Strict'</script>",
-            unsafe_allow_javascript=True)
+    ss.setdefault("cookies_queued", []).append(f"document.cookie = '{name}=; path=/; max-age=0; SameSite=Strict';")
+
+
+def send_cookies(every_run=True):
+    """Send the queued cookie scripts. app.py calls it at a fixed place before the page, where
+    it draws exactly one element on every run (an empty one when nothing is queued): an element
+    that came and went would shift every element after it, which the browser then rebuilds,
+    and the control a keyboard user just changed would lose its focus. After the page
+    (every_run=False) it sends only what the page queued (a bank made by a save), at the end."""
+    queued = ss.pop("cookies_queued", [])
+    if queued:
+        st.html(f"<script>{' '.join(queued)}</script>", unsafe_allow_javascript=True)
+    elif every_run:
+        st.empty()
 
 
 def connected(token):
