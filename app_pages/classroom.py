@@ -283,8 +283,9 @@ def storage_figure(records, base_bytes):
 def storage_section(records):
     facts = ui.base_facts(ui.device())
     base_bytes = facts["file_bytes"]
-    ui.plot(storage_figure(records, base_bytes), key="class_storage")
-    st.markdown(ui.storage_sentence([r.bytes for r in records], [r.task for r in records], base_bytes))
+    ui.plot(storage_figure(records, base_bytes), ui.storage_sentence([r.bytes for r in records],
+                                                                      [r.task for r in records], base_bytes),
+            key="class_storage")
 
 
 # ------------------------------------------------------------------ one mixed batch

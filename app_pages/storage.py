@@ -110,6 +110,18 @@ def sentence(p, t_max, scale):
     return f"With {t_max:,} tasks at {pct(100 * p)}, {amounts}"
 
 
+def chart_summary(p, t_max, scale):
+    """The storage chart in words, with its end points and where the lines cross."""
+    def amount(models):
+        return f"{ui.fmt_num(models)} base models" if scale == 1 else human_bytes(models * scale)
+    t_star = break_even(p)
+    cross = ("the lines never cross: a phi as big as the base saves nothing" if math.isinf(t_star) else
+             f"PEFT stores less from T = {math.floor(t_star) + 1:,} tasks on (T* = {t_star_text(t_star)})")
+    return (f"Chart: storage against the number of tasks T, from 0 to {t_max:,}. PEFT (1 + T·p) ends at "
+            f"{amount(float(peft_storage(t_max, p)))}, full fine-tuning (T) at {amount(float(full_storage(t_max)))}; "
+            f"{cross}.")
+
+
 def tex_int(n):
     return f"{n:,}".replace(",", "{,}")  # a comma in LaTeX math gets a space after it
 
@@ -234,7 +246,8 @@ if base_name == TOY:
         measured = measured_fractions(facts)
 with chart, ui.panel("The storage chart"):
     st.markdown(f"## {sentence(p, t_max, scale)}")  # the chart's heading: h2 under the title
-    ui.plot(storage_figure(p, t_max, log, scale, base_name, measured), key="storage_chart")
+    ui.plot(storage_figure(p, t_max, log, scale, base_name, measured), chart_summary(p, t_max, scale),
+            key="storage_chart")
     if measured:
         shown = f"the first {t_max} of the {len(measured)}" if len(measured) > t_max else f"the {len(measured)}"
         saved = len(st.session_state.get("stored_ids", {}))

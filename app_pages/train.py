@@ -251,12 +251,16 @@ def digits_chart(run):
                       height=300, margin=dict(l=70, r=30, t=30, b=60), showlegend=False,
                       xaxis=dict(title="answer digit", tickvals=places),
                       yaxis=dict(title="right (%)", range=[0, 115], tickvals=[0, 50, 100])),
-            key=f"digits-{run.id}")
-    worst = min(places, key=lambda p: accs[p - 1])
-    st.caption(f"Each of the {len(accs)} answer digits on its own, on the {EVAL_SIZE} held-out examples: exact "
-               "match needs all of them right at once. "
-               + (f"Weakest: digit {worst}, {100 * accs[worst - 1]:.1f}% right." if accs[worst - 1] < 1
-                  else "Every digit is right on every example."))
+            digits_summary(accs), key=f"digits-{run.id}")
+
+
+def digits_summary(accs):
+    worst = min(range(len(accs)), key=accs.__getitem__)
+    each = ", ".join(f"digit {i + 1} {100 * a:.0f}%" for i, a in enumerate(accs))
+    return (f"Each of the {len(accs)} answer digits on its own, on the {EVAL_SIZE} held-out examples ({each}): exact "
+            "match needs all of them right at once. "
+            + (f"Weakest: digit {worst + 1}, {100 * accs[worst]:.1f}% right." if accs[worst] < 1
+               else "Every digit is right on every example."))
 
 
 def save_and_download(run, data):

@@ -4,7 +4,6 @@ import plotly.graph_objects as go
 import streamlit as st
 
 
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 PEFT_COLOR = "#1f77b4"  # the bold PEFT curve of the storage charts: the idea, not one method
 FONT = dict(size=20)
 GRID = dict(gridcolor="#e5e5e5", zerolinecolor="#cccccc", automargin=True)
@@ -72,11 +71,14 @@ def _tick_text(v):
     return f"{v:,.0f}" if v >= 1 and v == int(v) else f"{v:g}"
 
 
-def plot(fig, key=None, height=None):
-    """Show a figure() dict. It is built by code, not typed by a user, so plotly's validation
-    of a dict (~10 ms of GIL per chart, every rerun and live refresh) is skipped."""
+def plot(fig, summary, key=None, height=None):
+    """Show a figure() dict and, under it, `summary`: what the chart shows in words, with its key
+    numbers (a chart is a picture a screen reader cannot read, and a projector's back row may
+    not read its ticks). The figure is built by code, not typed by a user, so plotly's
+    validation of a dict (~10 ms of GIL per chart, every rerun and live refresh) is skipped."""
     st.plotly_chart(_BuiltFigure(fig), theme=None, width="stretch", height=height or "content", key=key,
                     config={"displaylogo": False, "displayModeBar": False})
+    st.caption(summary)
 
 
 class _BuiltFigure(go.Figure):

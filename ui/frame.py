@@ -60,17 +60,28 @@ def panel(what):
 #   at the size of a subheader;
 # - Streamlit's own markup made whole for a keyboard and a screen reader, as it appears: a table
 #   that scrolls sideways (a phone) takes the focus, so arrows scroll it, and says what it is;
-#   the file uploader's drop zone is a labelled group, not a "presentation" that has a label.
+#   the file uploader's drop zone is a labelled group, not a "presentation" that has a label;
+# - one polite live region for the whole tab, which says the text of the page's hidden
+#   data-announce elements whenever it changes (a run's progress, ui.runs.announce): a region
+#   drawn by the page itself would be replaced on every refresh, and a new region is not read.
 PAGE_FRAME = """<style>
 [data-testid=stMainBlockContainer] {padding-top: 2.5rem}
 [data-testid=stCaptionContainer] {color: #55585f; opacity: 1}
 [data-testid=stMain] h2 {font-size: 1.5rem}
+#peft-announcer {position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); white-space: nowrap}
 </style>
 <script>
 if (!window.peftFrame) {
   window.peftFrame = true;
   let tables = 0;
+  const announcer = document.createElement('div');
+  announcer.id = 'peft-announcer';
+  announcer.setAttribute('role', 'status');
+  announcer.setAttribute('aria-live', 'polite');
+  document.body.appendChild(announcer);
   const mend = () => {
+    const news = Array.from(document.querySelectorAll('[data-announce]'), e => e.textContent).join(' ');
+    if (news && news !== announcer.textContent) announcer.textContent = news;
     for (const box of document.querySelectorAll('[data-testid=stTable] > div')) {
       if (box.scrollWidth > box.clientWidth + 1 && box.tabIndex < 0) {
         box.tabIndex = 0;

@@ -1,5 +1,6 @@
 """Runs as a page shows them: started in groups, shared, stopped, and followed live (progress lines
 and curves polled by a fragment) until their result."""
+import html
 import threading
 import weakref
 
@@ -11,8 +12,8 @@ from peftcore.service.runs import QUEUED, QueueFull
 from peftcore.tasks import EVAL_SIZE
 from peftcore.train import solved_at
 
-from .frame import panel, run_view, ss
-from .charts import PALETTE, figure, plot
+from .frame import method_views, panel, run_view, ss
+from .charts import figure, plot
 from .resources import MAX_SESSION_RUNS, base_facts, base_fingerprint, device, get_manager, run_address
 from .visitor import connected, owner, sessions_of_owner
 
@@ -155,7 +156,8 @@ def live_runs(group):
                           help="Stops your runs of this group after their current step; phi keeps what it learned.")
             elif not mine:
                 st.caption("Shared link: you are watching another visitor's runs (read-only).")
-            plot(live_figure(runs), key=f"curves-{group}")
+            plot(live_figure(runs), curves_summary(runs), key=f"curves-{group}")
+            announce(runs)
         if not inline[0] and all(r.finished for r in runs):
             # the result cards below the panel appear; polling stops. Asked on every panel run
             # of its own, even after the full run that drew the cards: a timer tick sent just
@@ -215,6 +217,44 @@ def progress_line(run):
         st.error(f"{run.label} failed: {run.error}")
 
 
+def curves_summary(runs):
+    """The live chart in words: each run's loss from its first step to now, and its last
+    held-out exact match."""
+    parts = []
+    for run in runs:
+        events = run.events[:]
+        if not events:
+            parts.append(f"{run.label}: no step yet")
+            continue
+        exact = last_eval(run, "eval_exact")
+        parts.append(f"{run.label}: training loss {events[0].loss:.3g} at step {events[0].step}, {events[-1].loss:.3g} "
+                     f"at step {events[-1].step}" + ("" if exact is None else f"; held-out exact match {100 * exact:.1f}%"))
+    return "Chart: training loss (top) and held-out exact match (bottom) against step. " + "; ".join(parts) + "."
+
+
+def announcement(run):
+    """What a screen reader hears of a run, coarse enough not to talk over its user: its place
+    in line, each quarter of its steps, its end and result."""
+    if run.status == QUEUED:
+        place = get_manager().place_in_line(run)
+        return f"{run.label}: waiting" + (f", number {place} in line." if place else ".")
+    s = run_summary(run)
+    if run.error:
+        return f"{run.label} failed."
+    if run.finished:
+        exact = "no evaluation" if s["exact"] is None else f"held-out exact match {100 * s['exact']:.1f}%"
+        return f"{run.label}: {run.status} at step {s['step']}, {exact}."
+    if hidden("steps") or not s["steps"]:
+        return f"{run.label}: training."
+    return f"{run.label}: training, {25 * int(4 * s['step'] / s['steps'])}% of its steps done."
+
+
+def announce(runs):
+    """The runs' progress for a screen reader: the page frame (frame.PAGE_FRAME) reads the
+    hidden data-announce text into its one polite live region whenever it changes."""
+    st.html(f'<span data-announce hidden>{html.escape(" ".join(announcement(r) for r in runs))}</span>')
+
+
 def live_figure(runs):
     """runs_figure, rebuilt only when a run has new events since this session's last refresh."""
     state = tuple((r.id, len(r.events), r.status) for r in runs)
@@ -232,17 +272,19 @@ def runs_figure(runs):
     colour per run, in one figure with one legend: readable from the back of a room."""
     traces, used = [], set()
     for i, run in enumerate(runs):
-        color = run_view(run).color
-        if color in used:  # two runs of one method (the pretraining experiment): two colours
-            color = next((c for c in PALETTE if c not in used), PALETTE[i % len(PALETTE)])
-        used.add(color)
+        look = run_view(run)
+        if look.color in used:  # two runs of one method (the pretraining experiment): another method's look
+            look = next((v for v in method_views() if v.color not in used), look)
+        used.add(look.color)
         events = run.events[:]  # a snapshot: the worker keeps appending
         evals = [e for e in events if e.eval_exact is not None]
         thin = events[::max(1, len(events) // MAX_POINTS)]
-        style = dict(name=run.label, legendgroup=run.label,
-                     line=dict(width=4, color=color))
-        traces.append(dict(type="scatter", mode="lines", x=[e.step for e in thin], y=[e.loss for e in thin],
+        # colour, dash and marker: each tells the runs apart on its own (colour blindness, a grey printout)
+        style = dict(name=run.label, legendgroup=run.label, line=dict(width=4, color=look.color, dash=look.dash),
+                     marker=dict(symbol=look.symbol, size=11, color=look.color))
+        traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in thin], y=[e.loss for e in thin],
                            hovertemplate="step %{x}: loss %{y:.3g}", **style))
+        traces[-1]["marker"] = {**style["marker"], "maxdisplayed": 8}  # the legend shows it; the curve stays a line
         traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in evals],
                            y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2",
                            hovertemplate=f"step %{{x}}: %{{y:.1f}}% exact on {EVAL_SIZE} held-out", **style))

@@ -89,7 +89,7 @@ def fmt_num(x, near=None):
 def predictions_table(rows):
     """Inputs, targets and greedy outputs, wrong output digits highlighted in red."""
     right, wrong = ":green[:material/check_circle: right]", ":red[:material/cancel: wrong]"
-    lines = ["| task | input | target | output | |", "|---|---|---|---|---|"]
+    lines = ["| task | input | target | output | verdict |", "|---|---|---|---|---|"]
     for r in rows:
         out = "".join(f":red-background[**{c}**]" if bad else c for c, bad in zip(r["output"], r["wrong"]))
         lines.append(f"| {plain(r['task'], 80)} | {r['input']} | {r['target']} | {out} | "

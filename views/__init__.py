@@ -61,7 +61,9 @@ class Diagram:
 class MethodView:
     peft_type: str
     name: str                      # as the pages show it (and a teacher's link names it)
-    color: str
+    color: str                     # apart from every other under colour blindness (tests/test_palette.py)
+    dash: str = "solid"            # plotly's dash and marker: colour is never the only cue
+    symbol: str = "circle"
     controls: tuple = ()
     formulas: tuple = ()           # LaTeX, for the Inside page
     words: str = ""
@@ -85,7 +87,7 @@ def register_view(view):
 
 
 def view_of(peft_type):
-    return VIEWS.get(peft_type) or MethodView(peft_type, peft_type, "#8c564b")
+    return VIEWS.get(peft_type) or MethodView(peft_type, peft_type, "#6b6b6b", dash="dot", symbol="star")
 
 
 def all_views():

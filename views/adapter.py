@@ -17,7 +17,7 @@ def diagram(cfg):
 
 
 register_view(MethodView(
-    "BOTTLENECK_ADAPTER", "Adapter", "#2ca02c",
+    "BOTTLENECK_ADAPTER", "Adapter", "#c36987", dash="dot", symbol="diamond",
     controls=(Control("bottleneck_size", "bottleneck_size", "Width of the adapter's bottleneck: d -> b -> d after "
                       "each adapted sublayer.", 1, 128, 1),
               Control("target_sublayers", "target_sublayers", "Which sublayers of every block get an adapter: the "

@@ -4,7 +4,7 @@ from . import BLOCK, Diagram, MethodView, register_view
 WEIGHTS = frozenset(n for n, _ in BLOCK if n not in ("x", "out", "add1", "add2")) | {"k", "v"}
 
 register_view(MethodView(
-    "FULL", "Full fine-tuning", "#555555",
+    "FULL", "Full fine-tuning", "#222222", dash="dash", symbol="square",
     formulas=(r"\theta \leftarrow \theta - \eta\, \nabla_\theta \mathcal{L}(\theta)", r"|\phi| = |\theta|"),
     words="Every weight trains: a whole new model per task.",
     diagram=lambda cfg: Diagram(phi=WEIGHTS),

@@ -14,7 +14,7 @@ def diagram(cfg):
 
 
 register_view(MethodView(
-    "LORA", "LoRA", "#1f77b4",
+    "LORA", "LoRA", "#2d0ff0", dash="solid", symbol="circle",
     controls=(Control("r", "r (rank)", "Rank of the update B A: phi grows linearly with r.", 1, 64, 1),
               Control("lora_alpha", "lora_alpha", "The update is scaled by lora_alpha / r.", 1, 128, 1),
               # pills, not a multiselect: in a column all six stay in view

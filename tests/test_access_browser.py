@@ -1,0 +1,77 @@
+"""Every student (issue 32), in a real browser: no axe-core violation of WCAG 2.2 AA on any
+page at a phone's, a laptop's and a projector's size, nor on a training result; the lesson
+works from the keyboard alone; a screen reader hears a run's progress and result."""
+import pytest
+
+from harness.browser import axe_violations, wait_ready
+from test_browser import see, visit
+
+SIZES = [(390, 844), (1280, 720), (1920, 1080)]
+PAGES = ["", "train", "serve", "inside", "classroom"]
+FOCUSED = """() => { const e = document.activeElement;
+    return [e.tagName, e.getAttribute('aria-label') || e.textContent.trim().slice(0, 40), e.getAttribute('aria-valuetext')]; }"""
+
+
+@pytest.mark.parametrize("width, height", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_no_axe_violation_on_any_page(new_page, url, width, height):
+    page = new_page(width, height)
+    found = {}
+    for path in PAGES:
+        visit(page, f"{url}/{path}")
+        page.wait_for_timeout(500)  # lazily loaded widgets (charts, the uploader) drawn
+        found[path or "storage"] = axe_violations(page)
+    assert not any(found.values()), found
+
+
+def test_no_axe_violation_on_a_result_and_a_screen_reader_hears_the_run(page, url):
+    visit(page, f"{url}/train")
+    page.get_by_role("button", name="Train", exact=True).click()
+    heard = set()
+    for _ in range(240):  # what the one polite live region says, sampled while the run trains
+        heard.add(page.evaluate("() => document.getElementById('peft-announcer').textContent"))
+        if page.get_by_text("Results on times_3").count():
+            break
+        page.wait_for_timeout(250)
+    see(page, "Results on times_3", timeout=120_000)
+    wait_ready(page)
+    page.wait_for_function("document.getElementById('peft-announcer').textContent.includes('held-out exact match')")
+    heard.add(page.evaluate("() => document.getElementById('peft-announcer').textContent"))
+    assert page.locator("#peft-announcer[role=status][aria-live=polite]").count() == 1
+    assert any("LoRA: training" in h for h in heard), heard
+    assert any(h.startswith("LoRA: done at step") and "held-out exact match" in h for h in heard), heard
+    assert axe_violations(page) == []
+
+
+def tab_to(page, want, key="Tab", limit=80):
+    """Press `key` until the focused element satisfies `want` (given FOCUSED's triple)."""
+    for _ in range(limit):
+        page.keyboard.press(key)
+        if want(page.evaluate(FOCUSED)):
+            return page.evaluate(FOCUSED)
+    raise AssertionError(f"not reached by {key} in {limit} presses; focus on {page.evaluate(FOCUSED)}")
+
+
+def test_the_lesson_by_keyboard_alone(page, url):
+    """No mouse: move the phi slider five steps (focus stays on it through every rerun), go to
+    Train by the sidebar's link, start a run, and read its result."""
+    visit(page, url)
+    tab_to(page, lambda f: f[1] == "phi size p (% of the base)")
+    values = []
+    for _ in range(5):
+        page.keyboard.press("ArrowRight")
+        page.wait_for_timeout(300)
+        wait_ready(page)
+        tag, label, value = page.evaluate(FOCUSED)
+        assert (tag, label) == ("INPUT", "phi size p (% of the base)"), "the slider lost the focus"
+        values.append(value)
+    assert values == ["1.5%", "2%", "3%", "5%", "7%"], values
+    assert "p=7%25" in page.url
+    see(page, "With 100 tasks at 7%")
+    tab_to(page, lambda f: f[0] == "A" and f[1].endswith("Train a sliver"), key="Shift+Tab")  # after its icon's name
+    page.keyboard.press("Enter")
+    wait_ready(page)
+    page.get_by_role("heading", name="Train a sliver").wait_for()
+    tab_to(page, lambda f: f[0] == "BUTTON" and f[1] == "Train")
+    page.keyboard.press("Enter")
+    see(page, "Results on times_3", timeout=120_000)
+    see(page, "held-out exact match")
