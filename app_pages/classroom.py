@@ -55,7 +55,8 @@ def start_or_join():
             code = ui.normalize_code(typed)
             try:
                 if code is None:
-                    raise ui.StoreError("a join code is 6 letters and digits, e.g. ABC234")
+                    raise ui.StoreError(f"a join code is {ui.CODE_LEN} of the letters and digits {ui.CODE_ALPHABET} (no 0, 1, I, L "
+                                        "or O: they read alike on a projector), e.g. ABC234")
                 ui.store().join(code, client=ui.client())
             except ui.StoreError as e:
                 st.error(f"Cannot join: {e}.")

@@ -1,6 +1,5 @@
 """Inside: where each phi plugs into a transformer block, why a small update is enough,
 and why the pretrained base matters."""
-import math
 
 import streamlit as st
 
@@ -109,12 +108,8 @@ def skills_grid():
                 "rows) times what is done to it (a digit map, the columns). Two cells were held out: they are "
                 "downstream tasks, new compositions of skills the base has.")
     st.table(rows, hide_index=True)
-    losses = ", ".join(f"{name} {value:.2f}" for name, value in loss.items())
-    st.caption(f"Each pretraining cell: the shipped base's held-out exact match. Before any training, its loss on "
-               f"each downstream task, in nats per answer digit: {losses}. A uniform guess over the ten digits is "
-               f"ln 10 = {math.log(10):.2f}, and every new task starts within {max(loss.values()) - math.log(10):.1f} "
-               "nats of it: the base meets a new task unsure, not sure of a wrong answer, so phi's gradient has "
-               "somewhere to go.")
+    st.caption("Each pretraining cell: the shipped base's held-out exact match. " + ui.start_sentence(loss))
+
 
 
 def pretraining_section():

@@ -145,9 +145,10 @@ def formulas(p, t_max, scale):
 # The sliders and the toggle live in the URL. A value there that is not one of theirs
 # (?p=abc, ?T=-5) is dropped by Streamlit without a word; the page says so instead.
 # key: (what it is, the values it takes as the URL spells them, what they read as, default)
-LINKED = {"p": ("the phi size slider", [pct(v) for v in P_OPTIONS], f"{pct(P_OPTIONS[0])} to {pct(P_OPTIONS[-1])}",
+# A slider takes its steps only, so the message lists them: "0.01% to 100%" would not say why 0.3% is refused.
+LINKED = {"p": ("the phi size slider", [pct(v) for v in P_OPTIONS], "only its steps: " + ", ".join(map(pct, P_OPTIONS)),
                 pct(P_DEFAULT)),
-          "T": ("the number of tasks slider", [str(t) for t in T_OPTIONS], f"{T_OPTIONS[0]} to {T_OPTIONS[-1]:,}",
+          "T": ("the number of tasks slider", [str(t) for t in T_OPTIONS], "only its steps: " + ", ".join(map(str, T_OPTIONS)),
                 f"{T_DEFAULT:,}"),
           "log": ("the log axes toggle", ["true", "false"], "true or false", "off")}
 
@@ -166,7 +167,9 @@ def bad_link_values(params):
 def report_bad_link(bad):
     """A short message per refused link value: what it was and what it was reset to."""
     for key, value in bad:
-        what, _, takes, default = LINKED[key]
+        what, allowed, takes, default = LINKED[key]
+        if f"{value}%" in allowed:  # ?p=0.3: the step is there, the % sign is not
+            takes = f"write it as the slider shows it, with a % sign: {key}={value}%25 in a link"
         st.toast(f"The link's {key}={ui.link_value(value)} is not a value {what} takes ({takes}): reset to {default}.",
                  icon=":material/link_off:", duration="long")
 

@@ -1,5 +1,6 @@
 """Text for the page: user-given names and link values made safe for markdown, numbers, sentences
 and tables."""
+import math
 import re
 
 import streamlit as st
@@ -95,3 +96,16 @@ def predictions_table(rows):
         lines.append(f"| {plain(r['task'], 80)} | {r['input']} | {r['target']} | {out} | "
                      f"{right if r['correct'] else wrong} |")
     st.markdown("\n".join(lines))
+
+
+def start_sentence(loss):
+    """What the base's loss on each new task before training says, against a uniform guess (ln 10):
+    below it, the base leans towards the right digits; above it, it is confidently wrong."""
+    uniform = math.log(10)
+    losses = ", ".join(f"{name} {value:.2f}" for name, value in loss.items())
+    wrong = [name for name, value in loss.items() if value > uniform]
+    verdict = (f"On {', '.join(wrong)} it starts above that: confidently wrong, sure of the digits its pretraining "
+               "taught, which phi must overturn" if wrong else
+               "Every task starts at or below that: the base is unsure, not confidently wrong")
+    return (f"Before any training, its loss on each downstream task, in nats per answer digit: {losses}. A uniform "
+            f"guess over the ten digits scores ln 10 = {uniform:.2f}. {verdict}.")

@@ -19,6 +19,9 @@ register_view(MethodView(
     diagram=diagram,
     lesson="a prompt in every layer, and what steering cannot do. A soft prompt is read by the first layer only; "
            "a prefix hands every layer keys and values to attend to. Both only add to what the frozen base's "
-           "attention reads, so both can pick a mix of skills the base has (a composition) but must build a new "
-           "digit map out of attention outputs: compare their rows with LoRA's and IA3's, which change the "
+           "attention reads, never change its weights. For a mix of skills the base has (a composition) that "
+           "can be enough for both. A new digit map is where they part: a prompt, read once at the input, "
+           "rarely builds one on a base this small, while a prefix adds a learned term to every layer's "
+           "attention output, and stacked over the layers those terms can make the map. The rows say how "
+           "often each solves each task over 5 seeds; compare them with LoRA's and IA3's, which change the "
            "base's projections themselves."))
