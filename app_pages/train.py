@@ -322,7 +322,9 @@ facts = ui.base_facts(ui.device())
 runs = ui.group_runs(GROUP)
 restore_setup(runs)
 busy = any(not r.finished and ui.owns(r) for r in runs)
-setup, live = st.columns([1, 2.2], gap="large")
+# On a phone the two columns stack: the page frame puts Train and the curve first there (key
+# "train_layout"), then the set-up, so Train is not below every control.
+setup, live = st.container(key="train_layout").columns([1, 2.2], gap="large")
 specs, task, errors = [], None, ["the set-up could not be drawn"]  # what a failed set-up leaves: no Train
 with setup, ui.panel("The training set-up"):
     exercise_notes()
@@ -349,7 +351,7 @@ with live, ui.panel("Training"):  # Train and the live curve at the top: in view
             st.rerun()  # the Train button greys out and the live panel starts polling
     ui.live_runs(GROUP)
     if not runs:
-        st.info("No run yet: set it up on the left, then press **Train**.")
+        st.info("No run yet: choose a task and a method in the set-up, then press **Train**.")
 runs = ui.group_runs(GROUP)
 if runs and all(r.finished for r in runs):  # right under the curve, not below every control
     with live, ui.panel("The results"):

@@ -75,3 +75,12 @@ def test_the_lesson_by_keyboard_alone(page, url):
     page.keyboard.press("Enter")
     see(page, "Results on times_3", timeout=120_000)
     see(page, "held-out exact match")
+
+
+def test_on_a_phone_train_is_on_the_first_screen(new_page, url):
+    """At 390x844 the columns stack; Train and the live curve come before the set-up."""
+    page = new_page(390, 844)
+    visit(page, f"{url}/train")
+    box = page.get_by_role("button", name="Train", exact=True).bounding_box()
+    assert box["y"] + box["height"] <= 844, box
+    see(page, "No run yet: choose a task and a method in the set-up")

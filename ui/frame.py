@@ -68,6 +68,7 @@ PAGE_FRAME = """<style>
 [data-testid=stMainBlockContainer] {padding-top: 2.5rem}
 [data-testid=stCaptionContainer] {color: #55585f; opacity: 1}
 [data-testid=stMain] h2 {font-size: 1.5rem}
+@media (max-width: 640px) {.st-key-train_layout > div > [data-testid=stHorizontalBlock] {flex-direction: column-reverse}}
 #peft-announcer {position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); white-space: nowrap}
 </style>
 <script>
