@@ -6,6 +6,7 @@ import streamlit as st
 
 import peftcore
 import ui
+from peftcore import hf_code
 from peftcore.analysis import changed_weights, digit_accuracy, sample_predictions
 from peftcore.presets import PRESETS, SOLVES_AT, longer_budget, robustness
 from peftcore.storage import human_bytes
@@ -280,6 +281,27 @@ def save_and_download(run, data):
     c.download_button("Download", data, file_name=f"{name or slug}.safetensors", key=f"dl-{run.id}",
                       mime="application/octet-stream", width="stretch",
                       help="One self-contained file: tensors plus config in its header. Upload it on *Many tasks at once*.")
+    hf_peft_code(run, f"{name or slug}.safetensors")
+
+
+def hf_peft_code(run, file_name):
+    """What this run built, as HF peft code to copy: on a real model, and on this base with the file."""
+    config, view = run.model.peft_config[run.model.active_adapter], ui.run_view(run)
+    real, here = hf_code.on_a_real_model(config), hf_code.on_this_base(config, file_name)
+    with st.expander("Copy as HF peft code"):
+        if real is None:
+            st.markdown(view.not_in_hf_peft)
+            return
+        st.markdown(f"The same config in HF peft, under peft's names, on a real model ({hf_code.REAL_MODEL}, "
+                    "whose projections are called q_proj, k_proj ...):")
+        st.code(real, language="python")
+        if here:
+            st.markdown("And on this app's own base, loading the file *Download* gives you: the same outputs "
+                        "as here, to 1e-5 (a test checks it).")
+            st.code(here, language="python")
+        else:
+            st.caption(f"HF peft runs {view.name} on transformers models only, not on a plain torch module "
+                       "like this app's base, so there is no code for this base.")
 
 
 def solved_text(run, summary):

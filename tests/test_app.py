@@ -124,6 +124,9 @@ def test_training_run_finishes_and_shows_results():
     assert any("| target | output |" in m.value for m in at.markdown)  # sample predictions
     digits = chart(at, f"digits-{run_ids[0]}")["data"][0]["y"]  # each answer digit's accuracy, in %
     assert len(digits) == 8 and sum(digits) / 8 == pytest.approx(float(metrics["digit accuracy"][:-1]), abs=0.06)
+    copied = [c.value for c in at.code if "import peft" in c.value]  # "Copy as HF peft code" (tests/test_hf_code.py runs it)
+    assert len(copied) == 2 and "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']" in copied[0]
+    assert "peft.LoraConfig(r=1, lora_alpha=4" in copied[1] and "lora-times_3" in copied[1]
 
     at.button(key=f"save-{run_ids[0]}").click().run()
     assert_clean(at)

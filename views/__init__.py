@@ -72,6 +72,7 @@ class MethodView:
     never_solves: str = ""         # why its preset solves nothing here, when the table says so
     lesson: str = ""               # what the Inside page's table of every method says about it
     rank: Optional[Callable] = None  # config -> the rank of its update (the spectrum's marker)
+    not_in_hf_peft: str = ""       # where HF peft has no such method: what to use instead
 
     @property
     def method(self):

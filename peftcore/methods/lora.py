@@ -181,7 +181,7 @@ HF_FIELDS = dict(bias="none", fan_in_fan_out=False, inference_mode=True, task_ty
 register(Method(
     LoraConfig, plug=lambda model, name, cfg, g: add_lora(model.base_model, name, cfg, model.route, g),
     layers=(LoraLinear,), mergeable=True, cohort_kind=cohort_kind,
-    hf_fields=HF_FIELDS, slug="lora",
+    hf_fields=HF_FIELDS, hf_peft="module", slug="lora",
     # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6);
     # the attention's four, as the paper adapted attention only: with the MLP's up too, the same
     # phi learned sort from scratch on a random frozen base (0.150 on its best seed; BENCHMARKS.md)

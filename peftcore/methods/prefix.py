@@ -132,6 +132,7 @@ HF_FIELDS = dict(task_type=None, inference_mode=True, base_model_name_or_path=No
 
 register(Method(
     PrefixTuningConfig, plug=add_prefix, layers=(PrefixAttention,), starts_as_base=False, slug="prefix",
+    hf_peft="transformers",
     hf_fields=HF_FIELDS,
     # a high learning rate, as prompt tuning's. n=32 (bench.presets, 5 seeds, keys at std 1):
     # times_3, complement and both compositions on 5 of 5 (seeds 5-9: the maps 5 each, the

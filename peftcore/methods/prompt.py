@@ -101,5 +101,6 @@ def add_prompt(model, name, cfg, generator=None):
 
 register(Method(
     PromptTuningConfig, plug=add_prompt, layers=(PromptEncoder,), starts_as_base=False, slug="prompt",
+    hf_peft="transformers",
     # prompt tuning wants a high learning rate (Lester et al. used 0.3)
     preset=Preset(PromptTuningConfig(num_virtual_tokens=8), dict(steps=200, lr=1e-1, batch_size=32))))

@@ -32,6 +32,8 @@ class Method:
     cohort_kind: Optional[Callable] = None  # config -> hashable (runs of one kind ride together), or
                                             # None for a config that trains alone
     hf_fields: dict = field(default_factory=dict)  # what HF peft's config of it also expects to read
+    hf_peft: str = ""              # where HF peft runs it: "module" (any torch module), "transformers"
+                                   # (a transformers model only), "" (peft has no such method)
 
     @property
     def peft_type(self):
