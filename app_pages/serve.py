@@ -222,18 +222,20 @@ def ms(seconds):
 
 
 def merge_results(t):
-    """Both latencies as medians with their middle half, and a verdict on the difference that
-    holds only where the spread says so (one pair of numbers flips sign between clicks)."""
-    unmerged, merged, saved = (analysis.spread(t[k]) for k in ("unmerged_all", "merged_all", "saved_all"))
+    """One number per claim: the saving is the median of the paired differences (each repeat
+    times both, one after the other), shown with its middle half and a verdict that holds only
+    where that spread says so. Two separate medians are not shown beside it: on a busy machine
+    their difference can disagree with the paired one, even in sign."""
+    unmerged, saved = analysis.spread(t["unmerged_all"]), analysis.spread(t["saved_all"])
     with st.container(horizontal=True, gap="large"):
         st.metric("unmerged: W x, then phi", ms(unmerged["median"]), width="content",
-                  help="median latency of a batch of 32 prompts, one forward pass")
-        st.metric("merged: W' x", ms(merged["median"]), width="content",
-                  help="the same batch with phi folded into W' once (LoRA: W + B A; IA3: W scaled): one matmul "
-                       "per projection")
-    st.caption(f"Medians of {unmerged['n']} alternating repeats on {ui.device()}; the middle half of the repeats "
-               f"in brackets: unmerged [{ms(unmerged['q1'])} to {ms(unmerged['q3'])}], "
-               f"merged [{ms(merged['q1'])} to {ms(merged['q3'])}].")
+                  help="median latency of a batch of 32 prompts, one forward pass, phi beside W")
+        st.metric("merging saves (paired)", ms(saved["median"]), width="content",
+                  help="with phi folded into W' once (LoRA: W + B A; IA3: W scaled), one matmul per projection: "
+                       "the median over the repeats of (unmerged - merged), each pair timed back to back")
+    st.caption(f"{saved['n']} repeats on {ui.device()}, each timing the batch unmerged and merged back to back. "
+               f"Middle half of the repeats: unmerged [{ms(unmerged['q1'])} to {ms(unmerged['q3'])}], "
+               f"saving [{ms(saved['q1'])} to {ms(saved['q3'])}].")
     middle = f"[{ms(saved['q1'])} to {ms(saved['q3'])}]"
     if saved["q1"] > 0:  # the middle half of the repeats agrees on the sign
         verdict = (f"Merging saves {ms(saved['median'])} per batch "

@@ -145,7 +145,10 @@ def serve_report(model, names, tasks, per=1, digits=None, seed=0, repeats=3):
 
 def swap_timings(model, name, file_bytes, repeats=20):
     """{'set_adapter_s', 'load_s'}: switching to a resident phi against loading it from its
-    file bytes (parse, check, copy), the two ways a server can change task."""
+    file bytes (parse, check, copy), the two ways a server can change task. A measurement, not
+    a change: each probe it loads is deleted again, and the model's generation is put back, so
+    nothing keyed on it (a page's merge timings) takes the bank for a new one."""
+    generation = model.route.generation
     with keep_active(model):
         set_s = median_seconds(lambda: model.set_adapter(name), repeats)
     tmp = "__swap_probe__"
@@ -154,8 +157,11 @@ def swap_timings(model, name, file_bytes, repeats=20):
         load_adapter(model, tmp, file_bytes)
         model.delete_adapter(tmp)
 
-    with keep_active(model):
-        load_s = median_seconds(load_and_drop, max(3, repeats // 4))
+    try:
+        with keep_active(model):
+            load_s = median_seconds(load_and_drop, max(3, repeats // 4))
+    finally:
+        model.route.generation = generation
     return {"set_adapter_s": set_s, "load_s": load_s}
 
 
