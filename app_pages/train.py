@@ -148,7 +148,7 @@ def check(specs, facts):
 def start(specs, task, stop_when_solved):
     """Start the runs; an error message (over a limit) instead, with nothing started."""
     return ui.start_group(GROUP, specs, task, url=True, seed=ui.seed(), device=ui.device(),
-                          stop_when_solved=stop_when_solved)
+                          stop_when_solved=stop_when_solved, stop_when_stuck=stop_when_solved)
 
 
 def restore_setup(runs):
@@ -304,27 +304,47 @@ def hf_peft_code(run, file_name):
                        "like this app's base, so there is no code for this base.")
 
 
+def beside_full_fine_tuning(run):
+    """The lesson on the first click: this run's phi beside full fine-tuning, its parameters
+    counted and its accuracy as measured over seeds (the recorded table), so that one short run
+    already shows PEFT matching a whole fine-tune with a sliver of the parameters."""
+    s, facts = ui.run_summary(run), ui.base_facts(ui.device())
+    rows = [{"phi": f"{run.label}, this run", "trainable parameters": f"{s['trainable']:,}",
+             "of the base": f"{s['phi_pct']:.3g}%",
+             "held-out exact match": "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%"}]
+    for view in [ui.run_view(run), *ui.method_views(shares_base=False)]:
+        rec, preset = robustness(view.peft_type, run.task), PRESETS[view.peft_type]
+        if rec:
+            n = phi_params(preset.config, facts)
+            rows.append({"phi": f"{view.name}'s preset, {rec['seeds']} seeds (recorded)",
+                         "trainable parameters": f"{n:,}", "of the base": f"{100 * n / facts['params']:.3g}%",
+                         "held-out exact match": reached(rec)})
+    if len(rows) > 1:
+        st.markdown(f"**Beside full fine-tuning** on {run.task}: the same task, a whole model's parameters trained.")
+        st.table(rows, hide_index=True)
+        st.caption("Recorded rows: `python -m bench.presets` over seeds on this base; race them live in **Race** mode.")
+
+
 def solved_text(run, summary):
     """The race table's "solved at step": the step, "not solved" once the run is over, else "-"."""
     if summary["solved_step"]:
         return str(summary["solved_step"])
+    if ui.stopped_improving(run):
+        return f"not solved: stopped improving at step {summary['step']}"
     return "not solved" if run.finished else "-"
 
 
 def results(runs):
     if len(runs) > 1:
         rows = [ui.run_summary(r) for r in runs]
-        st.dataframe([dict(method=s["method"], status=s["status"], params=s["trainable"], phi_pct=s["phi_pct"],
-                           exact=None if s["exact"] is None else 100 * s["exact"],
-                           solved=solved_text(run, s), seconds=s["seconds"])
-                      for run, s in zip(runs, rows)],
-                     hide_index=True, column_config={
-                         "params": st.column_config.NumberColumn("trainable params", format="localized"),
-                         "phi_pct": st.column_config.NumberColumn("phi %", format="%.3g%%"),
-                         "exact": st.column_config.NumberColumn("exact match", format="%.1f%%"),
-                         "solved": st.column_config.TextColumn(
-                             "solved at step", help=f"{100 * SOLVED:.0f}% exact match at two evaluations in a row"),
-                         "seconds": st.column_config.NumberColumn("seconds", format="%.1f")})
+        # a static table: its cells wrap to the column, so no column is cut off behind a scrollbar
+        st.table([{"method": s["method"], "status": s["status"], "trainable params": f"{s['trainable']:,}",
+                   "phi %": f"{s['phi_pct']:.3g}%", "exact match": "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%",
+                   "solved at step": solved_text(run, s), "seconds": f"{s['seconds']:.1f}"}
+                  for run, s in zip(runs, rows)], hide_index=True)
+        st.caption(f"Solved: {100 * SOLVED:.0f}% held-out exact match or more at two evaluations in a row.")
+    elif runs[0].status != "failed" and ui.run_view(runs[0]).method.shares_base:
+        beside_full_fine_tuning(runs[0])
     tabs = st.tabs([r.label for r in runs])
     for tab, run in zip(tabs, runs):
         with tab:
@@ -363,7 +383,9 @@ with live, ui.panel("Training"):  # Train and the live curve at the top: in view
     go, until = st.columns([1, 1], vertical_alignment="center")
     until_solved = until.checkbox("Stop when solved", value=True, key="until_solved",
                                   help=f"End a run once its held-out exact match is {100 * SOLVED:.0f}% or more at "
-                                       "two evaluations in a row: steps-to-solve is a fairer race than a fixed budget.")
+                                       "two evaluations in a row (steps-to-solve is a fairer race than a fixed "
+                                       f"budget), or once its held-out exact match has not improved in {ui.PATIENCE_STEPS} steps "
+                                       "(it has stopped improving: a race ends when its slowest run goes nowhere).")
     if go.button("Train", key="train_go", type="primary", disabled=bool(errors) or busy, width="stretch",
                  help="Starts the run(s) on the server; they keep going if you switch pages."):
         error = start(specs, task, until_solved)

@@ -78,7 +78,7 @@ class Trainer:
     Arguments as train()'s."""
 
     def __init__(self, model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed=0,
-                 weight_decay=0.0, eval_every=25, device="auto", clip=1.0, stop_when_solved=False):
+                 weight_decay=0.0, eval_every=25, device="auto", clip=1.0, stop_when_solved=False, patience=None):
         self.model, self.task, self.device = model, get_task(task), resolve_device(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -86,7 +86,8 @@ class Trainer:
         if self.params[0].device.type != torch.device(self.device).type:
             raise ValueError(f"model is on {self.params[0].device}, training asked for {self.device}")
         self.steps, self.max_seconds, self.batch_size = steps, max_seconds, batch_size
-        self.eval_every, self.clip, self.stop_when_solved = eval_every, clip, stop_when_solved
+        self.eval_every, self.clip, self.stop_when_solved, self.patience = eval_every, clip, stop_when_solved, patience
+        self.best, self.since_best = -1.0, 0  # the best held-out exact match so far, and evaluations since
         self.generator = torch.Generator().manual_seed(seed)  # private: concurrent runs never share an RNG
         if hasattr(model, "route"):  # dropout's masks: a stream of their own, so dropout on or off
             model.route.generator = torch.Generator(self.device).manual_seed(seed + 1)  # keeps the data order
@@ -128,7 +129,8 @@ class Trainer:
             ev_exact, ev_token = evaluate(self.model, self.task, self.device)
             self.model.train()
             self.streak = self.streak + 1 if ev_exact >= SOLVED else 0
-            last = last or (self.stop_when_solved and self.streak >= 2)
+            self.best, self.since_best = (ev_exact, 0) if ev_exact > self.best else (self.best, self.since_best + 1)
+            last = last or (self.stop_when_solved and self.streak >= 2) or stuck(self.since_best, self.patience)
         self.done = last
         if last:
             self.model.eval()
@@ -136,16 +138,24 @@ class Trainer:
                           ev_exact, ev_token, elapsed, self.step * self.batch_size / max(elapsed, 1e-9), last)
 
 
+def stuck(evaluations_since_best, patience):
+    """Whether a run has stopped improving: `patience` evaluations in a row without a better
+    held-out exact match (None: never). What makes a race end when its slowest run is not
+    going anywhere (prompt tuning on a new digit map: 0% from its first evaluation on)."""
+    return patience is not None and evaluations_since_best >= patience
+
+
 def train(model, task, steps=300, **kwargs):
     """Train `model`'s trainable parameters on `task`; yield a TrainEvent per step.
 
     Keywords: max_seconds=None, lr=1e-2, batch_size=64, seed=0, weight_decay=0.0,
-    eval_every=25, device="auto", clip=1.0, stop_when_solved=False.
+    eval_every=25, device="auto", clip=1.0, stop_when_solved=False, patience=None.
     `seed` fixes the data stream and LoRA dropout's masks; phi's initial values are fixed by
     get_peft_model's seed.
 
     Budget: `steps`, and optionally `max_seconds` of wall time, whichever ends first;
-    with `stop_when_solved`, also the step at which the task counts as solved (solved_at).
+    with `stop_when_solved`, also the step at which the task counts as solved (solved_at);
+    with `patience`, also the evaluation at which it has stopped improving (stuck).
     The model must already be on `device` (the shared base is loaded per device).
     A non-finite loss raises NonFiniteLossError before the optimizer step, so phi keeps
     its last finite value.

@@ -125,6 +125,13 @@ def test_training_run_finishes_and_shows_results():
     assert any("| target | output |" in m.value for m in at.markdown)  # sample predictions
     digits = chart(at, f"digits-{run_ids[0]}")["data"][0]["y"]  # each answer digit's accuracy, in %
     assert len(digits) == 8 and sum(digits) / 8 == pytest.approx(float(metrics["digit accuracy"][:-1]), abs=0.06)
+    # the lesson on the first click: this LoRA beside full fine-tuning, parameters counted, accuracy recorded
+    beside = at.table[0].value
+    full = peftcore.presets.robustness("FULL", "times_3")
+    assert list(beside["phi"]) == ["LoRA, this run", "LoRA's preset, 5 seeds (recorded)",
+                                "Full fine-tuning's preset, 5 seeds (recorded)"]
+    assert list(beside["trainable parameters"])[2] == f"{sum(p.numel() for p in peftcore.load_base().parameters()):,}"
+    assert list(beside["of the base"])[2] == "100%" and str(round(100 * full["min"])) in list(beside["held-out exact match"])[2]
     copied = [c.value for c in at.code if "import peft" in c.value]  # "Copy as HF peft code" (tests/test_hf_code.py runs it)
     assert len(copied) == 2 and "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']" in copied[0]
     assert "peft.LoraConfig(r=1, lora_alpha=4" in copied[1] and "lora-times_3" in copied[1]
@@ -326,6 +333,19 @@ def test_the_race_table_says_not_solved_instead_of_none():
     at.pills(key="race_methods").set_value(["LoRA", "Prompt tuning"]).run()
     start_training(at, "race_steps", 10)
     wait_for(at, results_shown)
-    solved = list(at.dataframe[0].value["solved"])
+    solved = list(at.table[0].value["solved at step"])
     assert "not solved" in solved  # 10 steps of prompt tuning solve nothing
     assert all(s == "not solved" or s.isdigit() for s in solved), solved
+
+
+def test_a_race_ends_when_its_slowest_run_has_stopped_improving():
+    """Prompt tuning sits at 0% exact match on times_3 from its first evaluation: with Stop when
+    solved (the default) it stops after PATIENCE_STEPS more steps, and the page says why."""
+    at = new_app("app_pages/train.py")
+    at.radio(key="mode").set_value("Race").run()
+    at.pills(key="race_methods").set_value(["LoRA", "Prompt tuning"]).run()
+    start_training(at, "race_steps", 300)
+    wait_for(at, results_shown)
+    step = 25 + ui.PATIENCE_STEPS  # its first evaluation, then PATIENCE_STEPS without a better one
+    lora, prompt = at.table[0].value["solved at step"]
+    assert lora.isdigit() and prompt == f"not solved: stopped improving at step {step}"

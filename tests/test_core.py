@@ -308,3 +308,17 @@ def test_only_the_eight_answer_digits_are_scored():
     x, y = peftcore.TASKS["times_3"].batch(4, torch.Generator().manual_seed(0))
     assert ((y != -100).sum(1) == 8).all()  # not the SEP, which the input gives away
     assert (y[:, -8:] == x[:, 1:9] * 3 % 10).all()
+
+
+def test_a_run_that_has_stopped_improving_stops_with_patience(base):
+    """Prompt tuning on a new digit map sits at 0% held-out exact match from its first
+    evaluation: with patience 2 it ends at its third evaluation; without, it trains its budget."""
+    from peftcore.presets import PRESETS
+    from peftcore.train import stuck
+    preset = PRESETS["PROMPT_TUNING"]
+    kw = dict(preset.train, steps=30, eval_every=5, device="cpu")
+    events = list(peftcore.train(get_peft_model(base, preset.config), "times_3", patience=2, **kw))
+    assert [e.eval_exact for e in events if e.eval_exact is not None] == [0.0, 0.0, 0.0]
+    assert events[-1].step == 15 and events[-1].done
+    assert list(peftcore.train(get_peft_model(base, preset.config), "times_3", **kw))[-1].step == 30
+    assert not stuck(5, None) and not stuck(1, 2) and stuck(2, 2)
