@@ -203,6 +203,23 @@ def seed_note(methods, task):
                    + (" Given more steps than a live run (recorded): " + "; ".join(longer) + "." if longer else ""))
 
 
+def why_not_solved(run, s):
+    """Why a run that did not solve its task reached what it reached: the task's or the method's
+    reason where its preset never solves it, else what the preset reaches over seeds."""
+    view, exact = ui.run_view(run), "no evaluation" if s["exact"] is None else f"{100 * s['exact']:.1f}%"
+    how = ("it stopped improving" if ui.stopped_improving(run) else
+           "it was stopped" if run.status == "stopped" else f"its {s['step']} steps ran out")
+    said = f"{view.name} reached {exact} held-out exact match on {run.task}: {how}. "
+    rec = robustness(view.peft_type, run.task)
+    why = NEVER_SOLVED_WHY.get(run.task) or (view.never_solves if rec and rec["solved"] == 0 else "")
+    if why:
+        return said + why
+    if rec:
+        return said + (f"Its preset reaches {reached(rec)} over {rec['seeds']} seeds (recorded) and solves "
+                       f"{rec['solved']} of them: a changed setting, seed or budget can fall short of that.")
+    return said
+
+
 def result_card(run):
     s = ui.run_summary(run)
     model = run.model
@@ -214,6 +231,8 @@ def result_card(run):
     if s["solved_step"]:
         st.success(f"Solved at step {s['solved_step']} ({s['solved_s']:.1f} s): held-out exact match of "
                    f"{100 * SOLVED:.0f}% or more at two evaluations in a row.")
+    else:
+        st.info(why_not_solved(run, s), icon=":material/info:")
     cols = st.columns(3) + st.columns(3)  # two rows of three: each number whole in the page's right column
     cols[0].metric("trainable parameters", f"{s['trainable']:,}")
     cols[1].metric("phi % of base", f"{s['phi_pct']:.3g}%")

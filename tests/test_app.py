@@ -349,3 +349,13 @@ def test_a_race_ends_when_its_slowest_run_has_stopped_improving():
     step = 25 + ui.PATIENCE_STEPS  # its first evaluation, then PATIENCE_STEPS without a better one
     lora, prompt = at.table[0].value["solved at step"]
     assert lora.isdigit() and prompt == f"not solved: stopped improving at step {step}"
+
+
+def test_a_result_that_did_not_solve_says_why():
+    """Prompt tuning's result on times_3 (0%): the tab says why, not just the number."""
+    at = new_app("app_pages/train.py")
+    at.selectbox(key="method").set_value("Prompt tuning").run()
+    start_training(at, "steps-Prompt tuning", 10)
+    wait_for(at, results_shown)
+    why = [i.value for i in at.info if i.value.startswith("Prompt tuning reached")]
+    assert len(why) == 1 and "its 10 steps ran out" in why[0] and "Lester" in why[0], why
