@@ -31,7 +31,7 @@ def methods_section(facts):
 def spectrum_section(facts):
     st.header("The update is small")
     st.markdown(
-        f"{low_rank_view().name} bets that the change fine-tuning makes to a weight matrix, Delta W, lives in a few directions. "
+        f"{ui.low_rank_view().name} bets that the change fine-tuning makes to a weight matrix, Delta W, lives in a few directions. "
         "Check it: fine-tune **every** weight for a short budget, subtract the base, and look at the singular "
         "values of Delta W. A random matrix of the same size spreads its energy evenly; a low-rank one puts "
         "most of it in its first few directions.")
@@ -50,13 +50,8 @@ def spectrum_section(facts):
         show_spectrum(runs[0])
 
 
-def low_rank_view():
-    """The method whose bet the spectrum checks: the one with a rank."""
-    return next(v for v in ui.method_views() if v.rank)
-
-
 def show_spectrum(run):
-    low_rank = low_rank_view()
+    low_rank = ui.low_rank_view()
     r = low_rank.rank(PRESETS[low_rank.peft_type].config)
     deltas = ui.run_cache(run, "deltas", lambda: analysis.delta_weights(run.model, ui.get_base(ui.device())))
     summary = ui.run_cache(run, f"summary-{r}", lambda: analysis.spectrum_summary(deltas, r))

@@ -5,6 +5,7 @@ import numpy as np
 import streamlit as st
 
 import ui
+from peftcore.presets import PRESETS
 from peftcore.storage import (KNOWN_BASES, break_even, full_storage, human_bytes, peft_storage, phi_that_fit,
                               toy_lora_qv_bytes)
 
@@ -150,7 +151,10 @@ LINKED = {"p": ("the phi size slider", [pct(v) for v in P_OPTIONS], "only its st
                 pct(P_DEFAULT)),
           "T": ("the number of tasks slider", [str(t) for t in T_OPTIONS], "only its steps: " + ", ".join(map(str, T_OPTIONS)),
                 f"{T_DEFAULT:,}"),
-          "log": ("the log axes toggle", ["true", "false"], "true or false", "off")}
+          "log": ("the log axes toggle", ["true", "false"], "true or false", "off"),
+          "unit": ("the y unit", ["base models", "bytes"], "base models or bytes", "base models"),
+          "base_size": ("Price it for", [TOY, *KNOWN_BASES], ", ".join([TOY, *KNOWN_BASES]), TOY),
+          "gpu_gb": ("the GPU memory slider", [f"{g} GB" for g in GPU_GB], ", ".join(f"{g} GB" for g in GPU_GB), "80 GB")}
 
 
 def bad_link_values(params):
@@ -177,7 +181,7 @@ def report_bad_link(bad):
 def base_choice(facts):
     """(name, bytes of one base) for the unit selector."""
     names = [TOY] + list(KNOWN_BASES)
-    name = st.selectbox("Price it for", names, key="base_size",
+    name = st.selectbox("Price it for", names, key="base_size", bind="query-params",
                         help="The toy base is measured (its safetensors file); the others are public parameter "
                              "counts at 16 bits per parameter.")
     return name, facts["file_bytes"] if name == TOY else KNOWN_BASES[name].bytes
@@ -200,12 +204,18 @@ def presets_table(facts):
     # A static table, not a data grid: its cells wrap to the column, so no column hides
     # behind a scrollbar on a projector.
     st.table(rows, hide_index=True)
-    st.caption("LoRA r=4 on q, v: one task's phi, rank 4 on the q and v projections of every layer.")
+    view = ui.low_rank_view()
+    lora = PRESETS[view.peft_type].config
+    preset = 4 * lora.num_params(facts["config"])  # float32, as the toy's row
+    st.caption("LoRA r=4 on q, v: one task's phi, rank 4 on the q and v projections of every layer, a common "
+               f"setting on real models. The Train page's {view.name} preset differs: r={view.rank(lora)} on "
+               f"{', '.join(lora.target_modules)}, {human_bytes(preset)} on the toy base "
+               f"({100 * preset / facts['file_bytes']:.3g}% of its file).")
 
 
 def serving_panel(p, base_name, base_bytes):
     st.header("Serving: many phi beside one base")
-    gb = st.select_slider("GPU memory", GPU_GB, value=80, format_func=lambda g: f"{g} GB", key="gpu_gb",
+    gb = st.select_slider("GPU memory", GPU_GB, value=80, format_func=lambda g: f"{g} GB", key="gpu_gb", bind="query-params",
                           help="Weights only: activations and caches need room too.")
     phi_bytes = p * base_bytes
     fit = phi_that_fit(gb * 1e9, base_bytes, phi_bytes)
@@ -225,7 +235,7 @@ st.markdown(
     "Fine-tuning a whole model for every task stores a whole model per task. PEFT freezes the base "
     "and trains a small module **phi** per task, a fraction **p** of the base's size (often 0.1% to 1%). "
     "Storing **T** tasks then costs one shared base plus **T** slivers. Move the sliders: the link in "
-    "your address bar keeps them, so you can share this exact chart.")
+    "your address bar keeps every setting on this page, so you can share this exact chart.")
 
 facts = ui.base_facts(ui.device())
 report_bad_link(bad_link_values(st.query_params))  # before the widgets: they drop what they refuse
@@ -237,7 +247,7 @@ with controls:
                              help="The right end of the chart.")
     log = st.toggle("Log axes", key="log", bind="query-params",
                     help="Shows the small-T region, where the curves cross, and large T at once.")
-    unit = st.radio("y in", ["base models", "bytes"], horizontal=True, key="unit",
+    unit = st.radio("y in", ["base models", "bytes"], horizontal=True, key="unit", bind="query-params",
                     help="Bytes multiply by the size of the base chosen below.")
     base_name, base_bytes = base_choice(facts)
     p = p_pct / 100

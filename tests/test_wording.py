@@ -48,3 +48,23 @@ def test_the_prefix_lesson_says_a_prefix_can_make_a_new_digit_map():
     lesson = views.view_of("PREFIX_TUNING").lesson
     assert "must build a new digit map" not in lesson
     assert "a prefix adds a learned term to every layer" in lesson
+
+
+def test_the_storage_link_keeps_every_setting_the_page_says_it_keeps():
+    at = app()
+    at.query_params.update({"unit": "bytes", "gpu_gb": "24 GB", "base_size": "LLaMA-2 7B"})
+    at.run()
+    assert (at.radio(key="unit").value, at.select_slider(key="gpu_gb").value,
+            at.selectbox(key="base_size").value) == ("bytes", 24, "LLaMA-2 7B")
+    assert any("keeps every setting on this page" in m.value for m in at.markdown)
+    at = app()
+    at.query_params["gpu_gb"] = "3 GB"  # refused, and said so
+    toast = next(t for t in texts(at.run()) if "gpu_gb=" in t)
+    assert "8 GB, 16 GB" in toast and "reset to 80 GB" in toast
+
+
+def test_the_byte_table_says_the_train_preset_differs_from_the_row_it_prices():
+    from peftcore.presets import PRESETS
+    lora = PRESETS["LORA"].config
+    note = [c.value for c in app().run().caption if c.value.startswith("LoRA r=4 on q, v")]
+    assert len(note) == 1 and f"preset differs: r={lora.r} on {', '.join(lora.target_modules)}" in note[0]

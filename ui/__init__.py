@@ -7,7 +7,7 @@ service in peftcore.service. The pages call `ui.<name>`; this file names what th
 One base per device and one run manager per server process (st.cache_resource), shared by every
 session. A session's bank of phi and the ids of its runs live in st.session_state; the runs
 themselves live in the manager, so a rerun or a page switch never loses one."""
-from .frame import (PAGE_FRAME, PANEL_FAILED, log, method_views, page_frame, panel, run_view, ss, view_named, view_of)  # noqa: F401
+from .frame import (PAGE_FRAME, PANEL_FAILED, log, low_rank_view, method_views, page_frame, panel, run_view, ss, view_named, view_of)  # noqa: F401
 from .text import (MARKDOWN_SPECIAL, PLAIN_WORDS, as_text, fmt_num, link_value, literal, plain, predictions_table, serving_metrics, start_sentence, storage_sentence)  # noqa: F401
 from .charts import (FONT, GRID, LAYOUT, PEFT_COLOR, even_ticks, figure, log_ticks, plot)  # noqa: F401
 from .resources import (BASES, MAX_SESSION_RUNS, PER_ADDRESS_DEFAULT, PER_ADDRESS_ENV, attention_spread, available_devices, base_facts, base_fingerprint, base_skills, client, device, get_base, get_manager, get_random_base, get_store, make_manager, per_address_cap, run_address, seed, store, store_path)  # noqa: F401

@@ -20,6 +20,12 @@ def method_views(shares_base=None):
     return [v for v in views.all_views() if shares_base is None or v.method.shares_base == shares_base]
 
 
+def low_rank_view():
+    """The method that bets on a low-rank update (its view has a rank): the spectrum checks
+    its bet, and the storage page prices its preset."""
+    return next(v for v in method_views() if v.rank)
+
+
 def view_named(name):
     return next(v for v in views.all_views() if v.name == name)
 
