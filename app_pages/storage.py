@@ -36,18 +36,20 @@ def storage_figure(p, t_max, log, scale, unit, measured):
     fmt = "%{y:.4g} base models" if scale == 1 else "%{y:.3s}B"
     traces = [
         dict(type="scatter", mode="lines", name=f"PEFT: 1 + T·p  (p = {pct(100 * p)})", x=x.tolist(), y=peft.tolist(),
-             line=dict(width=6, color=ui.PEFT_COLOR), hovertemplate=f"PEFT: {fmt}<extra></extra>"),
-        dict(type="scatter", mode="lines", name="full fine-tuning: T", x=x.tolist(), y=full.tolist(),
+             line=dict(width=6, color=ui.PEFT_COLOR), hovertemplate=f"PEFT: {fmt}<extra></extra>", legendrank=1),
+        dict(type="scatter", mode="lines", name="full fine-tuning: T", x=x.tolist(), y=full.tolist(), legendrank=2,
              line=dict(width=4, color="#888888"), opacity=0.45,
              hovertemplate=f"full fine-tuning: {fmt}<extra></extra>"),
     ]
     if measured:  # the first t_max of them: the chart ends at T = t_max
         k = np.arange(1, len(measured) + 1)[:t_max]
         y = (1 + np.cumsum(measured))[:t_max] * scale
-        traces.append(dict(type="scatter", mode="markers", name="measured: your bank's phi files",
-                           x=k.tolist(), y=y.tolist(), marker=dict(size=12, color="#ff7f0e", symbol="circle-open",
-                                                                   line=dict(width=3)),
-                           hovertemplate=f"measured, %{{x}} phi files: {fmt}<extra></extra>"))
+        # under the PEFT line (first in the data, third in the legend) and small: the library's 25
+        # circles drawn on top hid the start of the line they measure
+        traces.insert(0, dict(type="scatter", mode="markers", name="measured: your bank's phi files", legendrank=3,
+                              x=k.tolist(), y=y.tolist(), marker=dict(size=9, color="#ff7f0e", symbol="circle-open",
+                                                                      line=dict(width=2)),
+                              hovertemplate=f"measured, %{{x}} phi files: {fmt}<extra></extra>"))
     marks, notes = marks_for(p, t_max, log, scale)
     traces += marks  # drawn last: the break-even marker stays above the measured ones
     axis_type = "log" if log else "linear"

@@ -84,3 +84,9 @@ def test_on_a_phone_train_is_on_the_first_screen(new_page, url):
     box = page.get_by_role("button", name="Train", exact=True).bounding_box()
     assert box["y"] + box["height"] <= 844, box
     see(page, "No run yet: choose a task and a method in the set-up")
+
+
+def test_the_mixed_batch_starts_on_the_serve_pages_first_screen(page, url):
+    """The bank's table of every phi is folded: the mixed batch is no longer 1,700 px down."""
+    visit(page, f"{url}/serve")  # the default page size, 1400x1000
+    assert page.get_by_role("heading", name="Serve a mixed batch").bounding_box()["y"] < 1000

@@ -74,13 +74,19 @@ def test_phi_slider_plots_the_formula(p_pct):
     at.select_slider(key="p").set_value(p_pct).run()
     assert_clean(at)
     fig = chart(at, "storage_chart")
-    peft, full = fig["data"][0], fig["data"][1]
+    peft, full = trace(fig, "PEFT"), trace(fig, "full fine-tuning")
     x = np.array(peft["x"], dtype=float)
     assert np.array_equal(np.array(peft["y"]), 1 + x * (p_pct / 100))  # exactly the formula
     assert np.array_equal(np.array(full["y"]), x)
     assert x.max() == at.select_slider(key="T").value
     headline = [m.value for m in at.markdown if m.value.startswith("## ")][0]
     assert f"at {p_pct:g}%" in headline
+
+
+def trace(fig, name):
+    """The figure's one trace whose legend name starts with `name`."""
+    found, = [t for t in fig["data"] if t.get("name", "").startswith(name)]
+    return found
 
 
 def test_sentence_log_axes_and_bytes():
@@ -92,11 +98,11 @@ def test_sentence_log_axes_and_bytes():
     assert any(m.value == "## With 100 tasks at 0.5%, PEFT stores 1.5 base models; full fine-tuning stores 100."
                for m in at.markdown)
     fig = chart(at, "storage_chart")
-    assert fig["layout"]["xaxis"]["type"] == "log" and fig["data"][0]["x"][0] == 1
+    assert fig["layout"]["xaxis"]["type"] == "log" and trace(fig, "PEFT")["x"][0] == 1
     at.radio(key="unit").set_value("bytes").run()
     fig = chart(at, "storage_chart")
-    x, base_bytes = np.array(fig["data"][0]["x"], dtype=float), peftcore.base_file_bytes()
-    assert np.allclose(fig["data"][0]["y"], (1 + 0.005 * x) * base_bytes, rtol=1e-12)
+    x, base_bytes = np.array(trace(fig, "PEFT")["x"], dtype=float), peftcore.base_file_bytes()
+    assert np.allclose(trace(fig, "PEFT")["y"], (1 + 0.005 * x) * base_bytes, rtol=1e-12)
 
 
 def start_training(at, steps_key, steps):
@@ -194,6 +200,8 @@ def test_serving_a_mixed_batch():
     assert measured and len(measured[0]["x"]) == len(bank.peft_config)
     sizes = [len(peftcore.adapter_to_bytes(bank, n)) / peftcore.base_file_bytes() for n in bank.peft_config]
     assert np.allclose(measured[0]["y"], 1 + np.cumsum(sizes))
+    names = [t.get("name", "") for t in chart(at, "storage_chart")["data"]]  # drawn in order: the line over the circles
+    assert names.index(measured[0]["name"]) < next(i for i, n in enumerate(names) if n.startswith("PEFT"))
 
 
 # ------------------------------------------------------------------ storage: links, T*, the chart's marks
