@@ -90,3 +90,20 @@ def test_the_mixed_batch_starts_on_the_serve_pages_first_screen(page, url):
     """The bank's table of every phi is folded: the mixed batch is no longer 1,700 px down."""
     visit(page, f"{url}/serve")  # the default page size, 1400x1000
     assert page.get_by_role("heading", name="Serve a mixed batch").bounding_box()["y"] < 1000
+
+
+def test_a_race_keeps_its_curves_in_view_and_its_titles_apart(page, url):
+    """At 1280x720 a race's curves come right under Train, and the two panels' rotated y-titles
+    ("training loss", "exact match (%)") never run into each other, however long the legend."""
+    page.set_viewport_size({"width": 1280, "height": 720})
+    visit(page, f"{url}/train")
+    page.get_by_text("Race", exact=True).click()
+    wait_ready(page)
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .legendtext').length >= 3", timeout=60_000)
+    top, bottom = page.evaluate("""() => ['.g-ytitle', '.g-y2title'].map(s =>
+        document.querySelector('.js-plotly-plot ' + s).getBoundingClientRect())
+        .map(r => ({top: r.top, bottom: r.bottom}))""")
+    assert top["bottom"] < bottom["top"], (top, bottom)
+    assert page.locator(".js-plotly-plot").first.bounding_box()["y"] < 720 - 300  # 300 px of curves in view
+    see(page, "Results on times_3", timeout=180_000)

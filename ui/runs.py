@@ -165,15 +165,18 @@ def live_runs(group):
         get_manager().reap(connected)
         runs = group_runs(group)
         with panel("The live curves"):
-            for run in runs:
-                progress_line(run)
             mine = [r for r in runs if owns(r)]
             if any(not r.finished for r in mine):
                 st.button("Stop", key=f"stop-{group}", on_click=stop_group, args=(group,), type="primary",
                           help="Stops your runs of this group after their current step; phi keeps what it learned.")
             elif not mine:
                 st.caption("Shared link: you are watching another visitor's runs (read-only).")
-            plot(live_figure(runs), curves_summary(runs), key=f"curves-{group}")
+            if len(runs) > 2:  # a race: the curves first, in view under Train; a line per run below them
+                plot(live_figure(runs), curves_summary(runs), key=f"curves-{group}")
+            for run in runs:
+                progress_line(run)
+            if len(runs) <= 2:
+                plot(live_figure(runs), curves_summary(runs), key=f"curves-{group}")
             announce(runs)
         if not inline[0] and all(r.finished for r in runs):
             # the result cards below the panel appear; polling stops. Asked on every panel run
@@ -312,7 +315,7 @@ def runs_figure(runs):
     whole_budget = {} if hidden("steps") else dict(range=[0, steps * 1.02])  # the whole budget from the start
     # the legend wraps above the plot as runs are added (a race: six): each of its rows takes
     # height from the two panels, whose rotated titles then ran into each other; the figure grows instead
-    return figure(traces, height=460 + 45 * max(0, len(runs) - 2), hovermode="closest",
+    return figure(traces, height=460 + 30 * max(0, len(runs) - 2), hovermode="closest",
                   xaxis=dict(title="step", anchor="y2", **whole_budget),
                   # plain-number log ticks from the curves' own range (log_ticks): 10, not 1e+1
                   yaxis=dict(title="training loss", type="log", domain=[0.58, 1]),
