@@ -68,3 +68,12 @@ def test_the_byte_table_says_the_train_preset_differs_from_the_row_it_prices():
     lora = PRESETS["LORA"].config
     note = [c.value for c in app().run().caption if c.value.startswith("LoRA r=4 on q, v")]
     assert len(note) == 1 and f"preset differs: r={lora.r} on {', '.join(lora.target_modules)}" in note[0]
+
+
+def test_the_seed_notes_bar_and_the_live_runs_bar_are_each_named():
+    from peftcore.presets import SOLVES_AT
+    from peftcore.train import SOLVED
+    at = open_page("app_pages/train.py")
+    note = next(c.value for c in at.caption if "seeds**" in c.value)
+    assert f"reaches {100 * SOLVES_AT:.0f}% held-out exact match" in note
+    assert f"the recorded table's bar; a live run counts as solved at {100 * SOLVED:.0f}%" in note
