@@ -211,7 +211,8 @@ def why_not_solved(run, s):
     reason where its preset never solves it, else what the preset reaches over seeds."""
     view, exact = ui.run_view(run), "no evaluation" if s["exact"] is None else f"{100 * s['exact']:.1f}%"
     how = ("it stopped improving" if ui.stopped_improving(run) else
-           "it was stopped" if run.status == "stopped" else f"its {s['step']} steps ran out")
+           "it was stopped" if run.status == "stopped" else
+           f"its {s['step']} steps ran out" if shown("steps") else "its step budget ran out")  # a teacher may hide it
     said = f"{view.name} reached {exact} held-out exact match on {run.task}: {how}. "
     rec = robustness(view.peft_type, run.task)
     why = NEVER_SOLVED_WHY.get(run.task) or (view.never_solves if rec and rec["solved"] == 0 else "")
