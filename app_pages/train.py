@@ -210,7 +210,7 @@ def why_not_solved(run, s):
     """Why a run that did not solve its task reached what it reached: the task's or the method's
     reason where its preset never solves it, else what the preset reaches over seeds."""
     view, exact = ui.run_view(run), "no evaluation" if s["exact"] is None else f"{100 * s['exact']:.1f}%"
-    how = ("it stopped improving" if ui.stopped_improving(run) else
+    how = ("it stopped improving" if ui.stopped_improving(run, s) else
            "it was stopped" if run.status == "stopped" else
            f"its {s['step']} steps ran out" if shown("steps") else "its step budget ran out")  # a teacher may hide it
     said = f"{view.name} reached {exact} held-out exact match on {run.task}: {how}. "
@@ -352,7 +352,7 @@ def solved_text(run, summary):
     """The race table's "solved at step": the step, "not solved" once the run is over, else "-"."""
     if summary["solved_step"]:
         return str(summary["solved_step"])
-    if ui.stopped_improving(run):
+    if ui.stopped_improving(run, summary):
         return f"not solved: stopped improving at step {summary['step']}"
     return "not solved" if run.finished else "-"
 

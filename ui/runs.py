@@ -77,10 +77,10 @@ def start_group(group, jobs, task, url=False, **train_kwargs):
 PATIENCE_STEPS = 100
 
 
-def stopped_improving(run):
-    """Whether a run ended early, unsolved, because it had stopped improving (its patience ran out)."""
-    last = run.last
-    return (run.status == DONE and last is not None and last.step < run.steps and solved_at(run.events) is None
+def stopped_improving(run, summary):
+    """Whether a run (with its run_summary) ended early, unsolved, because it had stopped
+    improving: its patience ran out."""
+    return (run.status == DONE and summary["step"] < summary["steps"] and summary["solved_step"] is None
             and run.kwargs.get("patience") is not None)
 
 
@@ -171,13 +171,13 @@ def live_runs(group):
                           help="Stops your runs of this group after their current step; phi keeps what it learned.")
             elif not mine:
                 st.caption("Shared link: you are watching another visitor's runs (read-only).")
-            if len(runs) > 2:  # a race: the curves first, in view under Train; a line per run below them
+            race = len(runs) > 2  # a race: the curves first, in view under Train; a line per run below them
+            if race:
                 plot(live_figure(runs), curves_summary(runs), key=f"curves-{group}")
-            for run in runs:
-                progress_line(run)
-            if len(runs) <= 2:
+            spoken = [progress_line(run) for run in runs]
+            if not race:
                 plot(live_figure(runs), curves_summary(runs), key=f"curves-{group}")
-            announce(runs)
+            announce(spoken)
         if not inline[0] and all(r.finished for r in runs):
             # the result cards below the panel appear; polling stops. Asked on every panel run
             # of its own, even after the full run that drew the cards: a timer tick sent just
@@ -217,6 +217,7 @@ def hidden(control):
 
 
 def progress_line(run):
+    """Draw a run's progress line; return what a screen reader hears of it (announcement)."""
     s = run_summary(run)
     exact = "-" if s["exact"] is None else f"{100 * s['exact']:.1f}%"
     others = run.other_owners(owner())  # this visitor's own other tabs are not others
@@ -227,9 +228,9 @@ def progress_line(run):
             text = (f"**{run.label}** · waiting: number {place} in line for a training slot"
                     + (f", about {wait:.0f} s" if wait is not None else "") + shared)
             st.progress(0.0, text=text)
-            return
+            return f"{run.label}: waiting, number {place} in line."
     solved = f" · solved at step {s['solved_step']} ({s['solved_s']:.1f} s)" if s["solved_step"] else ""
-    if stopped_improving(run):
+    if stopped_improving(run, s):
         solved = f" · stopped improving: no better held-out exact match in its last {PATIENCE_STEPS} steps"
     budget = "" if hidden("steps") else f"/{s['steps']}"
     text = (f"**{run.label}** · {run.status} · step {s['step']}{budget} · "
@@ -237,6 +238,7 @@ def progress_line(run):
     st.progress(s["step"] / s["steps"] if s["steps"] else 0.0, text=text)
     if run.error:
         st.error(f"{run.label} failed: {run.error}")
+    return announcement(run, s)
 
 
 def curves_summary(runs):
@@ -254,28 +256,26 @@ def curves_summary(runs):
     return "Chart: training loss (top) and held-out exact match (bottom) against step. " + "; ".join(parts) + "."
 
 
-def announcement(run):
-    """What a screen reader hears of a run, coarse enough not to talk over its user: its place
-    in line, each quarter of its steps, its end and result."""
+def announcement(run, s):
+    """What a screen reader hears of a run (s: its run_summary), coarse enough not to talk over
+    its user: each quarter of its steps, its end and result (progress_line says its place in line)."""
     if run.status == QUEUED:
-        place = get_manager().place_in_line(run)
-        return f"{run.label}: waiting" + (f", number {place} in line." if place else ".")
-    s = run_summary(run)
+        return f"{run.label}: waiting."
     if run.error:
         return f"{run.label} failed."
     if run.finished:
         exact = "no evaluation" if s["exact"] is None else f"held-out exact match {100 * s['exact']:.1f}%"
-        why = ", stopped improving" if stopped_improving(run) else ""
+        why = ", stopped improving" if stopped_improving(run, s) else ""
         return f"{run.label}: {run.status} at step {s['step']}{why}, {exact}."
     if hidden("steps") or not s["steps"]:
         return f"{run.label}: training."
     return f"{run.label}: training, {25 * int(4 * s['step'] / s['steps'])}% of its steps done."
 
 
-def announce(runs):
+def announce(spoken):
     """The runs' progress for a screen reader: the page frame (frame.PAGE_FRAME) reads the
     hidden data-announce text into its one polite live region whenever it changes."""
-    st.html(f'<span data-announce hidden>{html.escape(" ".join(announcement(r) for r in runs))}</span>')
+    st.html(f'<span data-announce hidden>{html.escape(" ".join(spoken))}</span>')
 
 
 def live_figure(runs):
@@ -294,7 +294,7 @@ def runs_figure(runs):
     """Training loss (top, log scale) and held-out exact match (bottom) against step, one
     colour per run, in one figure with one legend: readable from the back of a room."""
     traces, used = [], set()
-    for i, run in enumerate(runs):
+    for run in runs:
         look = run_view(run)
         if look.color in used:  # two runs of one method (the pretraining experiment): another method's look
             look = next((v for v in method_views() if v.color not in used), look)
@@ -303,13 +303,13 @@ def runs_figure(runs):
         evals = [e for e in events if e.eval_exact is not None]
         thin = events[::max(1, len(events) // MAX_POINTS)]
         # colour, dash and marker: each tells the runs apart on its own (colour blindness, a grey printout)
-        style = dict(name=run.label, legendgroup=run.label, line=dict(width=4, color=look.color, dash=look.dash),
-                     marker=dict(symbol=look.symbol, size=11, color=look.color))
+        marker = dict(symbol=look.symbol, size=11, color=look.color)
+        style = dict(name=run.label, legendgroup=run.label, line=dict(width=4, color=look.color, dash=look.dash))
         traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in thin], y=[e.loss for e in thin],
+                           marker={**marker, "maxdisplayed": 8},  # in the legend; the loss curve stays a line
                            hovertemplate="step %{x}: loss %{y:.3g}", **style))
-        traces[-1]["marker"] = {**style["marker"], "maxdisplayed": 8}  # the legend shows it; the curve stays a line
         traces.append(dict(type="scatter", mode="lines+markers", x=[e.step for e in evals],
-                           y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2",
+                           y=[100 * e.eval_exact for e in evals], showlegend=False, yaxis="y2", marker=marker,
                            hovertemplate=f"step %{{x}}: %{{y:.1f}}% exact on {EVAL_SIZE} held-out", **style))
     steps = max((r.steps for r in runs), default=0)
     whole_budget = {} if hidden("steps") else dict(range=[0, steps * 1.02])  # the whole budget from the start
