@@ -135,7 +135,7 @@ STATE_PROBE = r"""
 """
 HEADLINE_CHANGED = r"""
 (before) => {
-  const h = document.querySelector("[data-testid=stMain] h4");
+  const h = document.querySelector("[data-testid=stMain] h2");
   const app = document.querySelector("[data-testid=stApp]");
   return h && h.textContent !== before && app.dataset.testScriptState === "notRunning";
 }
@@ -322,7 +322,7 @@ class StorageProbe:
 
     async def move(self, key):
         slider = self.page.get_by_test_id("stSlider").first.get_by_role("slider")
-        before = await self.page.locator("[data-testid=stMain] h4").first.text_content()
+        before = await self.page.locator("[data-testid=stMain] h2").first.text_content()  # the chart's sentence
         await slider.focus()
         t0 = time.time()
         await self.page.keyboard.press(key)
