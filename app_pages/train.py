@@ -317,11 +317,11 @@ def hf_peft_code(run, file_name):
             return
         st.markdown(f"The same config in HF peft, under peft's names, on a real model ({hf_code.REAL_MODEL}, "
                     "whose projections are called q_proj, k_proj ...):")
-        st.code(real, language="python")
+        st.code(real, language="python", wrap_lines=True)  # a phone: no sideways scroll
         if here:
             st.markdown("And on this app's own base, loading the file *Download* gives you: the same outputs "
                         "as here, to 1e-5 (a test checks it).")
-            st.code(here, language="python")
+            st.code(here, language="python", wrap_lines=True)
         else:
             st.caption(f"HF peft runs {view.name} on transformers models only, not on a plain torch module "
                        "like this app's base, so there is no code for this base.")
