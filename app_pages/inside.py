@@ -1,5 +1,6 @@
 """Inside: where each phi plugs into a transformer block, why a small update is enough,
 and why the pretrained base matters."""
+from dataclasses import replace
 
 import streamlit as st
 
@@ -182,6 +183,31 @@ def recorded_section(facts):
             st.markdown(f"**{view.name}**: {view.lesson or view.never_solves}")
 
 
+def family_section(facts):
+    """The low-rank family side by side: each member's phi on this toy, what it trains, whether
+    it merges, what its preset reaches here (the recorded table) and HF peft's own figure."""
+    members = [(v, v.name, {}, v.trains, v.benchmark) for v in ui.method_views() if v.family] + \
+              [(v, m.name, m.options, m.trains, m.benchmark) for v in ui.method_views() if v.family for m in v.variants]
+    if not members:
+        return
+    st.header(f"The {members[0][0].family} family")
+    rows = []
+    for view, name, options, trains, benchmark in members:
+        config = replace(PRESETS[view.peft_type].config, **options)
+        n = config.num_params(facts["config"])
+        row = {"method": name, "phi": f"{n:,} ({100 * n / facts['params']:.2g}%)", "trains": trains,
+               "merges": "yes" if view.method.mergeable else "no"}
+        for task in peftcore.TASKS:
+            rec = robustness(view.peft_type, task, options=options)
+            row[task] = "-" if rec is None else f"{rec['solved']} of {rec['seeds']} ({100 * rec['median']:.0f}%)"
+        row["HF peft's benchmark"] = "-" if benchmark is None else f"{100 * benchmark.accuracy:.1f}% ({benchmark.setting})"
+        rows.append(row)
+    st.table(rows, hide_index=True)
+    st.caption(f"Each member's preset (a variant is the preset with its option set), seeds 0-4: how many seeds reach "
+               f"{100 * SOLVES_AT:.0f}% held-out exact match, and the median seed's score (python -m bench.presets "
+               f"--seeds 5; '-' where not recorded). The last column is not measured here: {views.PEFT_BENCHMARK}.")
+
+
 def start(group, jobs, task, **train_kwargs):
     error = ui.start_group(group, jobs, task, url=True, seed=ui.seed(), device=ui.device(), **train_kwargs)
     if error:
@@ -198,6 +224,7 @@ st.markdown(
     "small the change of a full fine-tune really is, and what PEFT can do without a pretrained base.")
 facts = ui.base_facts(ui.device())
 for section, what in [(lambda: methods_section(facts), "The methods"), (lambda: recorded_section(facts), "The table"),
+                      (lambda: family_section(facts), "The family table"),
                       (lambda: spectrum_section(facts), "The spectrum"), (pretraining_section, "The pretraining experiment")]:
     with ui.panel(what):
         section()

@@ -42,7 +42,8 @@ def class_link(task, method, config, lr, steps):
         settings = {}
         for c in view.controls:
             value = getattr(config, c.field)
-            settings[c.name] = ",".join(value) if isinstance(value, (list, tuple)) else value
+            settings[c.name] = ",".join(value) if isinstance(value, (list, tuple)) else \
+                str(value).lower() if c.kind in ("toggle", "choice") else value
         params = dict(task=task, method=method, **settings, lr=f"{lr:g}", steps=steps)
         if set(free) != set(names):
             params["only"] = ",".join(free)
@@ -66,9 +67,15 @@ def page_url():
 def method_widgets(view, preset_config):
     """The view's controls, two sliders to a row, pills on a row of their own; returns the
     preset's config with what the student set."""
-    values, row = {}, []
+    values, row, groups = {}, [], {}
     for c in view.controls:
         default, key = getattr(preset_config, c.field), method_key(view, c)
+        if c.group:
+            if c.group not in groups:
+                groups[c.group], row = st.expander(c.group), []
+            with groups[c.group]:
+                values[c.field] = option_widget(c, default, key)
+            continue
         if c.kind == "subset":
             # pills, not a multiselect, told to wrap: in a column every option stays in view
             values[c.field] = tuple(control(c.name, list(default), lambda **kw: st.pills(
@@ -82,7 +89,24 @@ def method_widgets(view, preset_config):
             c.label, c.lo, c.hi, unless_set(key, default), c.step, key=key, help=c.help, **kw))
     if view.note:
         st.caption(view.note)
-    return replace(preset_config, **values)
+    config = replace(preset_config, **values)
+    if view.explain:
+        st.caption(view.explain(config))
+    return config
+
+
+def option_widget(c, default, key):
+    """A toggle, a choice of one or a slider, for a control folded under its group."""
+    if c.kind == "toggle":
+        return control(c.name, default, lambda **kw: st.toggle(
+            c.label, value=bool(unless_set(key, default)), key=key, help=c.help, **kw))
+    if c.kind == "choice":
+        chosen = unless_set(key, default)
+        return control(c.name, default, lambda **kw: st.radio(
+            c.label, c.options, index=None if chosen is None else c.options.index(chosen), format_func=c.label_of,
+            horizontal=True, key=key, help=c.help, **kw))
+    return control(c.name, default, lambda **kw: st.slider(
+        c.label, c.lo, c.hi, unless_set(key, default), c.step, key=key, help=c.help, **kw))
 
 
 def phi_params(config, facts):
@@ -114,8 +138,9 @@ def race():
     """Widgets for a race: several methods, each with its preset, the same steps."""
     # pills that wrap: a multiselect in this column hid the last methods behind the others
     names = [v.name for v in ui.method_views()]
+    default = [v.name for v in ui.method_views() if v.in_default_race]
     methods = st.pills("Methods", names, selection_mode="multi", wrap=True, key="race_methods",
-                       default=unless_set("race_methods", names),
+                       default=unless_set("race_methods", default),
                        help="They train side by side on the same task and seed.")
     presets = {m: PRESETS[ui.view_named(m).peft_type] for m in methods}
     longest = max(p.train["steps"] for p in PRESETS.values())
@@ -310,7 +335,7 @@ def save_and_download(run, data):
 def hf_peft_code(run, file_name):
     """What this run built, as HF peft code to copy: on a real model, and on this base with the file."""
     config, view = run.model.peft_config[run.model.active_adapter], ui.run_view(run)
-    real, here = hf_code.on_a_real_model(config), hf_code.on_this_base(config, file_name)
+    real, here = hf_code.on_a_real_model(config, run.kwargs["lr"]), hf_code.on_this_base(config, file_name)
     with st.expander("Copy as HF peft code"):
         if real is None:
             st.markdown(view.not_in_hf_peft)

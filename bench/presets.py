@@ -10,7 +10,12 @@ What a longer budget buys where a live one solves nothing (recorded apart; the T
 
     python -m bench.presets --methods FULL LORA --tasks sort --seeds 5 --jobs 2 --steps 1000 --write
 
-To try a setting before it becomes a preset (refused with --write):
+A variant of a preset, recorded as a row of its own ("LORA use_dora=true"; the pages read it
+with robustness(..., options=)):
+
+    python -m bench.presets --methods LORA --config use_dora=true --seeds 5 --jobs 2 --write
+
+To try a setting before it becomes a preset:
 
     python -m bench.presets --methods BOTTLENECK_ADAPTER --tasks times_3 --seeds 5 --jobs 2 --lr 1e-2
     python -m bench.presets --methods PROMPT_TUNING --config num_virtual_tokens=16
@@ -36,7 +41,7 @@ from dataclasses import replace
 import torch
 
 import peftcore
-from peftcore.presets import PRESETS, SOLVES_AT, TABLE_PATH, budget_key, preset_record
+from peftcore.presets import PRESETS, SOLVES_AT, TABLE_PATH, budget_key, preset_record, variant_key
 
 from .common import machine
 
@@ -116,9 +121,9 @@ def main():
     if args.stop_when_solved:
         train_over["stop_when_solved"] = True
     config_over = {k: parse_value(v) for k, v in (c.split("=", 1) for c in args.config)}
-    if args.write and (set(train_over) - {"steps"} or config_over or args.first_seed):
-        ap.error("--write records the presets as they are (or with more --steps): drop the other overrides "
-                 "and --first-seed")
+    if args.write and (set(train_over) - {"steps"} or args.first_seed):
+        ap.error("--write records the presets as they are (or with more --steps, or a --config variant): drop "
+                 "the other overrides and --first-seed")
     methods = [m for m in args.methods if not (args.random_base and not peftcore.METHODS[m].shares_base)]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows = [(m, t) for m in methods for t in args.tasks]
@@ -143,7 +148,8 @@ def main():
     for method, task in rows:
         runs = [next(results) for _ in seeds]
         s = summarize(runs)
-        table.setdefault(method, {})[task] = dict(s, machine=where, preset=preset_record(method))
+        table.setdefault(variant_key(method, config_over), {})[task] = dict(
+            s, machine=where, preset=preset_record(method, config_over))
         print(f"| {method} | {runs[0]['phi_percent']:.2f} | {task} | {s['min']:.3f} | {s['median']:.3f} | "
               f"{s['max']:.3f} | {s['solved']} of {s['seeds']} | {s['token_median']:.3f} | "
               f"{s['seconds_median']:.1f} |", flush=True)

@@ -12,8 +12,7 @@ HUB_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "
 def config_call(config, hub=False):
     """`peft.LoraConfig(r=1, ...)`: the config's own fields, which carry peft's names; on a Hub
     model (hub=True) its module names are the model's and the task is causal language modelling."""
-    fields = config.to_dict()
-    fields.pop("peft_type")
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("peft_type", *config.training_fields)}
     if hub:
         fields = {k: [HUB_NAMES.get(m, m) for m in v] if k.endswith("_modules") else v for k, v in fields.items()}
         fields = {"task_type": "CAUSAL_LM", **fields}
@@ -34,13 +33,15 @@ def on_this_base(config, file_name):
             f"model.eval()\n")
 
 
-def on_a_real_model(config):
-    """Code that builds the same config on REAL_MODEL, or None where HF peft has no such method."""
+def on_a_real_model(config, lr=1e-4):
+    """Code that builds the same config on REAL_MODEL (and the optimizer, where the config trains
+    with one of peft's own, at learning rate `lr`), or None where HF peft has no such method."""
     if not method_of(config).hf_peft:
         return None
+    optimizer = config.hf_optimizer(lr)
     return (f"# The same config on a real model from the Hub (pip install peft==0.21.2 transformers)\n"
             f"import peft\n"
             f"from transformers import AutoModelForCausalLM\n\n"
             f"base = AutoModelForCausalLM.from_pretrained({REAL_MODEL!r})\n"
             f"model = peft.get_peft_model(base, {config_call(config, hub=True)})\n"
-            f"model.print_trainable_parameters()\n")
+            f"model.print_trainable_parameters()\n" + (f"\n# how phi trained here\n{optimizer}" if optimizer else ""))

@@ -181,6 +181,9 @@ class PeftModel(nn.Module):
                 p.requires_grad_(False)
         for _, p in self.named_adapter_parameters(adapter_name):
             p.requires_grad_(True)
+        frozen = registry.method_of(self.peft_config[adapter_name]).frozen_phi
+        for p in frozen(self, adapter_name, self.peft_config[adapter_name]) if frozen else ():
+            p.requires_grad_(False)
         if self.full:
             for p in self.base_model.parameters():
                 p.requires_grad_(True)
@@ -253,6 +256,15 @@ class PeftModel(nn.Module):
                 for name, t in items:
                     key = ".".join(p for p in (path, attr, adapter_name, name) if p)
                     out[_hf_key(key.split("."), adapter_name)] = t
+        out.update(self.fixed_state_dict(adapter_name))
+        return out
+
+    def fixed_state_dict(self, adapter_name):
+        """The part of adapter_state_dict that never trains (PhiLayer.fixed_state): loading a
+        file checks these tensors against the model's and never writes them."""
+        out = {}
+        for layer in self._phi_layers():
+            out.update({k: t.detach() for k, t in layer.fixed_state(adapter_name).items()})
         return out
 
     # ---------------------------------------------------------------- forward
@@ -317,6 +329,14 @@ class PeftModel(nn.Module):
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
+
+    def optimizer_groups(self, lr):
+        """AdamW's parameter groups for training the active phi, as its method wants them
+        (LoRA+ gives B a higher learning rate), or None for one group of every trainable tensor."""
+        name = self.route.active
+        config = self.peft_config.get(name)
+        groups = registry.method_of(config).optimizer_groups if config is not None else None
+        return groups(self, name, config, lr) if groups else None
 
     # ---------------------------------------------------------------- files
     def save_pretrained(self, save_directory, adapter_name=None):

@@ -16,6 +16,7 @@ reached.
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -43,10 +44,17 @@ SOLVES_AT = 0.9  # held-out exact match from which a seed counts as solving the 
 TABLE_PATH = Path(__file__).parent / "preset_table.json"
 
 
-def preset_record(method) -> dict:
-    """The preset as the recorded table stores it, to tell a stale row from a current one."""
+def preset_record(method, options=None) -> dict:
+    """The preset (with `options` set in its config) as the recorded table stores it, to tell
+    a stale row from a current one."""
     preset = PRESETS[method]
-    return {"config": preset.config.to_dict(), "train": dict(preset.train)}
+    return {"config": replace(preset.config, **(options or {})).to_dict(), "train": dict(preset.train)}
+
+
+def variant_key(method, options=None) -> str:
+    """The table's row of a method's preset with some config options set ("LORA use_dora=true"),
+    or of the preset itself (its peft_type)."""
+    return " ".join([method] + [f"{k}={json.dumps(v)}" for k, v in sorted((options or {}).items())])
 
 
 @lru_cache(maxsize=1)
@@ -57,11 +65,12 @@ def _table():
         return {}
 
 
-def robustness(method: str, task: str, base: str = "pretrained") -> Optional[dict]:
+def robustness(method: str, task: str, base: str = "pretrained", options=None) -> Optional[dict]:
     """What `python -m bench.presets --seeds N --write` measured for the preset of the method
     with peft_type `method`
     on `task`, over seeds 0..N-1, or None where nothing was recorded for the preset as it
-    is now (a preset changed since the table was written counts as not recorded).
+    is now (a preset changed since the table was written counts as not recorded). `options`:
+    a variant of the preset, some config fields set (`bench.presets --config use_dora=true --write`).
 
     base: "pretrained" or "random base". The dict holds:
       min, median, max   held-out exact match over the seeds (floats in 0..1)
@@ -74,10 +83,22 @@ def robustness(method: str, task: str, base: str = "pretrained") -> Optional[dic
       preset             the config and training arguments measured
     e.g. f"solves it in {r['solved']} of {r['seeds']} seeds".
     """
-    row = _table().get(base, {}).get(method, {}).get(task)
-    if row is None or method not in PRESETS or row.get("preset") != preset_record(method):
+    row = _table().get(base, {}).get(variant_key(method, options), {}).get(task)
+    if row is None or method not in PRESETS or not _is_current(row.get("preset"), method, options):
         return None
     return dict(row)
+
+
+def _is_current(recorded, method, options=None) -> bool:
+    """Whether a recorded preset is the method's preset now. Fields a config gained since
+    the table was written (LoRA's use_dora) read as their defaults: the same preset."""
+    preset = PRESETS[method]
+    try:
+        now = replace(preset.config, **(options or {}))
+        config = {k: v for k, v in recorded["config"].items() if k != "peft_type"}
+        return now.from_dict(config) == now and recorded["train"] == dict(preset.train)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
 
 
 def budget_key(base: str, steps: int) -> str:

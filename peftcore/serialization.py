@@ -56,6 +56,9 @@ def adapter_config(model, adapter_name):
     record = {"method": cfg.peft_type, "task": model.adapter_task.get(adapter_name),
               "base_fingerprint": model.base_fingerprint, "num_params": n, "version": _version()}
     out = cfg.to_dict()
+    training = {f: out.pop(f) for f in cfg.training_fields}
+    if training:  # how phi was trained (LoRA+): HF peft's config has no such field, the record keeps it
+        record["training"] = training
     out.update(registry.method_of(cfg).hf_fields)  # the fields HF peft's config of the method expects
     if "target_modules" in out:
         out["target_modules"] = sorted(out["target_modules"])
@@ -149,7 +152,11 @@ def _parse_config(raw):
     if peft_type not in registry.METHODS:
         raise AdapterLoadError(f"unknown method {peft_type!r}; known: {sorted(registry.METHODS)}")
     cls = registry.METHODS[peft_type].config_cls
-    fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+    training = record.get("training") or {}
+    if not isinstance(training, dict) or set(training) - set(cls.training_fields):
+        raise AdapterLoadError(f"the config's peftcore.training must be an object of {list(cls.training_fields)}, "
+                               f"got {_short(training)}")
+    fields = {k: v for k, v in {**d, **training}.items() if k in cls.__dataclass_fields__}
     for k, v in fields.items():  # a tuple field is a JSON list of strings (a bare "qv" iterates too)
         if isinstance(cls.__dataclass_fields__[k].default, tuple) and \
                 not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
@@ -241,9 +248,15 @@ def _copy_checked(model, adapter_name, tensors):
         if not torch.isfinite(served[k]).all():
             raise AdapterLoadError(f"{k} holds non-finite values (NaN or inf) as {target[k].dtype}")
         _check_magnitude(k, served[k])
+    fixed = model.fixed_state_dict(adapter_name)  # frozen values the config fixes: checked, never written
+    for k in fixed:
+        if not (torch.equal(served[k], target[k]) or torch.equal(tensors[k], target[k].to(tensors[k].dtype))):
+            raise AdapterLoadError(f"{k} is not the frozen tensor this config makes (drawn from another seed, or "
+                                   f"edited): the phi would serve other outputs than it was trained with")
     with torch.no_grad():
         for k, t in served.items():
-            target[k].copy_(t)
+            if k not in fixed:
+                target[k].copy_(t)
 
 
 def _check_magnitude(name, t):

@@ -93,7 +93,8 @@ class Trainer:
             model.route.generator = torch.Generator(self.device).manual_seed(seed + 1)  # keeps the data order
         if hasattr(model, "adapter_task") and getattr(model, "active_adapter", None):
             model.adapter_task[model.active_adapter] = self.task.name  # recorded in saved files
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        groups = model.optimizer_groups(lr) if hasattr(model, "optimizer_groups") else None
+        self.opt = torch.optim.AdamW(groups or self.params, lr=lr, weight_decay=weight_decay)
         warmup = max(1, steps // 10)
         self.sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
             self.opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -120,6 +121,9 @@ class Trainer:
         if not torch.isfinite(grad_norm):
             raise NonFiniteLossError(f"gradient became {grad_norm.item()} at step {self.step}; "
                                      "phi keeps its last finite value (try a lower learning rate)")
+        for group in self.opt.param_groups:  # a method's own gradient transform (LoRA-FA's projection)
+            if "before_step" in group:
+                group["before_step"]()
         self.opt.step()
         self.sched.step()
         elapsed = time.perf_counter() - self.t0

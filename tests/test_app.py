@@ -367,3 +367,19 @@ def test_a_result_that_did_not_solve_says_why():
     wait_for(at, results_shown)
     why = [i.value for i in at.info if i.value.startswith("Prompt tuning reached")]
     assert len(why) == 1 and "its 10 steps ran out" in why[0] and "Lester" in why[0], why
+
+
+def test_lora_family_options_come_from_a_link_are_explained_and_train():
+    """rsLoRA, DoRA and LoRA+ set by a teacher's link: the page says what each changes with the
+    config's own numbers, and the run trains the phi they describe (DoRA's magnitude counted)."""
+    at = new_app("app_pages/train.py", query={"r": "4", "use_rslora": "true", "use_dora": "true", "optimizer": "loraplus",
+                                               "loraplus_lr_ratio": "8"})
+    assert at.toggle(key="lora.use_rslora").value and at.toggle(key="lora.use_dora").value
+    assert at.radio(key="lora.optimizer").value == "loraplus"
+    said = " ".join(c.value for c in at.caption)
+    assert "α/√r = 4/√4 = 2" in said and "2 times plain's at r = 4" in said and "B learns 8 times faster" in said
+    start_training(at, "steps-LoRA", 10)
+    wait_for(at, results_shown)
+    config = peftcore.LoraConfig(r=4, lora_alpha=4, target_modules=("q", "k", "v", "o"), use_rslora=True, use_dora=True)
+    assert {m.label: m.value for m in at.metric}["trainable parameters"] == \
+        f"{config.num_params(peftcore.load_base().config):,}"

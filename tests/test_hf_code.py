@@ -42,7 +42,7 @@ def test_peft_takes_the_config_written_for_a_real_model(method):
     hub_config = eval(hf_code.config_call(config, hub=True), {"peft": peft})  # noqa: S307 - our own text
     assert type(hub_config).__name__ == type(config).__name__ and hub_config.peft_type.value == method
     for name, value in config.to_dict().items():
-        if name != "peft_type":
+        if name not in ("peft_type", *config.training_fields):
             got = getattr(hub_config, name)
             want = [hf_code.HUB_NAMES[m] for m in value] if name.endswith("_modules") else value
             assert (sorted(got) if isinstance(got, (set, list)) else got) == (sorted(want) if isinstance(want, list)
@@ -53,3 +53,18 @@ def test_every_method_without_peft_code_says_what_to_use_instead():
     import views
     for method in peftcore.METHODS.values():
         assert bool(method.hf_peft) != bool(views.view_of(method.peft_type).not_in_hf_peft), method.peft_type
+
+
+@pytest.mark.parametrize("optimizer", ["loraplus", "lorafa"])
+def test_the_optimizer_code_builds_peft_s_optimizer_as_it_trained_here(base, tmp_path, optimizer):
+    """LoRA+ and LoRA-FA are how phi trained, not config fields: the code builds peft's optimizer."""
+    config = LoraConfig(r=2, optimizer=optimizer, loraplus_lr_ratio=8)
+    file = tmp_path / "phi.safetensors"
+    file.write_bytes(peftcore.adapter_to_bytes(get_peft_model(base, config)))
+    namespace = {}
+    exec(compile(hf_code.on_this_base(config, str(file)), "copied", "exec"), namespace)  # noqa: S102 - our own code
+    real = hf_code.on_a_real_model(config, lr=3e-3)
+    optimizer_code = real[real.index("# how phi trained here"):]
+    exec(compile(optimizer_code, "copied", "exec"), namespace)  # noqa: S102 - our own generated code
+    lrs = sorted({g["lr"] for g in namespace["optimizer"].param_groups if g["params"]})
+    assert lrs == ([3e-3, 8 * 3e-3] if optimizer == "loraplus" else [3e-3])

@@ -12,9 +12,10 @@ import peftcore
 
 @dataclass(frozen=True)
 class Control:
-    """One field of a method's config a student may set: a slider (lo, hi, step) or pills
-    choosing a subset of `options`. `link` is its name in a teacher's link: unique across
-    methods (LoRA's target_modules is not IA3's)."""
+    """One field of a method's config a student may set: a slider (lo, hi, step), pills
+    choosing a subset of `options`, or, with `one`, a choice of one option (a toggle for
+    (False, True)). `link` is its name in a teacher's link: unique across methods (LoRA's
+    target_modules is not IA3's). Controls with a `group` are drawn folded under its title."""
     field: str
     label: str
     help: str = ""
@@ -23,6 +24,9 @@ class Control:
     step: float = None
     options: tuple = None
     link: Optional[str] = None
+    one: bool = False
+    labels: tuple = None  # how each of `options` reads on the page (a choice)
+    group: str = ""
 
     @property
     def name(self):
@@ -30,10 +34,20 @@ class Control:
 
     @property
     def kind(self):
-        return "subset" if self.options is not None else float if isinstance(self.step, float) else int
+        if self.options is not None:
+            return "toggle" if self.options == (False, True) else "choice" if self.one else "subset"
+        return float if isinstance(self.step, float) else int
+
+    def label_of(self, option):
+        return self.labels[self.options.index(option)] if self.labels else str(option)
 
     def parse(self, text):
         """A link's text as this control's value; ValueError saying what it takes."""
+        if self.kind in ("toggle", "choice"):
+            found = [o for o in self.options if str(o).lower() == text.lower()]
+            if not found:
+                raise ValueError(f"must be one of {', '.join(str(o).lower() for o in self.options)}")
+            return found[0]
         if self.kind == "subset":
             names = [t for t in text.split(",") if t]
             if not names or any(t not in self.options for t in names):
@@ -58,6 +72,29 @@ class Diagram:
 
 
 @dataclass(frozen=True)
+class Benchmark:
+    """HF peft's own figure for a method (PEFT_BENCHMARK): its test accuracy and the setting
+    peft ran, quoted as peft's, never measured here."""
+    accuracy: float
+    setting: str
+    trainable: int
+
+
+PEFT_BENCHMARK = ("HF peft's method comparison: Llama-3.2-3B trained 5,000 steps on MetaMathQA, GSM8K test "
+                  "accuracy (github.com/huggingface/peft, method_comparison/MetaMathQA/results)")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method with some config options set, shown as a member of its family (DoRA is LoRA
+    with use_dora): `options` as bench.presets records it (presets.variant_key)."""
+    name: str
+    options: dict
+    trains: str
+    benchmark: Optional[Benchmark] = None
+
+
+@dataclass(frozen=True)
 class MethodView:
     peft_type: str
     name: str                      # as the pages show it (and a teacher's link names it)
@@ -72,6 +109,12 @@ class MethodView:
     never_solves: str = ""         # why its preset solves nothing here, when the table says so
     lesson: str = ""               # what the Inside page's table of every method says about it
     rank: Optional[Callable] = None  # config -> the rank of its update (the spectrum's marker)
+    explain: Optional[Callable] = None  # config -> what the chosen options change, in a sentence or two
+    family: str = ""               # the family the Inside page's family table groups it in
+    trains: str = ""               # what its phi is, in a few words (the family table)
+    benchmark: Optional[Benchmark] = None  # HF peft's figure for it
+    variants: tuple = ()           # Variants: the family members that are options of it
+    in_default_race: bool = True   # False: the race offers it, unselected (a family member beside its head)
     not_in_hf_peft: str = ""       # where HF peft has no such method: what to use instead
 
     @property

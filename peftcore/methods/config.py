@@ -10,6 +10,9 @@ import torch.nn as nn
 @dataclass
 class PeftConfig:
     peft_type = "BASE"  # class attribute: HF peft's name for the method
+    # fields that say how phi trains, not what it is (LoRA+'s learning-rate ratio): HF peft has
+    # them as optimizer arguments, so a saved file keeps them in its "peftcore" record
+    training_fields = ()
 
     def to_dict(self):
         d = asdict(self)
@@ -27,6 +30,11 @@ class PeftConfig:
 
     def validate(self):
         """Raise ValueError naming the bad field. Subclasses add their checks."""
+
+    def hf_optimizer(self, lr):
+        """HF peft code that builds the optimizer phi trains with here, where it is one of peft's
+        own (LoRA+), or None for a plain optimizer."""
+        return None
 
 
 def check_range(name, value, lo, hi, kind=(int,)):
@@ -118,8 +126,16 @@ class PhiLayer(nn.Module):
         if not self.has_phi(name):
             return
         for attr in (*self.containers, *self.per_adapter):
-            del getattr(self, attr)[name]
+            held = getattr(self, attr)
+            if name in held:  # a container an option fills (DoRA's magnitude) may lack it
+                del held[name]
         self._stack_cache.clear()  # let the removed phi go now, not at the next mixed batch
+
+    def fixed_state(self, name):
+        """{saved name: tensor} of what a file of phi `name` also holds that never trains: values
+        its config fixes (a random projection drawn from a seed and shared by the model), under
+        HF peft's saved names. Loading checks a file's against them and never writes them."""
+        return {}
 
     def wrapped(self):
         """The module right under this wrapper (maybe another method's wrapper)."""

@@ -3,6 +3,15 @@
 A starts kaiming-uniform and B at zero, so at step 0 the model is exactly the base.
 One LoraLinear holds every adapter for its projection (keyed by name, as in HF peft);
 a shared `route` says which one a forward uses, or, for a mixed batch, which per row.
+
+The options practitioners reach for, with HF peft's names:
+  use_rslora          scaling lora_alpha / sqrt(r) instead of / r (rank-stabilised LoRA)
+  use_dora            DoRA: a magnitude per output row times the normalised direction of W + B A
+  init_lora_weights   True (kaiming A, zero B), "gaussian" (A ~ N(0, 1/r)), "orthogonal"
+  optimizer           "adamw"; "loraplus" (B learns loraplus_lr_ratio times faster than A, as
+                      peft's create_loraplus_optimizer); "lorafa" (A frozen, B's gradient
+                      projected, as peft's create_lorafa_optimizer). How phi trains, not what it
+                      is: saved in the file's "peftcore" record.
 """
 import math
 from dataclasses import dataclass
@@ -16,14 +25,26 @@ from .registry import Method, Preset, register
 
 from ..model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
 
+INITS = (True, "gaussian", "orthogonal")
+OPTIMIZERS = ("adamw", "loraplus", "lorafa")
+# HF peft's inits that start from an SVD or quantisation of W: they write W - B A into the base
+# weights, which here are one base shared by every phi
+REWRITES_THE_BASE = ("pissa", "olora", "corda", "loftq", "eva")
+
 
 @dataclass
 class LoraConfig(PeftConfig):
     peft_type = "LORA"
+    training_fields = ("optimizer", "loraplus_lr_ratio")
     r: int = 4
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: tuple = ("q", "v")
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: object = True
+    optimizer: str = "adamw"
+    loraplus_lr_ratio: float = 16.0
 
     def validate(self):
         check_range("r", self.r, 1, 256)
@@ -32,12 +53,43 @@ class LoraConfig(PeftConfig):
         bad = [m for m in self.target_modules if m not in TARGETABLE]
         if not self.target_modules or bad:
             raise ValueError(f"target_modules must be a non-empty subset of {TARGETABLE}, got {list(self.target_modules)}")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower().startswith(REWRITES_THE_BASE):
+            raise ValueError(f"init_lora_weights={init!r} writes into the base's weights (HF peft subtracts its "
+                             "starting B A from W), and here one frozen base serves every phi: use "
+                             f"{', '.join(repr(i) for i in INITS)}")
+        if not (init is True or (isinstance(init, str) and init in INITS)):
+            raise ValueError(f"init_lora_weights must be one of {', '.join(repr(i) for i in INITS)}, got {init!r}")
+        if init == "orthogonal" and self.r % 2:
+            raise ValueError(f"init_lora_weights='orthogonal' needs an even r (as HF peft), got r={self.r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        check_range("loraplus_lr_ratio", self.loraplus_lr_ratio, 1, 64, (int, float))
+
+    def hf_optimizer(self, lr):
+        if self.optimizer == "loraplus":
+            return ("import torch\nfrom peft.optimizers import create_loraplus_optimizer\n\n"
+                    f"optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr={lr:g}, "
+                    f"loraplus_lr_ratio={self.loraplus_lr_ratio:g})\n")
+        if self.optimizer == "lorafa":
+            return ("from peft.optimizers import create_lorafa_optimizer\n\n"
+                    f"optimizer = create_lorafa_optimizer(model, r={self.r}, lora_alpha={self.lora_alpha}, lr={lr:g}, "
+                    f"use_rslora={self.use_rslora})\n")
+        return None
+
+    @property
+    def scaling(self):
+        """What B A is multiplied by: lora_alpha / r, or / sqrt(r) with use_rslora."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def num_params(self, base_config):
-        """Closed form: r * (d_in + d_out) per targeted projection."""
+        """Closed form: r * (d_in + d_out) per targeted projection, plus d_out with DoRA."""
         d, m = base_config.d_model, base_config.d_mlp
         shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, m), "down": (m, d)}
-        per_layer = sum(self.r * sum(shapes[t]) for t in self.target_modules)
+        per_layer = sum(self.r * sum(shapes[t]) + self.use_dora * shapes[t][1] for t in self.target_modules)
         return per_layer * base_config.n_layer
 
 
@@ -59,7 +111,7 @@ class LoraDropout(nn.Dropout):
 
 
 class LoraLinear(MergeablePhiLayer):
-    containers, per_adapter, wraps = ("lora_A", "lora_B"), ("lora_dropout", "scaling"), "base_layer"
+    containers, per_adapter, wraps = ("lora_A", "lora_B", "lora_magnitude_vector"), ("lora_dropout", "scaling"), "base_layer"
 
     def __init__(self, base_layer: nn.Linear, route):
         super().__init__()
@@ -67,6 +119,7 @@ class LoraLinear(MergeablePhiLayer):
         self.route = route
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's adapters only
         self.lora_dropout = nn.ModuleDict()
         self.scaling = {}
 
@@ -75,16 +128,37 @@ class LoraLinear(MergeablePhiLayer):
         w = self.base_layer.weight
         self.lora_A[name] = nn.Linear(d_in, cfg.r, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B[name] = nn.Linear(cfg.r, d_out, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(self.lora_B[name].weight)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if cfg.init_lora_weights == "orthogonal":
+                a, b = orthogonal_pair(cfg.r, d_in, d_out, generator)
+                A.copy_(a), B.copy_(b)
+            else:
+                if cfg.init_lora_weights == "gaussian":
+                    nn.init.normal_(A, std=1 / cfg.r, generator=generator)
+                else:
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+                nn.init.zeros_(B)
         self.lora_dropout[name] = LoraDropout(cfg.lora_dropout, self.route) if cfg.lora_dropout else nn.Identity()
-        self.scaling[name] = cfg.lora_alpha / cfg.r
+        self.scaling[name] = cfg.scaling
+        if cfg.use_dora:  # the magnitude starts as the row norms of W + B A: the base's own output
+            self.lora_magnitude_vector[name] = nn.Parameter(self._norm(name).clone())
+
+    def _norm(self, name):
+        """Row norms of W + scaling B A, detached: DoRA treats them as a constant (its paper, 4.3)."""
+        w = self.get_base_layer().weight
+        return torch.linalg.norm(w + self.delta_weight(name).detach(), dim=1).detach()
+
+    def dora_scale(self, name):
+        """DoRA's magnitude over the row norms: what multiplies W + B A, row by row."""
+        return self.lora_magnitude_vector[name] / self._norm(name)
 
     def delta_weight(self, name):
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
     def folded(self, name):
-        return self.base_layer.weight + self.delta_weight(name).detach()
+        w = self.base_layer.weight + self.delta_weight(name).detach()
+        return w * self.dora_scale(name).detach()[:, None] if name in self.lora_magnitude_vector else w
 
     @staticmethod
     def cohort(base_layer, members):
@@ -98,8 +172,10 @@ class LoraLinear(MergeablePhiLayer):
             return F.linear(x, self.merged_weight)
         out = self.base_layer(x)
         if self.route.rows is not None:
-            return out + self._mixed(x)
+            return self._mixed(x, out)
         name = self.route.active
+        if name in self.lora_magnitude_vector:
+            return self._dora(x, out, name)
         if name in self.lora_A:
             h = self.lora_A[name](self.lora_dropout[name](x))
             # out + h (scaling B)^T as one fused addmm (fewer kernels: this model is tiny). The
@@ -109,25 +185,46 @@ class LoraLinear(MergeablePhiLayer):
             out = torch.addmm(out.flatten(0, -2), h.flatten(0, -2), scaled_B.t()).view(out.shape)
         return out
 
+    def _dora(self, x, out, name):
+        """HF peft's DoRA forward: out + (s - 1) W x' + s (B A x') scaling, s = m / |W + B A| by
+        row, x' the dropped-out input (x itself when dropout is off or in eval)."""
+        dropped = self.lora_dropout[name](x)
+        base = out if dropped is x else F.linear(dropped, self.get_base_layer().weight)
+        scale = self.dora_scale(name)
+        lora = self.lora_B[name](self.lora_A[name](dropped)) * self.scaling[name]
+        return out + (scale - 1) * base + scale * lora
+
     # --- mixed batches: each row its own adapter, as batched gathers + bmm (Punica's idea)
     def _stacks(self):
         """A (N+1, r_max, d_in), B (N+1, d_out, r_max) with scaling folded into B; slot 0 is
         all zeros (rows without a LoRA here). Cached until an adapter changes."""
         names = list(self.lora_A)
-        tensors = [t for n in names for t in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        tensors = [t for n in names for t in (self.lora_A[n].weight, self.lora_B[n].weight)] + \
+            list(self.lora_magnitude_vector.values())
         return self._stack_cache.get(self.route.generation, tensors, lambda: self._build_stacks(names))
 
     def _build_stacks(self, names):
+        """(A, B, scale): the stacks of stack_lora, and DoRA's row scales (N+1, d_out), ones
+        for every plain LoRA and slot 0, or None when no phi here is DoRA's."""
         w = self.base_layer.weight
         none = (w.new_zeros(1, w.shape[1]), w.new_zeros(w.shape[0], 1), 1.0)  # slot 0: no LoRA here
-        return stack_lora([none] + [(self.lora_A[n].weight.detach(), self.lora_B[n].weight.detach(),
+        A, B = stack_lora([none] + [(self.lora_A[n].weight.detach(), self.lora_B[n].weight.detach(),
                                      self.scaling[n]) for n in names])
+        ones = w.new_ones(w.shape[0])
+        scale = torch.stack([ones] + [self.dora_scale(n).detach() if n in self.lora_magnitude_vector else ones
+                                      for n in names]) if len(self.lora_magnitude_vector) else None
+        return A, B, scale
 
-    def _mixed(self, x):
-        A, B = self._stacks()
+    def _mixed(self, x, out):
+        """`out` (W x) plus each row's LoRA; a DoRA row as _dora computes it, by its own scale."""
+        A, B, scale = self._stacks()
         slots = self.route.slots(list(self.lora_A), x.device)
         h = torch.bmm(x, A[slots].transpose(1, 2))  # (batch, T, r_max)
-        return torch.bmm(h, B[slots].transpose(1, 2))  # (batch, T, d_out)
+        lora = torch.bmm(h, B[slots].transpose(1, 2))  # (batch, T, d_out)
+        if scale is None:
+            return out + lora
+        s = scale[slots][:, None]  # (batch, 1, d_out); 1 for a plain LoRA's row, where this is out + lora
+        return out + (s - 1) * out + s * lora
 
 
 def stack_lora(loras):
@@ -169,18 +266,63 @@ def add_lora(view, name, cfg: LoraConfig, route, generator=None):
                 child.add(name, cfg, generator)
 
 
+def orthogonal_pair(r, d_in, d_out, generator=None):
+    """HF peft's "orthogonal" init: A and B from the odd and even rows of one random orthogonal
+    r x r matrix, so B A = 0 (the rows are orthogonal) while neither factor is zero."""
+    q, _ = torch.linalg.qr(torch.randn(r, r, generator=generator))
+    a = (torch.randn(d_in, r // 2, generator=generator) @ q[0::2, :]).T / 10.0
+    b = torch.randn(r // 2, d_out, generator=generator).T @ q[1::2, :] / 10.0
+    return a, b
+
+
 def cohort_kind(cfg):
-    """LoRA runs on the same projections ride together (ranks pad); CohortLora has no dropout."""
-    return None if cfg.lora_dropout else ("LORA", tuple(sorted(cfg.target_modules)))
+    """LoRA runs on the same projections ride together (ranks pad); CohortLora has neither
+    dropout nor DoRA's magnitude."""
+    return None if cfg.lora_dropout or cfg.use_dora else ("LORA", tuple(sorted(cfg.target_modules)))
+
+
+def _layers(model, name):
+    return [m for m in model.modules() if isinstance(m, LoraLinear) and m.has_phi(name)]
+
+
+def optimizer_groups(model, name, cfg, lr):
+    """LoRA+ (Hayou et al., 2024): B (and DoRA's magnitude) at loraplus_lr_ratio times A's
+    learning rate, as peft's create_loraplus_optimizer. LoRA-FA (Zhang et al., 2023): A stays
+    frozen and B's gradient is projected by (A A^T)^-1 / scaling^2, as peft's LoraFAOptimizer."""
+    if cfg.optimizer == "adamw":
+        return None
+    layers = _layers(model, name)
+    A = [m.lora_A[name].weight for m in layers]
+    B = [m.lora_B[name].weight for m in layers] + [m.lora_magnitude_vector[name] for m in layers
+                                                   if name in m.lora_magnitude_vector]
+    if cfg.optimizer == "loraplus":
+        return [dict(params=A, lr=lr), dict(params=B, lr=lr * cfg.loraplus_lr_ratio)]
+    pairs = [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name]) for m in layers]
+    return [dict(params=B, lr=lr, before_step=lambda: project_b_grads(pairs))]
+
+
+@torch.no_grad()
+def project_b_grads(pairs, delta=1e-8):
+    """LoRA-FA's gradient for B with A frozen: grad_B (A A^T + delta I)^-1 / scaling^2."""
+    for A, B, scaling in pairs:
+        if B.grad is not None:
+            gram = A @ A.T + delta * torch.eye(A.shape[0], device=A.device, dtype=A.dtype)
+            B.grad.copy_(B.grad @ torch.linalg.pinv(gram) / scaling ** 2)
+
+
+def frozen_phi(model, name, cfg):
+    """LoRA-FA's A: saved with the phi, never trained."""
+    return [m.lora_A[name].weight for m in _layers(model, name)] if cfg.optimizer == "lorafa" else []
 
 
 # the fields HF peft's LoraConfig expects to find in adapter_config.json
 HF_FIELDS = dict(bias="none", fan_in_fan_out=False, inference_mode=True, task_type=None, base_model_name_or_path=None,
-                 modules_to_save=None, init_lora_weights=True)
+                 modules_to_save=None)
 
 register(Method(
     LoraConfig, plug=lambda model, name, cfg, g: add_lora(model.base_model, name, cfg, model.route, g),
-    layers=(LoraLinear,), mergeable=True, cohort_kind=cohort_kind,
+    layers=(LoraLinear,), mergeable=True, cohort_kind=cohort_kind, optimizer_groups=optimizer_groups,
+    frozen_phi=frozen_phi,
     hf_fields=HF_FIELDS, hf_peft="module", slug="lora",
     # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6);
     # the attention's four, as the paper adapted attention only: with the MLP's up too, the same

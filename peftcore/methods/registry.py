@@ -34,6 +34,11 @@ class Method:
     hf_fields: dict = field(default_factory=dict)  # what HF peft's config of it also expects to read
     hf_peft: str = ""              # where HF peft runs it: "module" (any torch module), "transformers"
                                    # (a transformers model only), "" (peft has no such method)
+    optimizer_groups: Optional[Callable] = None  # (model, name, config, lr) -> AdamW's parameter groups
+                                   # (a group may carry "before_step", a callable run on its gradients
+                                   # before each step), or None for one group of every trainable tensor
+    frozen_phi: Optional[Callable] = None  # (model, name, config) -> phi tensors that are saved but never
+                                   # train (LoRA-FA's A), or None
 
     @property
     def peft_type(self):
