@@ -203,6 +203,26 @@ def family_section(facts):
         row["HF peft's benchmark"] = "-" if benchmark is None else f"{100 * benchmark.accuracy:.1f}% ({benchmark.setting})"
         rows.append(row)
     st.table(rows, hide_index=True)
+    for view in ui.method_views():
+        for member in view.variants:
+            if member.why:
+                st.markdown(f"**{member.name}**: {member.why}")
+    st.markdown(rank_is_not_all("sort", [v for v, _, options, *_ in members if not options]))
+
+
+def rank_is_not_all(task, family):
+    """What a higher-rank update buys on the task no live budget solves, from the table."""
+    reached = [(v.rank(PRESETS[v.peft_type].config), v.name, robustness(v.peft_type, task)) for v in family if v.rank]
+    reached = sorted((r, name, rec) for r, name, rec in reached if rec)
+    if len(reached) < 2:
+        return ""
+    parts = [f"{name} (rank up to {r}) {100 * rec['median']:.0f}%" for r, name, rec in reached]
+    verdict = ("none of them solves it on any seed: more rank from few parameters does not make a new algorithm in "
+               "a live budget" if not any(rec["solved"] for *_, rec in reached) else
+               "more rank helps here: " + ", ".join(f"{name} solves it on {rec['solved']} of {rec['seeds']} seeds"
+                                                    for _, name, rec in reached if rec["solved"]))
+    return (f"**Is rank what {task} lacks?** The presets' updates reach very different ranks; on {task} their "
+            f"median seeds reach {', '.join(parts)}: {verdict}.")
     st.caption(f"Each member's preset (a variant is the preset with its option set), seeds 0-4: how many seeds reach "
                f"{100 * SOLVES_AT:.0f}% held-out exact match, and the median seed's score (python -m bench.presets "
                f"--seeds 5; '-' where not recorded). The last column is not measured here: {views.PEFT_BENCHMARK}.")

@@ -102,6 +102,16 @@ class Trainer:
         model.train()
         self.t0 = time.perf_counter()
 
+    def step_alone(self):
+        """One whole step of this run through its own model; its TrainEvent (a cohort steps
+        several runs' forward and backward as one instead)."""
+        x, y = self.next_batch()
+        logits = self.model(x)
+        loss = self.loss(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return self.update(loss, logits, y)
+
     def next_batch(self):
         """The next step's (inputs, targets) from this run's own stream."""
         self.step += 1
@@ -167,12 +177,7 @@ def train(model, task, steps=300, **kwargs):
     trainer = Trainer(model, task, steps, **kwargs)
     try:
         while not trainer.done:
-            x, y = trainer.next_batch()
-            logits = model(x)
-            loss = trainer.loss(logits, y)
-            trainer.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            yield trainer.update(loss, logits, y)
+            yield trainer.step_alone()
     finally:
         model.eval()
 

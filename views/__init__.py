@@ -92,6 +92,7 @@ class Variant:
     options: dict
     trains: str
     benchmark: Optional[Benchmark] = None
+    why: str = ""  # where its preset solves less than the method's own: what it reaches and why
 
 
 @dataclass(frozen=True)
@@ -175,4 +176,4 @@ def phi_node(name, label):
 
 
 # every method's view, in its own file (each registers itself)
-from . import adapter, full, ia3, lora, prefix, prompt  # noqa: E402,F401
+from . import adapter, full, ia3, loha, lokr, lora, prefix, prompt, vera  # noqa: E402,F401

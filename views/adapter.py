@@ -17,7 +17,7 @@ def diagram(cfg):
 
 
 register_view(MethodView(
-    "BOTTLENECK_ADAPTER", "Adapter", "#c36987", dash="dot", symbol="diamond",
+    "BOTTLENECK_ADAPTER", "Adapter", "#ae8a9e", dash="dot", symbol="diamond",
     not_in_hf_peft="HF peft has no bottleneck adapter: Houlsby-style adapters live in the separate `adapters` "
                    "library (AdapterHub), whose bottleneck configs (`SeqBnConfig`, `DoubleSeqBnConfig`) are the nearest to this one.",
     controls=(Control("bottleneck_size", "bottleneck_size", "Width of the adapter's bottleneck: d -> b -> d after "

@@ -17,7 +17,7 @@ def diagram(cfg):
 
 
 register_view(MethodView(
-    "IA3", "IA3", "#879600", dash="dashdot", symbol="triangle-up",
+    "IA3", "IA3", "#84941c", dash="dashdot", symbol="triangle-up",
     controls=(Control("target_modules", "target_modules", "Which projections of every block get a learned vector "
                       "that rescales them.", options=PROJECTIONS, link="ia3_target_modules"),
               Control("feedforward_modules", "feedforward_modules", "Of those, the ones whose input is rescaled (the "

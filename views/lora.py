@@ -46,7 +46,7 @@ def diagram(cfg):
 
 
 register_view(MethodView(
-    "LORA", "LoRA", "#2d0ff0", dash="solid", symbol="circle",
+    "LORA", "LoRA", "#5118fe", dash="solid", symbol="circle",
     controls=(Control("r", "r (rank)", "Rank of the update B A: phi grows linearly with r.", 1, 64, 1),
               Control("lora_alpha", "lora_alpha", "The update is scaled by lora_alpha / r.", 1, 128, 1),
               # pills, not a multiselect: in a column all six stay in view
@@ -80,6 +80,12 @@ register_view(MethodView(
                       Benchmark(0.5299, "r 64, q and v; plain LoRA at r 64: 48.9%", 18_350_080)),
               Variant("DoRA", {"use_dora": True}, "A, B and a magnitude per output row",
                       Benchmark(0.4943, "r 32, q and v", 9_289_728)),
-              Variant("LoRA+", {"optimizer": "loraplus"}, f"A, and B at {RATIO:g} times A's learning rate"),
+              Variant("LoRA+", {"optimizer": "loraplus"}, f"A, and B at {RATIO:g} times A's learning rate",
+                      why=f"at the preset's learning rate, B's is {RATIO:g} times it: on the two new digit maps most "
+                          "seeds overshoot and end near chance (HF peft's docs pair LoRA+ with a lower learning "
+                          "rate); the two compositions of skills the base knows still solve on every seed."),
               Variant("LoRA-FA", {"optimizer": "lorafa"}, "B only: A stays at its random start",
-                      Benchmark(0.4299, "r 32, q and v", 3_670_016)))))
+                      Benchmark(0.4299, "r 32, q and v", 3_670_016),
+                      why="at the preset's rank 1, a frozen random A gives each projection one fixed input "
+                          "direction to read: enough to recombine what the base knows (the compositions solve), "
+                          "not to make the new digit maps in 300 steps."))))

@@ -8,7 +8,7 @@ def diagram(cfg):
 
 
 register_view(MethodView(
-    "PREFIX_TUNING", "Prefix tuning", "#3c96ff", dash="longdashdot", symbol="cross",
+    "PREFIX_TUNING", "Prefix tuning", "#0098ff", dash="longdashdot", symbol="cross",
     controls=(Control("num_virtual_tokens", "num_virtual_tokens", "How many trainable keys and values go in front "
                       "of every layer's attention.", 1, 64, 1, link="prefix_num_virtual_tokens"),),
     formulas=(r"K' = [\,P_K\,;\, W_k x\,],\quad V' = [\,P_V\,;\, W_v x\,] \text{ in every layer}",

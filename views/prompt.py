@@ -8,7 +8,7 @@ def diagram(cfg):
 
 
 register_view(MethodView(
-    "PROMPT_TUNING", "Prompt tuning", "#694b00", dash="longdash", symbol="x",
+    "PROMPT_TUNING", "Prompt tuning", "#772500", dash="longdash", symbol="x",
     controls=(Control("num_virtual_tokens", "num_virtual_tokens", "How many trainable embeddings go in front of the "
                       "input.", 1, 64, 1, link="num_virtual_tokens"),),
     formulas=(r"X' = [\,P\,;\, E(x)\,]", r"P \in \mathbb{R}^{n \times d}", r"|\phi| = n\, d"),

@@ -7,7 +7,10 @@ from .adapter import AdapterConfig
 from .ia3 import IA3Config
 from .prompt import PromptTuningConfig
 from .prefix import PrefixTuningConfig
+from .vera import VeraConfig
+from .loha import LoHaConfig
+from .lokr import LoKrConfig
 from .full import FullFineTuneConfig
 
 __all__ = ["registry", "LoraConfig", "AdapterConfig", "IA3Config", "PromptTuningConfig",
-           "PrefixTuningConfig", "FullFineTuneConfig"]
+           "PrefixTuningConfig", "VeraConfig", "LoHaConfig", "LoKrConfig", "FullFineTuneConfig"]
