@@ -247,7 +247,7 @@ def _copy_checked(model, adapter_name, tensors):
         # checked after the cast: float64 1e300 becomes inf in float32
         if not torch.isfinite(served[k]).all():
             raise AdapterLoadError(f"{k} holds non-finite values (NaN or inf) as {target[k].dtype}")
-        _check_magnitude(k, served[k])
+        _check_magnitude(k, served[k], max_abs_value(model.peft_config[adapter_name]))
     fixed = model.fixed_state_dict(adapter_name)  # frozen values the config fixes: checked, never written
     for k in fixed:
         if not (torch.equal(served[k], target[k]) or torch.equal(tensors[k], target[k].to(tensors[k].dtype))):
@@ -259,19 +259,25 @@ def _copy_checked(model, adapter_name, tensors):
                 target[k].copy_(t)
 
 
-def _check_magnitude(name, t):
+def max_abs_value(config):
+    """The bound on a file's values for the method of `config`: MAX_ABS_VALUE, or lower where
+    the method multiplies phi by phi (LoHa's four factors make 1e3 an update of 1e12)."""
+    return registry.method_of(config).max_abs_value or MAX_ABS_VALUE
+
+
+def _check_magnitude(name, t, bound):
     """Refuse a value no training here could make: finite, yet it would turn served rows into NaN."""
-    if t.numel() and float(t.abs().max()) > MAX_ABS_VALUE:
+    if t.numel() and float(t.abs().max()) > bound:
         value = float(t.flatten()[t.abs().argmax()])
-        raise AdapterLoadError(f"a value of {_over_bound(value)} in tensor {name} is over the bound of "
-                               f"{MAX_ABS_VALUE:g} in magnitude: no training here makes numbers that large")
+        raise AdapterLoadError(f"a value of {_over_bound(value, bound)} in tensor {name} is over the bound of "
+                               f"{bound:g} in magnitude: no training here makes numbers that large")
 
 
-def _over_bound(value):
+def _over_bound(value, bound):
     """`value` in the fewest digits that still read as over the bound (1000.00006, not 1000)."""
     for digits in (3, 5, 9):
         text = f"{value:.{digits}g}"
-        if abs(float(text)) > MAX_ABS_VALUE:
+        if abs(float(text)) > bound:
             return text
     return repr(value)
 

@@ -148,6 +148,9 @@ class LoKrLinear(LycorisLinear):
 register(Method(
     LoKrConfig, plug=lambda model, name, cfg, g: plug_lycoris(LoKrLinear, model, name, cfg, g),
     layers=(LoKrLinear,), mergeable=True, cohort_kind=lycoris_cohort_kind,
+    # three factors multiply: at 20 every r <= 32, alpha <= 128 on all six projections still serves
+    # finite rows (at 30, r=8 does not); training at lr 0.1 reached 3.3 at most
+    max_abs_value=20.0,
     hf_fields=LYCORIS_HF_FIELDS, hf_peft="module", slug="lokr",
     # r=1 on q and v: a full 8 x 8 W1 times a rank-1 W2, each 128 x 128 update up to rank 8 from 96
     # numbers (0.10% of the base). Larger ones learn on a random frozen base too, which would make
