@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .methods import registry
 from .base import fingerprint
+from .merging import MergeOptions, check_weights
 from .methods.config import MergeablePhiLayer, PeftConfig, PhiLayer
 
 BASE_ROW = "__base__"  # the name of "no phi" in a mixed batch
@@ -402,6 +403,47 @@ class PeftModel(nn.Module):
         plain = shared_view(self.base_model)
         _unwrap(plain, name)
         return plain.eval()
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
+                             svd_clamp=None, svd_full_matrices=True, svd_driver=None, density=None,
+                             majority_sign_method="total", seed=None):
+        """Add phi `adapter_name`, the phi `adapters` combined with `weights`, as HF peft's
+        add_weighted_adapter (same names, same defaults; peftcore.merging says what each
+        combination_type computes). All the adapters must be of one method that combines its
+        phi (its registry entry's `combine`). The new phi is not made active, and it has no task.
+
+        Unlike HF peft: a name that exists is an error (peft returns without a word), and
+        `seed` draws dare_*'s random drops from a private generator (None: torch's global RNG,
+        as peft), so that a merge can be repeated. A refused merge leaves the model as it was."""
+        if not NAME_RE.fullmatch(str(adapter_name)) or adapter_name == BASE_ROW:
+            raise ValueError(f"adapter name must be 1-64 letters, digits, '_' or '-', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists: choose a new name for the merged "
+                             "phi (HF peft would silently keep the old one)")
+        adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+        if not adapters:
+            raise ValueError("add_weighted_adapter needs at least one adapter to combine")
+        for name in adapters:
+            self._check(name)
+        weights = check_weights(adapters, weights)
+        options = MergeOptions(combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver, density,
+                               majority_sign_method)
+        options.validate()
+        kinds = {self.peft_config[name].peft_type for name in adapters}
+        if len(kinds) > 1:
+            raise ValueError(f"adapters of different methods ({', '.join(sorted(kinds))}) cannot be combined into one")
+        method = registry.method_of(self.peft_config[adapters[0]])
+        if method.combine is None:
+            combinable = [t for t, m in registry.METHODS.items() if m.combine is not None]
+            raise ValueError(f"{method.peft_type} phi cannot be combined; add_weighted_adapter combines "
+                             f"{', '.join(combinable)} phi")
+        try:
+            method.combine(self, adapters, weights, adapter_name, options, seed)
+        except BaseException:
+            if adapter_name in self.peft_config:
+                self._remove(adapter_name)  # half made: take it out again
+            raise
+        self._bump()
 
 
 def _hf_key(parts, adapter_name):

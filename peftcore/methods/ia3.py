@@ -8,7 +8,7 @@ vector of out_features). The vectors start at one, so at step 0 the model is exa
 base. They are stored in HF peft's shapes, (out, 1) and (1, in): the shapes that also fold
 into W by broadcasting, W * l, which is how a merge works.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -152,8 +152,40 @@ def add_ia3(model, name, cfg: IA3Config, generator=None):
             child.add(name, child_name in cfg.feedforward_modules)
 
 
+def combine(model, adapters, weights, name, options, seed=None):
+    """Add phi `name`: each projection's vector the weighted sum of the sources' vectors,
+    sum_i w_i l_i, as HF peft 0.21.2's IA3 add_weighted_adapter (there is no other
+    combination_type for vectors). The sources must target the same projections, scaling the
+    same side of each: a vector a source does not have there is not zero but the identity, and
+    peft's sum would count it as zero."""
+    changed = options.changed(combination_type=("linear",))
+    if changed:
+        raise ValueError(f"IA3 phi combine by the weighted sum of their vectors (combination_type 'linear'), as HF "
+                         f"peft does; {changed} belong to low-rank merges")
+    configs = [model.peft_config[a] for a in adapters]
+    first = configs[0]
+    for adapter, config in zip(adapters, configs):
+        if set(config.target_modules) != set(first.target_modules) or \
+                set(config.feedforward_modules) != set(first.feedforward_modules):
+            raise ValueError(f"IA3 phi combine only over the same projections, scaled on the same side: {adapters[0]!r} "
+                             f"targets {sorted(first.target_modules)} (inputs of {sorted(first.feedforward_modules)}), "
+                             f"{adapter!r} {sorted(config.target_modules)} (inputs of {sorted(config.feedforward_modules)})")
+    model.inject_adapter(name, replace(first), seed)
+    layers = [m for m in model.modules() if isinstance(m, IA3Linear)]
+    with torch.no_grad():
+        for layer in [m for m in layers if m.has_phi(name)]:
+            # the sources on this projection: here, or in another IA3Linear of its stack of wrappers
+            here = [m for m in layers if m.get_base_layer() is layer.get_base_layer()]
+            vector = torch.zeros_like(layer.ia3_l[name])
+            for adapter, weight in zip(adapters, weights):
+                holder = next((m for m in here if m.has_phi(adapter)), None)
+                if holder is not None:
+                    vector += holder.ia3_l[adapter] * weight
+            layer.ia3_l[name].copy_(vector)
+
+
 register(Method(
-    IA3Config, plug=add_ia3, layers=(IA3Linear,), mergeable=True, slug="ia3", hf_peft="module",
+    IA3Config, plug=add_ia3, layers=(IA3Linear,), mergeable=True, slug="ia3", hf_peft="module", combine=combine,
     cohort_kind=lambda cfg: ("IA3", tuple(sorted(cfg.target_modules)), tuple(sorted(cfg.feedforward_modules))),
     # what HF peft's IA3Config expects to find in adapter_config.json
     hf_fields=dict(fan_in_fan_out=False, init_ia3_weights=True, modules_to_save=None, inference_mode=True,

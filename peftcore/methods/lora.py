@@ -14,7 +14,7 @@ The options practitioners reach for, with HF peft's names:
                       is: saved in the file's "peftcore" record.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import MergeablePhiLayer, PeftConfig, base_modules, check_range, pad_to
 from .registry import Method, Preset, register
+from .. import merging
 
 from ..model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
 
@@ -281,6 +282,103 @@ def cohort_kind(cfg):
     return None if cfg.lora_dropout or cfg.use_dora else ("LORA", tuple(sorted(cfg.target_modules)))
 
 
+@torch.no_grad()
+def combined(sources, options, rank, generator=None):
+    """(A, B, magnitude) of one projection's `sources`, [(LoraLinear, adapter, weight)], combined
+    as HF peft 0.21.2's add_weighted_adapter combines them, for a new phi of scaling 1 (so each
+    source's own scaling goes into the factors); magnitude is None unless the sources are DoRA's.
+      cat:        A = [w_i s_i A_i] stacked, B = [B_i] side by side: B A = sum w_i s_i B_i A_i exactly
+      svd, *_svd: the sources' updates s_i B_i A_i combined (a weighted sum; ties, dare, pruning on
+                  the updates), then the best rank-`rank` pair of the result (merging.low_rank)
+      linear, ties, dare_*, magnitude_prune: A and B combined factor by factor with weights
+                  sign(w_i) sqrt|w_i s_i| and sqrt|w_i s_i|: B A has the cross terms B_i A_j, so it
+                  is not the weighted sum of the updates (peft's, reproduced)
+    DoRA's magnitudes: the base's row norms plus the same combination of each source's offset from
+    them (where a fresh DoRA magnitude starts), so that one source at weight 1 comes back."""
+    if not sources:
+        raise ValueError("none of the adapters to combine is on this projection")
+    if options.combination_type == "cat":
+        A = torch.cat([layer.lora_A[n].weight * w * layer.scaling[n] for layer, n, w in sources], 0)
+        B = torch.cat([layer.lora_B[n].weight for layer, n, _ in sources], 1)
+        A, B = pad_to(A, rank, 0), pad_to(B, rank, 1)
+    elif options.truncates:
+        deltas = [layer.delta_weight(n) for layer, n, _ in sources]
+        w = torch.tensor([w for _, _, w in sources]).to(deltas[0].device)
+        delta = merging.combine(options.base_kind, deltas, w, options.density, options.majority_sign_method, generator)
+        A, B = merging.low_rank(delta, rank, options.svd_clamp, options.svd_full_matrices, options.svd_driver)
+    else:
+        scaled = [w * layer.scaling[n] for layer, n, w in sources]
+        w_A = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in scaled])  # the sign on A only
+        w_B = torch.tensor([math.sqrt(abs(x)) for x in scaled])
+        first = sources[0][0].lora_A[sources[0][1]].weight
+
+        def factor(attr, w):  # A first, then B: the order peft draws dare's masks in
+            tensors = [getattr(layer, attr)[n].weight for layer, n, _ in sources]
+            return merging.combine(options.base_kind, tensors, w.to(first.device), options.density,
+                                   options.majority_sign_method, generator).to(first.dtype)
+        A, B = factor("lora_A", w_A), factor("lora_B", w_B)
+    magnitude = None
+    if any(n in layer.lora_magnitude_vector for layer, n, _ in sources):
+        norm = torch.linalg.norm(sources[0][0].get_base_layer().weight, dim=1)
+        offsets = [layer.lora_magnitude_vector[n] - norm for layer, n, _ in sources]
+        w = torch.tensor([w for _, _, w in sources]).to(norm.device)
+        magnitude = norm + merging.combine(options.base_kind, offsets, w, options.density,
+                                           options.majority_sign_method, generator)
+    return A, B, magnitude
+
+
+def combine(model, adapters, weights, name, options, seed=None):
+    """Add phi `name`: `adapters` combined with `weights` as HF peft 0.21.2's
+    add_weighted_adapter (combined() says how). Its config is the first source's with
+    r = lora_alpha = the new rank (scaling 1: the sources' scalings are in its factors), and,
+    unlike peft 0.21.2, use_rslora off: peft keeps the first source's use_rslora, and its scaling
+    lora_alpha / sqrt(r) = sqrt(r) makes the merged update sqrt(r) times too big (HF peft issue
+    #3761). The new rank: the sum of the sources' for cat; svd_rank, or the largest source rank,
+    for svd and the *_svd forms; the sources' one r for the rest. One adapter is scaled, never
+    truncated (peft makes any combination_type "linear" then). The targets: every projection
+    any source targets (a source absent from a projection adds nothing there), as peft.
+    DoRA's phi combine with DoRA's only (see combined())."""
+    configs = [model.peft_config[a] for a in adapters]
+    if len({c.use_dora for c in configs}) > 1:
+        raise ValueError("DoRA and plain LoRA phi cannot be combined into one: a DoRA phi rescales each row of the "
+                         "weight, a plain one does not. Combine the DoRA phi and the plain ones apart.")
+    if len(adapters) == 1:
+        options = replace(options, combination_type="linear")
+    ranks, kind = [c.r for c in configs], options.combination_type
+    if kind == "cat":
+        rank = sum(ranks)
+    elif options.truncates:
+        rank = options.svd_rank or max(ranks)
+    elif len(set(ranks)) > 1:
+        raise ValueError(f"combination_type={kind!r} combines A and B entry by entry, so every adapter needs the same "
+                         f"r; these have r = {ranks}. Use cat or svd (or a *_svd form) for different ranks.")
+    else:
+        rank = ranks[0]
+    targets = tuple(t for t in TARGETABLE if any(t in c.target_modules for c in configs))
+    config = replace(configs[0], r=rank, lora_alpha=rank, use_rslora=False, target_modules=targets,
+                     init_lora_weights=True, optimizer=LoraConfig.optimizer,
+                     loraplus_lr_ratio=LoraConfig.loraplus_lr_ratio)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ValueError(f"the merged phi would have r = {rank} ({kind}): {e}") from None
+    model.inject_adapter(name, config, seed)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    with torch.no_grad():
+        for layer in [m for m in layers if m.has_phi(name)]:
+            # the sources on this projection: in this layer, or in another LoraLinear of its stack of
+            # wrappers (a LoRA added after another method wrapped the projection gets a layer of its own)
+            here = [m for m in layers if m.get_base_layer() is layer.get_base_layer()]
+            sources = [(next(m for m in here if m.has_phi(a)), a, w) for a, w in zip(adapters, weights)
+                       if any(m.has_phi(a) for m in here)]
+            A, B, magnitude = combined(sources, options, rank, generator)
+            layer.lora_A[name].weight.copy_(A)
+            layer.lora_B[name].weight.copy_(B)
+            if magnitude is not None:
+                layer.lora_magnitude_vector[name].copy_(magnitude)
+
+
 def _layers(model, name):
     return [m for m in model.modules() if isinstance(m, LoraLinear) and m.has_phi(name)]
 
@@ -322,7 +420,7 @@ HF_FIELDS = dict(bias="none", fan_in_fan_out=False, inference_mode=True, task_ty
 register(Method(
     LoraConfig, plug=lambda model, name, cfg, g: add_lora(model.base_model, name, cfg, model.route, g),
     layers=(LoraLinear,), mergeable=True, cohort_kind=cohort_kind, optimizer_groups=optimizer_groups,
-    frozen_phi=frozen_phi,
+    frozen_phi=frozen_phi, combine=combine,
     hf_fields=HF_FIELDS, hf_peft="module", slug="lora",
     # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6);
     # the attention's four, as the paper adapted attention only: with the MLP's up too, the same

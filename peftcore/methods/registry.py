@@ -39,6 +39,12 @@ class Method:
                                    # before each step), or None for one group of every trainable tensor
     frozen_phi: Optional[Callable] = None  # (model, name, config) -> phi tensors that are saved but never
                                    # train (LoRA-FA's A), or None
+    max_abs_value: Optional[float] = None  # the largest |value| a file of its phi may hold, where
+                                   # serialization's MAX_ABS_VALUE is too high (phi multiplied by phi)
+    combine: Optional[Callable] = None  # (model, adapters, weights, adapter_name, options, seed): adds phi
+                                   # adapter_name, the weighted combination of phi `adapters` (PeftModel.
+                                   # add_weighted_adapter; options: a merging.MergeOptions), or None for a
+                                   # method whose phi do not combine
 
     @property
     def peft_type(self):
