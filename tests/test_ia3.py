@@ -221,13 +221,8 @@ def test_a_run_in_a_cohort_trains_as_it_would_alone(base):
     _compare(base, 12, DRIFT)
 
 
-# ------------------------------------------------------------------ the lesson
-def test_preset_solves_times_3(base):
-    """The smallest phi that learns: the preset (seed 0, its own budget) solves a new digit map."""
-    preset = peftcore.methods.registry.method_of("IA3").preset
-    model = get_peft_model(base, preset.config, seed=0)
-    events = list(train(model, "times_3", device="cpu", seed=0, **preset.train))
-    assert events[-1].eval_exact >= 0.9
+# the lesson (the preset, seed 0, solves times_3) is test_learning.py's test_preset_solves[IA3 times_3],
+# the same run trained once
 
 
 # ------------------------------------------------------------------ with LoRA on one projection
