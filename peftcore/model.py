@@ -14,6 +14,12 @@ import torch.nn.functional as F
 PROJECTIONS = ("q", "k", "v", "o", "up", "down")  # the Linears a method may target, by name
 
 
+def projection_shapes(config):
+    """(d_in, d_out) of each projection, by name: what a method's closed-form phi size reads."""
+    d, m = config.d_model, config.d_mlp
+    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, m), "down": (m, d)}
+
+
 @dataclass
 class BaseConfig:
     vocab_size: int = 30  # 10 digits, SEP, 19 task tokens (see tasks.py)

@@ -236,7 +236,7 @@ def _copy_checked(model, adapter_name, tensors):
     if missing or extra:
         raise AdapterLoadError(f"tensor names do not match the config: missing {missing[:3]}"
                                f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    served = {}
+    served, bound = {}, max_abs_value(model.peft_config[adapter_name])
     for k, t in tensors.items():
         if t.shape != target[k].shape:
             raise AdapterLoadError(f"{k} has shape {list(t.shape)}, expected {list(target[k].shape)}")
@@ -247,7 +247,7 @@ def _copy_checked(model, adapter_name, tensors):
         # checked after the cast: float64 1e300 becomes inf in float32
         if not torch.isfinite(served[k]).all():
             raise AdapterLoadError(f"{k} holds non-finite values (NaN or inf) as {target[k].dtype}")
-        _check_magnitude(k, served[k], max_abs_value(model.peft_config[adapter_name]))
+        _check_magnitude(k, served[k], bound)
     fixed = model.fixed_state_dict(adapter_name)  # frozen values the config fixes: checked, never written
     for k in fixed:
         if not (torch.equal(served[k], target[k]) or torch.equal(tensors[k], target[k].to(tensors[k].dtype))):

@@ -175,5 +175,15 @@ def phi_node(name, label):
     return f'{name} [label="{label}", {PHI_STYLE}];'
 
 
+def beside_projections(cfg, slug, label):
+    """A phi node beside each targeted projection, fed by what feeds it and feeding what it
+    feeds (an update added to the projection's output): `label(target)` names each node."""
+    lines = []
+    for t in cfg.target_modules:
+        before, after = AROUND[t]
+        lines += [phi_node(f"{slug}_{t}", label(t)), f"{before} -> {slug}_{t} {PHI_EDGE}; {slug}_{t} -> {after} {PHI_EDGE};"]
+    return Diagram(tuple(lines))
+
+
 # every method's view, in its own file (each registers itself)
 from . import adapter, full, ia3, loha, lokr, lora, prefix, prompt, vera  # noqa: E402,F401

@@ -3,10 +3,10 @@ import json
 
 import peftcore
 from peftcore.base import BASE_META_PATH
-from peftcore.methods.loha import LoHaConfig, projection_shapes
-from peftcore.model import PROJECTIONS, BaseConfig
+from peftcore.methods.loha import LoHaConfig
+from peftcore.model import PROJECTIONS, BaseConfig, projection_shapes
 
-from . import AROUND, PHI_EDGE, Benchmark, Control, Diagram, MethodView, phi_node, register_view
+from . import Benchmark, Control, MethodView, beside_projections, register_view
 
 BASE = BaseConfig(**json.loads(BASE_META_PATH.read_text())["config"])  # the shipped base's
 SHAPES = projection_shapes(BASE)
@@ -31,12 +31,7 @@ def lesson():
 
 
 def diagram(cfg):
-    lines = []
-    for t in cfg.target_modules:
-        before, after = AROUND[t]
-        lines += [phi_node(f"loha_{t}", f"(W1a W1b) ⊙ (W2a W2b) ({t})\\nr = {cfg.r}"),
-                  f"{before} -> loha_{t} {PHI_EDGE}; loha_{t} -> {after} {PHI_EDGE};"]
-    return Diagram(tuple(lines))
+    return beside_projections(cfg, "loha", lambda t: f"(W1a W1b) ⊙ (W2a W2b) ({t})\\nr = {cfg.r}")
 
 
 register_view(MethodView(

@@ -3,7 +3,7 @@ import peftcore
 from peftcore.methods.lokr import LoKrConfig, kron_shapes, rank_bound
 from peftcore.model import PROJECTIONS
 
-from . import AROUND, PHI_EDGE, Benchmark, Control, Diagram, MethodView, phi_node, register_view
+from . import Benchmark, Control, MethodView, beside_projections, register_view
 from .loha import BASE, SHAPES
 
 
@@ -26,14 +26,10 @@ PRESET = peftcore.METHODS["LOKR"].preset.config
 
 
 def diagram(cfg):
-    lines = []
-    for t in cfg.target_modules:
-        before, after = AROUND[t]
+    def label(t):
         (a, c), (b, d), _, use_w2 = kron_shapes(cfg, *SHAPES[t])
-        w2 = f"{b}×{d}" if use_w2 else f"{b}×{d}, rank {cfg.r}"
-        lines += [phi_node(f"lokr_{t}", f"W1 ⊗ W2 ({t})\\n{a}×{c} ⊗ {w2}"),
-                  f"{before} -> lokr_{t} {PHI_EDGE}; lokr_{t} -> {after} {PHI_EDGE};"]
-    return Diagram(tuple(lines))
+        return f"W1 ⊗ W2 ({t})\\n{a}×{c} ⊗ {b}×{d}" + ("" if use_w2 else f", rank {cfg.r}")
+    return beside_projections(cfg, "lokr", label)
 
 
 register_view(MethodView(

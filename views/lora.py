@@ -6,7 +6,7 @@ import peftcore
 from peftcore.methods.lora import INITS, OPTIMIZERS
 from peftcore.model import PROJECTIONS
 
-from . import AROUND, PHI_EDGE, Benchmark, Control, Diagram, MethodView, Variant, phi_node, register_view
+from . import Benchmark, Control, MethodView, Variant, beside_projections, register_view
 
 
 RATIO = peftcore.METHODS["LORA"].preset.config.loraplus_lr_ratio  # LoRA+'s, in the preset
@@ -37,12 +37,7 @@ def explain(cfg):
 
 
 def diagram(cfg):
-    lines = []
-    for t in cfg.target_modules:
-        before, after = AROUND[t]
-        lines += [phi_node(f"lora_{t}", f"B A ({t})\\nr = {cfg.r}"),
-                  f"{before} -> lora_{t} {PHI_EDGE}; lora_{t} -> {after} {PHI_EDGE};"]
-    return Diagram(tuple(lines))
+    return beside_projections(cfg, "lora", lambda t: f"B A ({t})\\nr = {cfg.r}")
 
 
 register_view(MethodView(

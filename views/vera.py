@@ -1,16 +1,11 @@
 """VeRA as the app shows it."""
 from peftcore.model import PROJECTIONS
 
-from . import AROUND, PHI_EDGE, Benchmark, Control, Diagram, MethodView, phi_node, register_view
+from . import Benchmark, Control, MethodView, beside_projections, register_view
 
 
 def diagram(cfg):
-    lines = []
-    for t in cfg.target_modules:
-        before, after = AROUND[t]
-        lines += [phi_node(f"vera_{t}", f"Λb B Λd A ({t})\\nr = {cfg.r}"),
-                  f"{before} -> vera_{t} {PHI_EDGE}; vera_{t} -> {after} {PHI_EDGE};"]
-    return Diagram(tuple(lines))
+    return beside_projections(cfg, "vera", lambda t: f"Λb B Λd A ({t})\\nr = {cfg.r}")
 
 
 register_view(MethodView(

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MergeablePhiLayer, PeftConfig, base_modules, unwrapped
-from ..model import PROJECTIONS
+from ..model import PROJECTIONS, projection_shapes
 from .registry import Method, Preset, register
 
 
@@ -36,8 +36,7 @@ class IA3Config(PeftConfig):
 
     def num_params(self, base_config):
         """Closed form: one number per input (feedforward) or output feature of each target."""
-        d, m = base_config.d_model, base_config.d_mlp
-        shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, m), "down": (m, d)}  # (in, out)
+        shapes = projection_shapes(base_config)  # (in, out)
         per_layer = sum(shapes[t][0 if t in self.feedforward_modules else 1] for t in set(self.target_modules))
         return per_layer * base_config.n_layer
 

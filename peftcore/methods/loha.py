@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .config import MergeablePhiLayer, PeftConfig, base_modules, check_range, unwrapped, wrapper_of
 from .registry import Method, Preset, register
 
-from ..model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
+from ..model import PROJECTIONS as TARGETABLE, projection_shapes  # noqa: E402 - the model's projections
 
 
 def check_lycoris(cfg):
@@ -36,12 +36,6 @@ def check_lycoris(cfg):
     bad = [m for m in cfg.target_modules if m not in TARGETABLE]
     if not cfg.target_modules or bad:
         raise ValueError(f"target_modules must be a non-empty subset of {TARGETABLE}, got {list(cfg.target_modules)}")
-
-
-def projection_shapes(base_config):
-    """(d_in, d_out) of each projection the config may target."""
-    d, m = base_config.d_model, base_config.d_mlp
-    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, m), "down": (m, d)}
 
 
 @dataclass

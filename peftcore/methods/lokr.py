@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from .config import PeftConfig
-from .loha import LYCORIS_HF_FIELDS, LycorisLinear, _kaiming, check_lycoris, lycoris_cohort_kind, plug_lycoris, \
-    projection_shapes
+from .loha import LYCORIS_HF_FIELDS, LycorisLinear, _kaiming, check_lycoris, lycoris_cohort_kind, plug_lycoris
+from ..model import projection_shapes
 from .registry import Method, Preset, register
 
 

@@ -24,7 +24,7 @@ from .config import MergeablePhiLayer, PeftConfig, base_modules, check_range, pa
 from .registry import Method, Preset, register
 from .. import merging
 
-from ..model import PROJECTIONS as TARGETABLE  # noqa: E402 - the model's projection names
+from ..model import PROJECTIONS as TARGETABLE, projection_shapes  # noqa: E402 - the model's projections
 
 INITS = (True, "gaussian", "orthogonal")
 OPTIMIZERS = ("adamw", "loraplus", "lorafa")
@@ -88,8 +88,7 @@ class LoraConfig(PeftConfig):
 
     def num_params(self, base_config):
         """Closed form: r * (d_in + d_out) per targeted projection, plus d_out with DoRA."""
-        d, m = base_config.d_model, base_config.d_mlp
-        shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, m), "down": (m, d)}
+        shapes = projection_shapes(base_config)
         per_layer = sum(self.r * sum(shapes[t]) + self.use_dora * shapes[t][1] for t in self.target_modules)
         return per_layer * base_config.n_layer
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .config import MergeablePhiLayer, PeftConfig, PhiLayer, base_modules, check_range, unwrapped, wrapper_of
 from .lora import LoraDropout
 from .registry import Method, Preset, register
-from ..model import PROJECTIONS
+from ..model import PROJECTIONS, projection_shapes
 
 SAVED_A, SAVED_B = "base_model.vera_A", "base_model.vera_B"  # HF peft's names in adapter_model.safetensors
 
@@ -52,9 +52,8 @@ class VeraConfig(PeftConfig):
 
     def num_params(self, base_config):
         """Closed form: r + d_out per targeted projection (lambda_d and lambda_b); A and B are frozen."""
-        d, m = base_config.d_model, base_config.d_mlp
-        d_out = {"q": d, "k": d, "v": d, "o": d, "up": m, "down": d}
-        return sum(self.r + d_out[t] for t in set(self.target_modules)) * base_config.n_layer
+        shapes = projection_shapes(base_config)
+        return sum(self.r + shapes[t][1] for t in set(self.target_modules)) * base_config.n_layer
 
 
 def _kaiming_init(shape, generator):
