@@ -177,8 +177,8 @@ def save_panel(info):
 
 # ------------------------------------------------------------------ the board
 # Characters one line of the board's free-text columns holds at their widths (student 130 px,
-# name 170 px); a longer name or author makes the rows three lines tall, where the grid wraps text.
-LINE_CHARS = {"student": 16, "name": 22}
+# name 160 px); a longer name or author makes the rows three lines tall, where the grid wraps text.
+LINE_CHARS = {"student": 16, "name": 21}
 TALL_ROW_PX = 80  # three lines; the grid wraps a cell's text only in rows taller than 64 px
 
 
@@ -188,25 +188,35 @@ def board_row_height(records):
     return TALL_ROW_PX if long else None
 
 
-def board(info, records):
+def board(info, records, merged=None):
+    """Every phi of the class; `merged`: {task: exact match} of the class's merged phi, shown on
+    each row beside the student's own."""
     facts = ui.base_facts(ui.device())
     token, handle = ui.bank_token(), ui.teacher_handle(info.code)
-    st.dataframe([dict(id=r.id, student=r.author or "anonymous", name=r.name,
-                       method=ui.view_of(r.method).name, task=r.task,
-                       phi_pct=100 * r.num_params / facts["params"], bytes=r.bytes,
-                       exact=None if r.eval_exact is None else 100 * r.eval_exact,
-                       yours=r.owned_by(token)) for r in records],
+    rows = [dict(id=r.id, student=r.author or "anonymous", name=r.name,
+                 method=ui.view_of(r.method).name, task=r.task,
+                 phi_pct=100 * r.num_params / facts["params"], bytes=r.bytes,
+                 exact=None if r.eval_exact is None else 100 * r.eval_exact,
+                 yours=r.owned_by(token)) for r in records]
+    if merged:
+        for row in rows:
+            score = merged.get(row["task"])
+            row["class_merge"] = None if score is None else 100 * score
+    st.dataframe(rows,
                  # widths in pixels for the free-text columns (names run to 40 and 64 characters):
                  # the whole board fits a 1280-pixel projector beside the sidebar, no sideways scroll;
                  # names too long for one line wrap whole in taller rows (board_row_height)
                  hide_index=True, key="class_board", row_height=board_row_height(records), column_config={
                      "id": st.column_config.NumberColumn("id", width=40),
                      "student": st.column_config.TextColumn("student", width=130),
-                     "name": st.column_config.TextColumn("name", width=170),
+                     "name": st.column_config.TextColumn("name", width=160),
                      "phi_pct": st.column_config.NumberColumn("phi %", format="%.3f%%"),
                      "bytes": st.column_config.NumberColumn("file bytes", format="localized"),
                      "exact": st.column_config.NumberColumn(
                          "exact match", format="%.1f%%", help="held-out exact match, measured when it was saved"),
+                     "class_merge": st.column_config.NumberColumn(
+                         "merged", format="%.1f%%", width=64, help="held-out exact match of the class's merged phi on "
+                                                             "this row's task, beside the student's own"),
                      "yours": st.column_config.CheckboxColumn("yours")})
     mine = [r for r in records if r.owned_by(token)]
     deletable = records if handle else mine
@@ -339,6 +349,125 @@ def serve_section(records):
     ui.predictions_table(rows)
 
 
+# ------------------------------------------------------------------ merging the class
+@st.cache_resource(max_entries=8, show_spinner="Merging the class's phi into one...")
+def class_merge(path, device, phi_ids, tasks, weighting, options):
+    """The class's phi `phi_ids` combined into one (add_weighted_adapter, `options` as sorted
+    items) and scored on every task in `tasks` in one mixed batch: computed once per state of
+    the class and choice (ids are never reused), on a bank of its own over the shared base."""
+    model, errors, s = peftcore.PeftModel(ui.get_base(device)), [], ui.get_store(path)
+    for phi_id in phi_ids:
+        try:
+            peftcore.load_adapter(model, f"phi{phi_id}", s.load_bytes(phi_id))
+        except (ui.StoreError, peftcore.AdapterLoadError) as e:
+            errors.append(f"phi #{phi_id}: {e}")
+    names = [f"phi{i}" for i in phi_ids if f"phi{i}" in model.peft_config]
+    if not names:
+        return dict(error="none of its files could be loaded", errors=errors)
+    weights = [1 / len(names) if weighting == "mean" else 1.0] * len(names)
+    try:
+        report = analysis.merge_report(model, names, weights, tasks=tasks, own_scores=False, seed=0, **dict(options))
+    except ValueError as e:  # a combination these phi cannot take (ranks, DoRA with plain): the reason
+        return dict(error=str(e), errors=errors)
+    return dict(report, errors=errors, weights=weights)
+
+
+def merge_controls(records):
+    """The teacher's choice: (method, phi ids, options as sorted items, weighting), or None."""
+    servable = [r for r in records if r.task in peftcore.TASKS]
+    kinds = ui.combining.combinable(r.method for r in servable)
+    if not kinds:
+        st.caption("Merging the class: no phi of a method whose phi combine (" + ", ".join(
+            v.name for v in ui.method_views() if v.method.combinations) + ") on the board yet.")
+        return None
+    st.markdown("**Merge the class.** Every phi of one method on the board becomes one phi (HF peft's "
+                "`add_weighted_adapter`), scored on every task the class trained, in one mixed batch; the board "
+                "shows it beside each student's own.")
+    count = {k: sum(r.method == k for r in servable) for k in kinds}
+    kind = st.selectbox("Method to merge", kinds, key="class_merge_method",
+                        format_func=lambda k: f"{ui.view_of(k).name} ({count[k]} phi)")
+    ids = tuple(sorted(r.id for r in servable if r.method == kind))
+    options, weighting, _ = ui.combining.controls("class_merge", peftcore.METHODS[kind], len(ids), typed=False)
+    return kind, ids, tuple(sorted(options.items())), weighting
+
+
+def merge_section(info, records):
+    choice = merge_controls(records)
+    if choice is None:
+        return
+    kind, ids, options, weighting = choice
+    tasks = tuple(t for t in peftcore.TASKS if any(r.task == t for r in records))
+    st.button("Merge the class", key="class_merge_go", type="primary", on_click=ss.__setitem__,
+              args=("class_merged", (info.code, ids, tasks, weighting, options)),
+              help="Computed once for the class as it stands and this choice: pressing again shows the same.")
+    result = merged_class(info.code, records)
+    if result is None:
+        return
+    if "error" in result:
+        st.error(f"The class's phi were not merged: {ui.plain(result['error'], 300)}.")
+        return
+    for e in result["errors"]:
+        st.warning(f"Left out: {ui.plain(e, 300)}")
+    _, merged_ids, _, weighting, options = ss["class_merged"]
+    chosen = dict(options)
+    st.markdown(f"**The class's merged phi**: {len(merged_ids)} phi, `{chosen['combination_type']}`, weights "
+                f"{ui.combining.WEIGHTINGS[weighting].split(':')[0]}"
+                + ("" if merged_ids == ids else " (phi saved since are not in it: press again to include them)") + ".")
+    own = {t: students_line([r for r in records if r.task == t and r.id in merged_ids]) for t in result["tasks"]}
+    ui.combining.task_table(result, own=own)
+    st.markdown(ui.combining.size_line(result))
+    stem = f"class-merge-{chosen['combination_type']}"
+    a, b = st.columns(2)
+    a.download_button("Download the merged phi", result["file"], file_name=f"{stem}.safetensors",
+                      key="class_merge_dl", help="A .safetensors file HF peft loads, like any phi here.")
+    b.button("Save it into the class", key="class_merge_save", on_click=save_merged, args=(info, stem),
+             disabled=not info.is_open, help="It joins the board, by \"class merge\".")
+    if "class_merge_msg" in ss:
+        outcome, text = ss.pop("class_merge_msg")
+        (st.success if outcome == "success" else st.error)(text)
+
+
+def merged_class(code, records):
+    """The teacher's last merge of class `code` while every phi in it is still on the board
+    (cached per state of the class and choice), or None."""
+    chosen = ss.get("class_merged")
+    if not chosen or chosen[0] != code or not set(chosen[1]) <= {r.id for r in records}:
+        return None
+    _, ids, tasks, weighting, options = chosen
+    return class_merge(ui.store_path(), ui.device(), ids, tasks, weighting, options)
+
+
+def merged_scores(code, records):
+    """{task: exact match} of the class's merged phi, for the board, or None."""
+    result = merged_class(code, records)
+    return None if result is None or "error" in result else result["merged"]
+
+
+def students_line(records):
+    scored = [r.eval_exact for r in records if r.eval_exact is not None]
+    if not records:
+        return None
+    mean = f", mean {100 * sum(scored) / len(scored):.1f}%" if scored else ""
+    return f"{len(records)} phi{mean}"
+
+
+def save_merged(info, stem):
+    """The Save button's callback: it runs before the page draws, so the board shows the phi."""
+    result = merged_class(info.code, ui.store().list_phi(class_code=info.code))
+    if result is None:
+        ss["class_merge_msg"] = ("error", "Not saved: the merged phi is gone (a phi in it was deleted). Merge again.")
+        return
+    try:
+        rec = ui.store().save_phi(ui.bank_token(create=True), stem, result["file"], class_code=info.code,
+                                  eval_exact=result["merged"].get(result["task"]), author="class merge",
+                                  client=ui.client())
+    except ui.StoreError as e:
+        ss["class_merge_msg"] = ("error", f"Not saved: {e}")
+    else:
+        ss["class_merge_msg"] = ("success", f"Saved {ui.literal(rec.name)} into {ui.as_text(info.name)} "
+                                            f"({rec.bytes:,} bytes).")
+
+
 # ------------------------------------------------------------------ the page
 st.title("Class")
 st.markdown("Thirty students, thirty tasks, **one base**. Each student saves the phi they trained into the "
@@ -364,11 +493,14 @@ else:
     with ui.panel("The class board"):
         records = ui.store().list_phi(class_code=info.code)
         if records:
-            board(info, records)
+            board(info, records, merged_scores(info.code, records))
         else:
             st.info("No phi in the class yet: the first one saved appears here.")
     with ui.panel("Teacher mode"):
         teacher_panel(info)
+    if records and ui.teacher_handle(info.code):
+        with ui.panel("Merging the class"):
+            merge_section(info, records)
     if records:
         st.header("What the class stores")
         with ui.panel("The class's storage"):

@@ -253,6 +253,89 @@ def merge_results(t):
                "A merged model serves one task per copy of W; unmerged, one W serves every phi in a mixed batch.")
 
 
+# ------------------------------------------------------------------ many phi become one
+MAX_COMBINED = 12  # phi one combination takes: bounded work per click
+
+
+def default_combination(names, task_of):
+    """The visitor's newest phi with the others of its task (two students' phi of one task: the
+    merge that keeps its task), else the first two."""
+    mine = [n for n in list(ss.get("stored_ids", {}))[::-1] if n in task_of]
+    if mine:
+        same = [n for n in names if task_of[n] == task_of[mine[0]] and n != mine[0]]
+        return [mine[0], *same][:MAX_COMBINED] if same else [mine[0], *[n for n in names if n != mine[0]][:1]]
+    return names[:2]
+
+
+def combine_panel(rows):
+    st.markdown("HF peft's `add_weighted_adapter` turns several phi into one. Pick phi of one method, how to "
+                "weigh them and how to combine them: the merged phi is scored on every source task in one mixed "
+                "batch, beside the sources.")
+    servable = [r for r in rows if r["task"] in peftcore.TASKS]
+    kinds = ui.combining.combinable([r["peft_type"] for r in servable])
+    if not kinds:
+        st.info("No phi of a method whose phi combine (" + ", ".join(
+            v.name for v in ui.method_views() if v.method.combinations) + ") in your bank.")
+        return
+    a, b = st.columns([1, 3])
+    kind = a.selectbox("Method", kinds, key="combine_method", format_func=lambda t: ui.view_of(t).name)
+    task_of = {r["name"]: r["task"] for r in servable if r["peft_type"] == kind}
+    if ss.get("combine_for") != kind or not set(ss.get("combine_names", ())) <= set(task_of):
+        ss["combine_for"], ss["combine_names"] = kind, default_combination(list(task_of), task_of)
+    names = b.multiselect("phi to combine", list(task_of), key="combine_names", max_selections=MAX_COMBINED,
+                          format_func=lambda n: f"{n} ({task_of[n]})",
+                          help=f"At most {MAX_COMBINED}; their weights follow this order.")
+    try:
+        options, weighting, weights = ui.combining.controls("combine", peftcore.METHODS[kind], len(names))
+    except ValueError as e:
+        st.error(f"Weights: {e}.")
+        return
+    if not st.button("Combine into one phi", key="combine_go", type="primary", disabled=not names):
+        return
+    try:
+        report = analysis.merge_report(ui.bank(), names, weights, seed=ui.seed(), **options)
+        curve = analysis.svd_curve(ui.bank(), names, weights) if options["combination_type"] == "svd" else None
+    except ValueError as e:  # a combination these phi cannot take (ranks, DoRA with plain): peft's reason
+        st.error(f"Not combined: {ui.plain(e, 300)}.")
+        ss.pop("combined", None)
+        return
+    ss["combined"] = dict(report, curve=curve, weights=weights, rank=options.get("svd_rank"))
+
+
+def combined_results():
+    done = ss.get("combined")
+    if not done:
+        return
+    weights = ", ".join(f"{w:g}" for w in done["weights"])
+    st.subheader(f"{done['combination_type']} of {len(done['weights'])} phi, weights {weights}")
+    ui.combining.task_table(done)
+    st.markdown(ui.combining.verdict(done))
+    st.markdown(ui.combining.size_line(done))
+    ui.combining.cross_terms_note(done)
+    if done["curve"]:
+        ui.combining.svd_chart(done["curve"], f"rank {done['rank']}" if done["rank"] else "the largest source r",
+                               key="combine_curve")
+    stem = f"merged-{done['combination_type']}"
+    a, b = st.columns(2)
+    a.download_button("Download the merged phi", done["file"], file_name=f"{stem}.safetensors", key="combine_dl",
+                      help="A .safetensors file HF peft loads (PeftModel.from_pretrained), like any phi here.")
+    b.button("Save it to my bank", key="combine_save", on_click=save_combined, args=(stem,),
+             help="Then it is served, downloaded and saved into a class like any phi you trained.")
+    if "combine_msg" in ss:
+        kind, text = ss.pop("combine_msg")
+        (st.success if kind == "success" else st.error)(text)
+
+
+def save_combined(stem):
+    """The Save button's callback: it runs before the page draws, so the bank above shows the phi."""
+    name = ui.unique_name(stem)
+    try:
+        ui.add_to_bank(name, ss["combined"]["file"])
+    except peftcore.AdapterLoadError as e:
+        ss["combine_msg"] = ("error", f"Not saved: {ui.plain(e, 300)}")
+    else:
+        ss["combine_msg"] = ("success", f"Saved {ui.literal(name, 64)} to your bank.")
+
 st.title("Many tasks at once")
 st.markdown(
     "One frozen base stays in memory; every task is a small **phi** beside it. Your bank starts with the "
@@ -280,6 +363,10 @@ if rows:
     with ui.panel("Serving"):
         serve_panel(rows)
         served_results()
+    st.header("Many phi become one")
+    with ui.panel("Combining phi"):
+        combine_panel(rows)
+        combined_results()
     left, right = st.columns(2, gap="large")
     with left, ui.panel("The swap timing"):
         swap_panel(rows)

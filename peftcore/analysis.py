@@ -1,5 +1,5 @@
-"""What the app shows beyond training itself: predictions, serving timings and the
-shape of a full fine-tune's update. Torch only; never imports streamlit.
+"""What the app shows beyond training itself: predictions, serving timings, what combining
+phi keeps, and the shape of a full fine-tune's update. Torch only; never imports streamlit.
 
 Outputs are greedy decodes (what a user would get), not teacher-forced argmaxes.
 Timings are medians of several repeats, measured side by side in one call.
@@ -9,11 +9,12 @@ from contextlib import contextmanager
 
 import torch
 
-from .methods.config import unwrapped
+from .methods import registry
+from .methods.config import MergeablePhiLayer, unwrapped
 from .model import PROJECTIONS as TARGETABLE
-from .serialization import load_adapter
+from .serialization import adapter_to_bytes, load_adapter
 from .timing import median_seconds, side_by_side, sync
-from .tasks import ANSWER_START, N_DIGITS, SEP, get_task
+from .tasks import ANSWER_START, EVAL_SIZE, N_DIGITS, SEP, TASKS, answer_metrics, get_task
 from .train import held_out
 
 PROMPT_LEN = ANSWER_START + 1  # task token, 8 digits, SEP
@@ -146,23 +147,42 @@ def serve_report(model, names, tasks, per=1, digits=None, seed=0, repeats=3):
 def swap_timings(model, name, file_bytes, repeats=20):
     """{'set_adapter_s', 'load_s'}: switching to a resident phi against loading it from its
     file bytes (parse, check, copy), the two ways a server can change task. A measurement, not
-    a change: each probe it loads is deleted again, and the model's generation is put back, so
-    nothing keyed on it (a page's merge timings) takes the bank for a new one."""
-    generation = model.route.generation
+    a change (probes())."""
     with keep_active(model):
         set_s = median_seconds(lambda: model.set_adapter(name), repeats)
-    tmp = "__swap_probe__"
+    with probes(model) as probe:
+        tmp = probe()
 
-    def load_and_drop():
-        load_adapter(model, tmp, file_bytes)
-        model.delete_adapter(tmp)
+        def load_and_drop():
+            load_adapter(model, tmp, file_bytes)
+            model.delete_adapter(tmp)
+
+        load_s = median_seconds(load_and_drop, max(3, repeats // 4))
+    return {"set_adapter_s": set_s, "load_s": load_s}
+
+
+@contextmanager
+def probes(model):
+    """Yields a maker of fresh phi names for phi added only to be measured: each is deleted at
+    the end, the active adapter and the model's generation put back, so that nothing keyed on
+    the generation (a page's cached timings or rows) takes the bank for a changed one."""
+    generation, made = model.route.generation, []
+
+    def probe():  # never a name the bank holds: a visitor may upload a phi of any allowed name
+        i = len(made)
+        while f"__probe_{i}__" in model.peft_config:
+            i += 1
+        made.append(f"__probe_{i}__")
+        return made[-1]
 
     try:
         with keep_active(model):
-            load_s = median_seconds(load_and_drop, max(3, repeats // 4))
+            yield probe
     finally:
+        for name in made:
+            if name in model.peft_config:
+                model.delete_adapter(name)
         model.route.generation = generation
-    return {"set_adapter_s": set_s, "load_s": load_s}
 
 
 def spread(values):
@@ -210,6 +230,119 @@ def merged_vs_unmerged(model, name, prompts, repeats=21):
     return {"unmerged_s": statistics.median(unmerged), "merged_s": statistics.median(merged),
             "unmerged_all": unmerged, "merged_all": merged, "saved_all": [u - m for u, m in zip(unmerged, merged)],
             "max_abs_diff": diff}
+
+
+# ------------------------------------------------------------------ many phi become one
+CHUNK_ROWS = 4096  # rows per forward pass of a scoring batch: bounds the activations' memory
+
+
+@torch.no_grad()
+def scores(model, pairs, n=EVAL_SIZE):
+    """{(phi name, task): held-out exact match} for each pair, in one mixed batch: each pair's
+    rows are the first `n` of its task's fixed held-out set, routed through its phi."""
+    device = _device(model)
+    sets = {task: get_task(task).eval_set(device) for task in {t for _, t in pairs}}
+    x = torch.cat([sets[t][0][:n] for _, t in pairs])
+    y = torch.cat([sets[t][1][:n] for _, t in pairs])
+    names = [name for name, t in pairs for _ in range(len(sets[t][0][:n]))]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = torch.cat([model(x[i:i + CHUNK_ROWS], adapter_names=names[i:i + CHUNK_ROWS])
+                            for i in range(0, len(x), CHUNK_ROWS)])
+    finally:
+        model.train(was_training)
+    out, start = {}, 0
+    for name, task in pairs:
+        rows = len(sets[task][0][:n])
+        out[(name, task)] = answer_metrics(logits[start:start + rows], y[start:start + rows])[0]
+        start += rows
+    return out
+
+
+def phi_updates(model, name):
+    """{projection: W' - W}: what phi `name` adds to each weight it folds into."""
+    return {path: (m.folded(name) - m.get_base_layer().weight).detach() for path, m in model.named_modules()
+            if isinstance(m, MergeablePhiLayer) and m.has_phi(name)}
+
+
+def _norm(updates):
+    """The Frobenius norm of all the updates together."""
+    return sum(float((d ** 2).sum()) for d in updates.values()) ** 0.5
+
+
+def combined_tasks(model, adapters):
+    """The servable tasks of phi `adapters`, in the registry of tasks' order."""
+    held = {model.adapter_task.get(a) for a in adapters}
+    return [t for t in TASKS if t in held]
+
+
+def merge_report(model, adapters, weights, tasks=None, own_scores=True, n=EVAL_SIZE, seed=0, **options):
+    """What PeftModel.add_weighted_adapter(adapters, weights, ..., **options) gives, measured
+    and then taken out again (probes()), every score on the first `n` rows of each held-out set:
+      tasks:   the tasks scored (default: the sources' own)
+      merged:  {task: held-out exact match of the merged phi}; task: its own (the sources', where
+               they share one), or None
+      sources: {source: exact match on its own task} (own_scores), in the same mixed batch;
+               source_tasks: {source: its task}
+      params, source_params, file: the merged phi's parameter count, the sources', its file's bytes
+      exact_sum: for a combination over factors (linear, ties, dare_*, magnitude_prune) of a
+               method that also combines exactly (cat): the exact weighted sum of the updates
+               {'merged': {task: exact}, 'norm': its norm, 'gap': the norm of merged - it,
+               'merged_norm'}: peft's factor-level sum adds the cross terms B_i A_j."""
+    tasks = combined_tasks(model, adapters) if tasks is None else list(tasks)
+    kind = options.get("combination_type", "svd")
+    combinations = registry.method_of(model.peft_config[adapters[0]]).combinations
+    with probes(model) as probe:
+        merged = probe()
+        model.add_weighted_adapter(adapters, weights, merged, seed=seed, **options)
+        pairs = [(merged, t) for t in tasks]
+        if own_scores:
+            pairs += [(a, model.adapter_task[a]) for a in adapters if model.adapter_task.get(a) in TASKS]
+        exact_sum = None
+        if kind not in ("cat", "svd") and not kind.endswith("_svd") and "cat" in combinations and len(adapters) > 1:
+            exact_sum = probe()
+            model.add_weighted_adapter(adapters, weights, exact_sum, combination_type="cat")
+            pairs += [(exact_sum, t) for t in tasks]
+        got = scores(model, pairs, n)
+        report = dict(tasks=tasks, combination_type=kind, merged={t: got[(merged, t)] for t in tasks},
+                      task=model.adapter_task.get(merged),
+                      sources={a: got[(a, t)] for a, t in pairs[len(tasks):] if a in adapters},
+                      source_tasks={a: model.adapter_task.get(a) for a in adapters},
+                      params=model.adapter_num_params(merged),
+                      source_params={a: model.adapter_num_params(a) for a in adapters},
+                      file=adapter_to_bytes(model, merged), exact_sum=None)
+        if exact_sum is not None:
+            want, made = phi_updates(model, exact_sum), phi_updates(model, merged)
+            report["exact_sum"] = dict(merged={t: got[(exact_sum, t)] for t in tasks}, norm=_norm(want),
+                                       merged_norm=_norm(made),
+                                       gap=_norm({k: made[k] - want.get(k, 0) for k in made}))
+    return report
+
+
+def svd_curve(model, adapters, weights, max_rank=16, n=128, **options):
+    """What each svd_rank keeps of the exact weighted sum of the updates: [{'rank', 'energy'
+    (the fraction of the sum's squared norm the rank keeps, over every projection), 'exact'
+    ({task: held-out exact match on the first n rows})}] for ranks 1 to the sum's own rank
+    (at most max_rank); every rank's phi scored in one mixed batch."""
+    tasks = combined_tasks(model, adapters)
+    with probes(model) as probe:
+        exact_sum = probe()
+        model.add_weighted_adapter(adapters, weights, exact_sum, combination_type="cat")
+        spectra = [torch.linalg.svdvals(d.float()) ** 2 for d in phi_updates(model, exact_sum).values()]
+        total = float(sum(s.sum() for s in spectra)) or 1.0  # a zero sum: every rank keeps all of it
+        # the sum's own rank: past it a rank keeps everything (the largest count of nonzero
+        # singular values over the projections), and no truncation may exceed a weight's side
+        rank = max((int((s > 1e-12 * s.max()).sum()) for s in spectra if s.max() > 0), default=1)
+        top = min(max_rank, rank, min(len(s) for s in spectra))
+        names = {}
+        for rank in range(1, top + 1):
+            names[rank] = probe()
+            model.add_weighted_adapter(adapters, weights, names[rank], **{**options, "combination_type": "svd",
+                                                                          "svd_rank": rank})
+        got = scores(model, [(names[r], t) for r in names for t in tasks], n)
+    return [dict(rank=r, energy=float(sum(s[:r].sum() for s in spectra)) / total,
+                 exact={t: got[(names[r], t)] for t in tasks}) for r in names]
 
 
 # ------------------------------------------------------------------ the shape of an update

@@ -300,12 +300,25 @@ class PeftModel(nn.Module):
             merged = self.peft_config[self._merged].peft_type
             raise ValueError(f"Cannot pass `adapter_names` while the {merged} adapter {self._merged!r} is merged; "
                              "call unmerge_adapter() first.")
+        if len(set(names)) == 1 and names[0] != BASE_ROW and not self.training:
+            return self._one_phi_forward(idx, names[0])
         self.route.rows, self.route._slots = names, {}
         try:
             with torch.no_grad():
                 return self._run(idx, names)
         finally:
             self.route.rows, self.route._slots = None, {}
+
+    def _one_phi_forward(self, idx, name):
+        """A batch whose rows all name one phi: that phi's own forward (a third less time than
+        gathering it row by row for a whole held-out set), the active adapter left as it was."""
+        active = self.route.active
+        self.route.active = name
+        try:
+            with torch.no_grad():
+                return self._run(idx, [name])
+        finally:
+            self.route.active = active
 
     # ---------------------------------------------------------------- counting
     def get_nb_trainable_parameters(self):
@@ -410,7 +423,8 @@ class PeftModel(nn.Module):
         """Add phi `adapter_name`, the phi `adapters` combined with `weights`, as HF peft's
         add_weighted_adapter (same names, same defaults; peftcore.merging says what each
         combination_type computes). All the adapters must be of one method that combines its
-        phi (its registry entry's `combine`). The new phi is not made active, and it has no task.
+        phi (its registry entry's `combine`). The new phi is not made active; its task is the
+        sources' where they share one, else it has none.
 
         Unlike HF peft: a name that exists is an error (peft returns without a word), and
         `seed` draws dare_*'s random drops from a private generator (None: torch's global RNG,
@@ -443,6 +457,9 @@ class PeftModel(nn.Module):
             if adapter_name in self.peft_config:
                 self._remove(adapter_name)  # half made: take it out again
             raise
+        tasks = {self.adapter_task.get(name) for name in adapters}
+        if len(tasks) == 1 and None not in tasks:
+            self.adapter_task[adapter_name] = tasks.pop()
         self._bump()
 
 

@@ -455,3 +455,17 @@ def test_library_loads_and_still_scores_what_it_recorded(base):
         bank.set_adapter(name)
         assert bank.adapter_task[name] == r["task"]
         assert peftcore.evaluate(bank, r["task"])[0] == pytest.approx(r["eval_exact"], abs=0.01), name
+
+
+@pytest.mark.parametrize("name", ["lora", "adapter", "prompt"])
+def test_a_batch_whose_rows_all_name_one_phi_is_that_phi_s_own_forward(bank, batch, name):
+    """Every row through one phi (a merged phi scored on its held-out sets) takes that phi's own
+    forward: the same logits as a batch of mixed rows gives them, the active adapter untouched."""
+    x = batch[0][:6]
+    bank.set_adapter("lora8")
+    one = bank(x, adapter_names=[name] * len(x))
+    assert bank.active_adapter == "lora8"
+    mixed = bank(x, adapter_names=[name] * (len(x) - 1) + [BASE_ROW])  # the row-by-row path
+    torch.testing.assert_close(one[:-1], mixed[:-1], atol=5e-4, rtol=1e-5)
+    bank.set_adapter(name)
+    torch.testing.assert_close(one, bank(x), atol=0, rtol=0)

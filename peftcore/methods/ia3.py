@@ -185,6 +185,7 @@ def combine(model, adapters, weights, name, options, seed=None):
 
 register(Method(
     IA3Config, plug=add_ia3, layers=(IA3Linear,), mergeable=True, slug="ia3", hf_peft="module", combine=combine,
+    combinations=("linear",),
     cohort_kind=lambda cfg: ("IA3", tuple(sorted(cfg.target_modules)), tuple(sorted(cfg.feedforward_modules))),
     # what HF peft's IA3Config expects to find in adapter_config.json
     hf_fields=dict(fan_in_fan_out=False, init_ia3_weights=True, modules_to_save=None, inference_mode=True,

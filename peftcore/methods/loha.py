@@ -173,8 +173,16 @@ class LycorisLinear(MergeablePhiLayer):
             return torch.stack([torch.zeros_like(self.weight)] + [self.delta_weight(n) for n in names])
 
     def _mixed(self, x):
+        """Each row times its own delta: one matmul per phi present in the batch (rows of no phi
+        here cost nothing; a gather of a whole delta per row cost a batch's worth of weights)."""
         slots = self.route.slots(list(self.scaling), x.device)
-        return torch.bmm(x, self._stacks()[slots].transpose(1, 2))  # (batch, T, d_out)
+        stacks = self._stacks()
+        out = x.new_zeros(*x.shape[:-1], stacks.shape[1])
+        for slot in slots.unique().tolist():
+            if slot:
+                rows = slots == slot
+                out[rows] = x[rows] @ stacks[slot].T
+        return out
 
     @staticmethod
     def cohort(base_layer, members):

@@ -419,7 +419,7 @@ HF_FIELDS = dict(bias="none", fan_in_fan_out=False, inference_mode=True, task_ty
 register(Method(
     LoraConfig, plug=lambda model, name, cfg, g: add_lora(model.base_model, name, cfg, model.route, g),
     layers=(LoraLinear,), mergeable=True, cohort_kind=cohort_kind, optimizer_groups=optimizer_groups,
-    frozen_phi=frozen_phi, combine=combine,
+    frozen_phi=frozen_phi, combine=combine, combinations=merging.COMBINATIONS,
     hf_fields=HF_FIELDS, hf_peft="module", slug="lora",
     # rank 1 on many projections beats a higher rank on few at the same budget (LoRA paper, Table 6);
     # the attention's four, as the paper adapted attention only: with the MLP's up too, the same

@@ -45,6 +45,7 @@ class Method:
                                    # adapter_name, the weighted combination of phi `adapters` (PeftModel.
                                    # add_weighted_adapter; options: a merging.MergeOptions), or None for a
                                    # method whose phi do not combine
+    combinations: tuple = ()       # the combination_types its combine takes, the first its default
 
     @property
     def peft_type(self):
