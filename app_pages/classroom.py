@@ -373,7 +373,7 @@ def class_merge(path, device, phi_ids, tasks, weighting, options):
 
 
 def merge_controls(records):
-    """The teacher's choice: (method, phi ids, options as sorted items, weighting), or None."""
+    """The teacher's choice: (phi ids of the method chosen, options as sorted items, weighting), or None."""
     servable = [r for r in records if r.task in peftcore.TASKS]
     kinds = ui.combining.combinable(r.method for r in servable)
     if not kinds:
@@ -388,14 +388,14 @@ def merge_controls(records):
                         format_func=lambda k: f"{ui.view_of(k).name} ({count[k]} phi)")
     ids = tuple(sorted(r.id for r in servable if r.method == kind))
     options, weighting, _ = ui.combining.controls("class_merge", peftcore.METHODS[kind], len(ids), typed=False)
-    return kind, ids, tuple(sorted(options.items())), weighting
+    return ids, tuple(sorted(options.items())), weighting
 
 
 def merge_section(info, records):
     choice = merge_controls(records)
     if choice is None:
         return
-    kind, ids, options, weighting = choice
+    ids, options, weighting = choice
     tasks = tuple(t for t in peftcore.TASKS if any(r.task == t for r in records))
     st.button("Merge the class", key="class_merge_go", type="primary", on_click=ss.__setitem__,
               args=("class_merged", (info.code, ids, tasks, weighting, options)),

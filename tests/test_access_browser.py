@@ -107,3 +107,16 @@ def test_a_race_keeps_its_curves_in_view_and_its_titles_apart(page, url):
     assert top["bottom"] < bottom["top"], (top, bottom)
     assert page.locator(".js-plotly-plot").first.bounding_box()["y"] < 720 - 300  # 300 px of curves in view
     see(page, "Results on times_3", timeout=180_000)
+
+
+def test_no_axe_violation_on_a_merged_phi_on_a_phone(new_page, url):
+    """Many phi become one (issue 34): the controls, the table, the svd chart and the buttons
+    that follow a merge, at a phone's width."""
+    page = new_page(390, 844)
+    visit(page, f"{url}/serve")
+    page.get_by_role("button", name="Combine into one phi").click()
+    see(page, "svd of 2 phi", timeout=60_000)
+    wait_ready(page)
+    page.wait_for_timeout(500)  # the chart drawn
+    assert page.get_by_role("button", name="Save it to my bank").count() == 1
+    assert axe_violations(page) == []
