@@ -300,6 +300,18 @@ def storage_section(records):
 
 
 # ------------------------------------------------------------------ one mixed batch
+def class_bank(path, device, phi_ids):
+    """(a bank of its own over the shared base holding the class's phi `phi_ids` as phi<id>,
+    the names loaded, what could not be loaded and why)."""
+    model, errors, s = peftcore.PeftModel(ui.get_base(device)), [], ui.get_store(path)
+    for phi_id in phi_ids:
+        try:
+            peftcore.load_adapter(model, f"phi{phi_id}", s.load_bytes(phi_id))
+        except (ui.StoreError, peftcore.AdapterLoadError) as e:
+            errors.append(f"phi #{phi_id}: {e}")
+    return model, [f"phi{i}" for i in phi_ids if f"phi{i}" in model.peft_config], errors
+
+
 @st.cache_resource(max_entries=8, show_spinner="Serving every phi of the class in one mixed batch...")
 def class_report(path, device, phi_ids):
     """The class's mixed batch and its timings, computed once per state of the class (ids are
@@ -307,13 +319,7 @@ def class_report(path, device, phi_ids):
     how often they press: the work is bounded by the saves. It runs on a bank
     of its own over the shared base, dropped afterwards: nothing is shared but the base, which
     no forward pass changes, so no lock; only sessions asking for this very report wait for it."""
-    model, errors, s = peftcore.PeftModel(ui.get_base(device)), [], ui.get_store(path)
-    for phi_id in phi_ids:
-        try:
-            peftcore.load_adapter(model, f"phi{phi_id}", s.load_bytes(phi_id))
-        except (ui.StoreError, peftcore.AdapterLoadError) as e:
-            errors.append(f"phi #{phi_id}: {e}")
-    names = [f"phi{i}" for i in phi_ids if f"phi{i}" in model.peft_config]
+    model, names, errors = class_bank(path, device, phi_ids)
     repeats = TIMED_PASSES if len(names) < ONE_PASS_FROM else 1  # 120 phi: 11 s of CPU, not 17.5 (2 cores)
     report = analysis.serve_report(model, names, [model.adapter_task[n] for n in names], per=1, seed=0,
                                    repeats=repeats)
@@ -355,13 +361,7 @@ def class_merge(path, device, phi_ids, tasks, weighting, options):
     """The class's phi `phi_ids` combined into one (add_weighted_adapter, `options` as sorted
     items) and scored on every task in `tasks` in one mixed batch: computed once per state of
     the class and choice (ids are never reused), on a bank of its own over the shared base."""
-    model, errors, s = peftcore.PeftModel(ui.get_base(device)), [], ui.get_store(path)
-    for phi_id in phi_ids:
-        try:
-            peftcore.load_adapter(model, f"phi{phi_id}", s.load_bytes(phi_id))
-        except (ui.StoreError, peftcore.AdapterLoadError) as e:
-            errors.append(f"phi #{phi_id}: {e}")
-    names = [f"phi{i}" for i in phi_ids if f"phi{i}" in model.peft_config]
+    model, names, errors = class_bank(path, device, phi_ids)
     if not names:
         return dict(error="none of its files could be loaded", errors=errors)
     weights = [1 / len(names) if weighting == "mean" else 1.0] * len(names)

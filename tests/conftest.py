@@ -57,6 +57,15 @@ def base_fp(base):
 
 
 @pytest.fixture
+def store_path(tmp_path, monkeypatch):
+    """A class store of the test's own, where the pages it opens look for it ($PEFT_STORE)."""
+    from peftcore.service.store import ENV_VAR
+    path = tmp_path / "class.sqlite3"
+    monkeypatch.setenv(ENV_VAR, str(path))
+    return path
+
+
+@pytest.fixture
 def batch():
     return peftcore.TASKS["times_3"].batch(16, torch.Generator().manual_seed(1))
 

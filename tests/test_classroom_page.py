@@ -10,18 +10,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peftcore.service.store import ENV_VAR, Store  # noqa: E402
+from peftcore.service.store import Store  # noqa: E402
 from ui import plain  # noqa: E402
 from apptest import app
 
 PAGE = str(ROOT / "app_pages" / "classroom.py")
-
-
-@pytest.fixture
-def store_path(tmp_path, monkeypatch):
-    path = tmp_path / "class.sqlite3"
-    monkeypatch.setenv(ENV_VAR, str(path))
-    return path
 
 
 def page(query=None, bank=None):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import peftcore
-from apptest import ROOT, open_page
+from apptest import open_page
 from peftcore import PeftModel, analysis, library
 from peftcore.library import LIBRARY_DIR
 from peftcore.methods.lora import LoraLinear
-from peftcore.service.store import ENV_VAR, Store
+from peftcore.service.store import Store
 
 SERVE = "app_pages/serve.py"
 CLASS = "app_pages/classroom.py"
@@ -154,13 +154,6 @@ def test_the_serve_page_offers_each_method_only_the_combinations_it_takes():
 
 
 # ------------------------------------------------------------------ a class merges its work
-@pytest.fixture
-def store_path(tmp_path, monkeypatch):
-    path = tmp_path / "class.sqlite3"
-    monkeypatch.setenv(ENV_VAR, str(path))
-    return path
-
-
 def test_the_teacher_merges_the_class_and_the_board_shows_it_beside_each_student(store_path):
     store = Store(store_path, base=peftcore.load_base())
     code, key = store.create_class("merging")

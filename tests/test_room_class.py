@@ -8,7 +8,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,17 +18,10 @@ import ui  # noqa: E402
 from apptest import app, open_page, wait_for  # noqa: E402
 from peftcore import analysis, library  # noqa: E402
 from peftcore.service import store as store_mod  # noqa: E402
-from peftcore.service.store import ENV_VAR, Store  # noqa: E402
+from peftcore.service.store import Store  # noqa: E402
 
 CLASS_PAGE = str(ROOT / "app_pages" / "classroom.py")
 LONG_NAME = "a-very-long-phi-name-that-a-student-typed-to-say-what-it-does-x"  # 63 characters
-
-
-@pytest.fixture
-def store_path(tmp_path, monkeypatch):
-    path = tmp_path / "class.sqlite3"
-    monkeypatch.setenv(ENV_VAR, str(path))
-    return path
 
 
 def assert_clean(at):
