@@ -73,6 +73,7 @@ class PeftModel(nn.Module):
         self._merged = None  # the adapter folded into merged weights, if any
         self.peft_config = {}  # adapter name -> config
         self.adapter_task = {}  # adapter name -> the task it was trained on, when known
+        self.adapter_merged_from = {}  # adapter name -> how add_weighted_adapter made it (saved in its file)
         self.base_fingerprint = fingerprint(base)
         self.full = False
         # the base's mode (a frozen base is in eval mode): a bank that only serves never
@@ -151,6 +152,7 @@ class PeftModel(nn.Module):
         self._unwrap_empty()
         self.peft_config.pop(adapter_name, None)
         self.adapter_task.pop(adapter_name, None)
+        self.adapter_merged_from.pop(adapter_name, None)
         if self.route.active == adapter_name:
             self.route.active = None
         self._bump()
@@ -424,7 +426,8 @@ class PeftModel(nn.Module):
         add_weighted_adapter (same names, same defaults; peftcore.merging says what each
         combination_type computes). All the adapters must be of one method that combines its
         phi (its registry entry's `combine`). The new phi is not made active; its task is the
-        sources' where they share one, else it has none.
+        sources' where they share one, else it has none; adapter_merged_from[adapter_name] (and its
+        file) records the combination_type, the adapters, their weights and tasks.
 
         Unlike HF peft: a name that exists is an error (peft returns without a word), and
         `seed` draws dare_*'s random drops from a private generator (None: torch's global RNG,
@@ -457,9 +460,11 @@ class PeftModel(nn.Module):
             if adapter_name in self.peft_config:
                 self._remove(adapter_name)  # half made: take it out again
             raise
-        tasks = {self.adapter_task.get(name) for name in adapters}
-        if len(tasks) == 1 and None not in tasks:
-            self.adapter_task[adapter_name] = tasks.pop()
+        tasks = [self.adapter_task.get(name) for name in adapters]
+        if len(set(tasks)) == 1 and tasks[0] is not None:
+            self.adapter_task[adapter_name] = tasks[0]
+        self.adapter_merged_from[adapter_name] = dict(combination_type=combination_type, adapters=adapters,
+                                                      weights=weights, tasks=tasks)
         self._bump()
 
 

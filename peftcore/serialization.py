@@ -13,6 +13,7 @@ Values must be finite and at most MAX_ABS_VALUE in magnitude once cast to the mo
 a finite but absurd value (1e30) would turn the rows it serves into NaN.
 """
 import json
+import math
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load, save as st_save
 
+from .merging import COMBINATIONS
 from .methods import registry
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,6 +57,8 @@ def adapter_config(model, adapter_name):
         else sum(p.numel() for p in model.base_model.parameters())
     record = {"method": cfg.peft_type, "task": model.adapter_task.get(adapter_name),
               "base_fingerprint": model.base_fingerprint, "num_params": n, "version": _version()}
+    if adapter_name in getattr(model, "adapter_merged_from", {}):
+        record["merged_from"] = model.adapter_merged_from[adapter_name]
     out = cfg.to_dict()
     training = {f: out.pop(f) for f in cfg.training_fields}
     if training:  # how phi was trained (LoRA+): HF peft's config has no such field, the record keeps it
@@ -188,6 +192,40 @@ def _check_record(record):
             want = {"task": "a task name (1-64 letters, digits, '_', '.', '-')", "base_fingerprint": "a sha256 in hex",
                     "num_params": "a whole number"}.get(k, "text of at most 64 characters")
             raise AdapterLoadError(f"the config's peftcore.{k} must be {want}, got {_short(v)}")
+    if record.get("merged_from") is not None:
+        _check_merged_from(record["merged_from"])
+
+
+def task_label(task, merged_from=None):
+    """What a list shows for a phi's task: its task, else the tasks it was merged from, else "?"."""
+    tasks = sorted({t for t in (merged_from or {}).get("tasks", ()) if t})
+    return task or (f"merge of {' + '.join(tasks)}"[:64] if tasks else "?")
+
+
+MAX_MERGED_FROM = 200  # sources a merged phi's file may name (a class holds at most 120 phi)
+
+
+def _check_merged_from(merged):
+    """How a merged phi was made (PeftModel.add_weighted_adapter): its combination_type, and one
+    plain name, weight and task (or none) per source."""
+    from .peft_model import NAME_RE  # (peft_model imports this module lazily)
+    if not isinstance(merged, dict) or set(merged) != {"combination_type", "adapters", "weights", "tasks"}:
+        raise AdapterLoadError("the config's peftcore.merged_from must hold combination_type, adapters, weights "
+                               "and tasks")
+    adapters, weights, tasks = merged["adapters"], merged["weights"], merged["tasks"]
+    if merged["combination_type"] not in COMBINATIONS:
+        raise AdapterLoadError(f"peftcore.merged_from.combination_type must be one of HF peft's, got "
+                               f"{_short(merged['combination_type'])}")
+    lists = (adapters, weights, tasks)
+    if not all(isinstance(x, list) for x in lists) or not 1 <= len(adapters) <= MAX_MERGED_FROM or \
+            len({len(x) for x in lists}) != 1:
+        raise AdapterLoadError(f"peftcore.merged_from names 1-{MAX_MERGED_FROM} sources, one weight and one task "
+                               "each")
+    if not all(isinstance(a, str) and NAME_RE.fullmatch(a) for a in adapters) or \
+            not all(isinstance(t, str) and TASK_RE.fullmatch(t) for t in tasks if t is not None) or \
+            not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise AdapterLoadError("peftcore.merged_from: each source is a plain name (1-64 letters, digits, '_', '-'), "
+                               "a finite weight and a task name or null")
 
 
 def load_adapter(model, adapter_name, data: bytes, config=None):
@@ -227,6 +265,8 @@ def _load_adapter(model, adapter_name, data, config):
         raise
     if record.get("task"):  # checked by _check_record: a plain task name
         model.adapter_task[adapter_name] = record["task"]
+    if record.get("merged_from") is not None:  # checked by _check_record
+        model.adapter_merged_from[adapter_name] = record["merged_from"]
     return model
 
 

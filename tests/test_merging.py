@@ -405,3 +405,36 @@ def test_every_other_method_is_refused_by_name(base, method):
     combinable = [t for t, m in peftcore.METHODS.items() if m.combine is not None]
     assert combinable == ["LORA", "IA3"]
     refused(model, f"{method.peft_type} phi cannot be combined; add_weighted_adapter combines LORA, IA3", ["a"], [1.0], "m")
+
+
+# ------------------------------------------------------------------ what a merged phi's file says of it
+def test_the_merged_file_records_how_it_was_made_and_refuses_a_record_that_lies(base):
+    import json
+    from safetensors.torch import load as st_load, save as st_save
+    ours, _ = library(base, tasks=TASKS[:2])
+    for task in TASKS[:2]:
+        ours.adapter_task[task] = task
+    ours.add_weighted_adapter(list(TASKS[:2]), [0.7, -0.3], "merged", combination_type="ties", density=0.5)
+    data = peftcore.adapter_to_bytes(ours, "merged")
+    loaded = PeftModel(base)
+    peftcore.load_adapter(loaded, "again", data)
+    assert loaded.adapter_merged_from["again"] == dict(combination_type="ties", adapters=list(TASKS[:2]),
+                                                       weights=[0.7, -0.3], tasks=list(TASKS[:2]))
+    assert "again" not in loaded.adapter_task  # two tasks: none of its own
+    loaded.delete_adapter("again")
+    assert loaded.adapter_merged_from == {}
+
+    tensors = st_load(data)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    config = json.loads(header["adapter_config"])
+    for bad, says in [({"combination_type": "average"}, "combination_type"),
+                      ({"adapters": ["../etc/passwd"] * 2}, "plain name"),
+                      ({"weights": [float("nan"), 1.0]}, "finite weight"),
+                      ({"tasks": [7, None]}, "task name"),
+                      ({"adapters": ["a"] * 201, "weights": [1.0] * 201, "tasks": [None] * 201}, "1-200 sources"),
+                      ({"weights": [1.0]}, "one weight and one task")]:
+        record = {**config["peftcore"]["merged_from"], **bad}
+        forged = st_save(tensors, metadata={"adapter_config": json.dumps(
+            {**config, "peftcore": {**config["peftcore"], "merged_from": record}})})
+        with pytest.raises(peftcore.AdapterLoadError, match=says):
+            peftcore.load_adapter(PeftModel(base), "forged", forged)

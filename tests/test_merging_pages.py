@@ -108,7 +108,8 @@ def test_a_merge_of_one_task_keeps_its_task_in_the_file_and_one_of_several_has_n
     assert report["merged"] == {"times_3": 1.0}
     loaded = PeftModel(peftcore.load_base())
     peftcore.load_adapter(loaded, "one", report["file"])
-    peftcore.load_adapter(loaded, "two", analysis.merge_report(bank, ["lora-times_3", "lora-sort"], [1, 1], n=8)["file"])
+    two_tasks = analysis.merge_report(bank, ["lora-times_3", "lora-sort"], [1, 1], n=8)
+    peftcore.load_adapter(loaded, "two", two_tasks["file"])
     assert loaded.adapter_task == {"one": "times_3"}
 
 
@@ -210,3 +211,13 @@ def test_a_phi_named_like_a_probe_is_never_taken_for_one(bank):
         assert state(bank) == before and "__probe_0__" in bank.peft_config
     finally:
         bank.delete_adapter("__probe_0__")
+
+
+def test_a_merge_of_several_tasks_is_listed_as_what_it_was_merged_from(bank, store_path):
+    report = analysis.merge_report(bank, ["lora-times_3", "lora-sort"], [0.5, 0.5], n=8, combination_type="cat")
+    store = Store(store_path, base=peftcore.load_base())
+    rec = store.save_phi(store.mint_token("bank"), "both", report["file"])
+    assert rec.task == "merge of sort + times_3"  # not "?": the file says what it came from
+    model = PeftModel(peftcore.load_base())
+    peftcore.load_adapter(model, "both", report["file"])
+    assert model.adapter_merged_from["both"]["tasks"] == ["times_3", "sort"]

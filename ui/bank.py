@@ -4,6 +4,7 @@ import streamlit as st
 
 import peftcore
 from peftcore import library
+from peftcore.serialization import task_label
 from peftcore.service.store import StoreError
 
 from .frame import ss, view_of
@@ -94,7 +95,9 @@ def bank_rows():
     for name, cfg in model.peft_config.items():
         n, formula = model.adapter_num_params(name), cfg.num_params(facts["config"])
         rows.append(dict(name=name, method=view_of(cfg.peft_type).name, peft_type=cfg.peft_type,
-                         task=model.adapter_task.get(name) or "?", params=n, phi_pct=100 * n / facts["params"],
+                         task=task_label(model.adapter_task.get(name), model.adapter_merged_from.get(name)),
+                         params=n,
+                         phi_pct=100 * n / facts["params"],
                          formula_params=formula, formula_bytes=formula * memory[name] // max(n, 1),
                          memory_bytes=memory[name], file_bytes=file_bytes(name)))
     ss["bank_rows"] = (key, rows)

@@ -18,7 +18,8 @@ TASK_MARKERS = ("circle", "square", "diamond", "triangle-up", "x")
 WHY = {  # what each combination_type computes, in a sentence (peftcore.merging says it in full)
     "svd": "the exact weighted sum of the updates, cut to its best rank-svd_rank approximation",
     "cat": "the exact weighted sum of the updates: the factors stacked, so the ranks add up",
-    "linear": "A and B summed factor by factor (HF peft's): not the sum of the updates, see below",
+    "linear": "A and B summed factor by factor (HF peft's): not the sum of the updates (the cross terms are "
+              "measured once merged)",
     "ties": "each factor's largest entries, a sign elected per entry, the agreeing entries averaged",
     "magnitude_prune": "each factor's largest entries (density of them), then summed",
     "dare_linear": "each factor's entries dropped at random (1 - density of them), the rest rescaled, then summed",
@@ -33,8 +34,11 @@ def combinable(peft_types):
 
 
 def why(kind):
+    """A line on what `kind` computes; the *_svd forms prune the sources' updates, not their factors."""
     base = kind.removesuffix("_svd")
-    return WHY[base] + (", then cut to rank svd_rank by an SVD" if kind.endswith("_svd") and base in WHY else "")
+    if kind == base:
+        return WHY[kind]
+    return WHY[base].replace("factor", "source's update") + ", then cut to rank svd_rank by an SVD"
 
 
 def parse_weights(text, n):
@@ -153,7 +157,8 @@ def svd_chart(curve, rank_used, key):
     tasks = list(curve[0]["exact"]) if curve else []
     traces = [dict(type="scatter", mode="lines+markers", name="energy kept (of the exact sum)", x=ranks,
                    y=[100 * row["energy"] for row in curve], line=dict(width=5, color=PEFT_COLOR),
-                   marker=dict(size=10, symbol="star"), hovertemplate="rank %{x}: %{y:.1f}% of the energy<extra></extra>")]
+                   marker=dict(size=10, symbol="star"),
+                   hovertemplate="rank %{x}: %{y:.1f}% of the energy<extra></extra>")]
     for i, task in enumerate(tasks):
         traces.append(dict(type="scatter", mode="lines+markers", name=f"exact match: {task}", x=ranks,
                            y=[100 * row["exact"][task] for row in curve],

@@ -60,7 +60,7 @@ from typing import Callable, Optional
 from urllib.parse import quote
 
 from ..methods import registry
-from ..serialization import MAX_FILE_BYTES, AdapterLoadError, adapter_config, load_adapter
+from ..serialization import MAX_FILE_BYTES, AdapterLoadError, adapter_config, load_adapter, task_label
 
 ENV_VAR = "PEFT_STORE"
 SCHEMA_VERSION = 2                                         # 2: file bytes in `blobs`, rows name them
@@ -267,7 +267,7 @@ def loader_check(base):
         load_adapter(model, "probe", data)
         cfg = adapter_config(model, "probe")
         record = cfg.pop("peftcore")
-        return dict(method=record["method"], task=record.get("task") or "?", config=cfg,
+        return dict(method=record["method"], task=task_label(record.get("task"), record.get("merged_from")), config=cfg,
                     num_params=model.adapter_num_params("probe"), base_fingerprint=model.base_fingerprint)
     return check
 
