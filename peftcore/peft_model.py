@@ -427,7 +427,7 @@ class PeftModel(nn.Module):
         combination_type computes). All the adapters must be of one method that combines its
         phi (its registry entry's `combine`). The new phi is not made active; its task is the
         sources' where they share one, else it has none; adapter_merged_from[adapter_name] (and its
-        file) records the combination_type, the adapters, their weights and tasks.
+        file) records the combination_type, the sources (the adapters), their weights and tasks.
 
         Unlike HF peft: a name that exists is an error (peft returns without a word), and
         `seed` draws dare_*'s random drops from a private generator (None: torch's global RNG,
@@ -463,7 +463,7 @@ class PeftModel(nn.Module):
         tasks = [self.adapter_task.get(name) for name in adapters]
         if len(set(tasks)) == 1 and tasks[0] is not None:
             self.adapter_task[adapter_name] = tasks[0]
-        self.adapter_merged_from[adapter_name] = dict(combination_type=combination_type, adapters=adapters,
+        self.adapter_merged_from[adapter_name] = dict(combination_type=combination_type, sources=adapters,
                                                       weights=weights, tasks=tasks)
         self._bump()
 

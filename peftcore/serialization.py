@@ -209,19 +209,19 @@ def _check_merged_from(merged):
     """How a merged phi was made (PeftModel.add_weighted_adapter): its combination_type, and one
     plain name, weight and task (or none) per source."""
     from .peft_model import NAME_RE  # (peft_model imports this module lazily)
-    if not isinstance(merged, dict) or set(merged) != {"combination_type", "adapters", "weights", "tasks"}:
-        raise AdapterLoadError("the config's peftcore.merged_from must hold combination_type, adapters, weights "
+    if not isinstance(merged, dict) or set(merged) != {"combination_type", "sources", "weights", "tasks"}:
+        raise AdapterLoadError("the config's peftcore.merged_from must hold combination_type, sources, weights "
                                "and tasks")
-    adapters, weights, tasks = merged["adapters"], merged["weights"], merged["tasks"]
+    sources, weights, tasks = merged["sources"], merged["weights"], merged["tasks"]
     if merged["combination_type"] not in COMBINATIONS:
         raise AdapterLoadError(f"peftcore.merged_from.combination_type must be one of HF peft's, got "
                                f"{_short(merged['combination_type'])}")
-    lists = (adapters, weights, tasks)
-    if not all(isinstance(x, list) for x in lists) or not 1 <= len(adapters) <= MAX_MERGED_FROM or \
+    lists = (sources, weights, tasks)
+    if not all(isinstance(x, list) for x in lists) or not 1 <= len(sources) <= MAX_MERGED_FROM or \
             len({len(x) for x in lists}) != 1:
         raise AdapterLoadError(f"peftcore.merged_from names 1-{MAX_MERGED_FROM} sources, one weight and one task "
                                "each")
-    if not all(isinstance(a, str) and NAME_RE.fullmatch(a) for a in adapters) or \
+    if not all(isinstance(a, str) and NAME_RE.fullmatch(a) for a in sources) or \
             not all(isinstance(t, str) and TASK_RE.fullmatch(t) for t in tasks if t is not None) or \
             not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
         raise AdapterLoadError("peftcore.merged_from: each source is a plain name (1-64 letters, digits, '_', '-'), "

@@ -418,7 +418,7 @@ def test_the_merged_file_records_how_it_was_made_and_refuses_a_record_that_lies(
     data = peftcore.adapter_to_bytes(ours, "merged")
     loaded = PeftModel(base)
     peftcore.load_adapter(loaded, "again", data)
-    assert loaded.adapter_merged_from["again"] == dict(combination_type="ties", adapters=list(TASKS[:2]),
+    assert loaded.adapter_merged_from["again"] == dict(combination_type="ties", sources=list(TASKS[:2]),
                                                        weights=[0.7, -0.3], tasks=list(TASKS[:2]))
     assert "again" not in loaded.adapter_task  # two tasks: none of its own
     loaded.delete_adapter("again")
@@ -428,10 +428,10 @@ def test_the_merged_file_records_how_it_was_made_and_refuses_a_record_that_lies(
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
     config = json.loads(header["adapter_config"])
     for bad, says in [({"combination_type": "average"}, "combination_type"),
-                      ({"adapters": ["../etc/passwd"] * 2}, "plain name"),
+                      ({"sources": ["../etc/passwd"] * 2}, "plain name"),
                       ({"weights": [float("nan"), 1.0]}, "finite weight"),
                       ({"tasks": [7, None]}, "task name"),
-                      ({"adapters": ["a"] * 201, "weights": [1.0] * 201, "tasks": [None] * 201}, "1-200 sources"),
+                      ({"sources": ["a"] * 201, "weights": [1.0] * 201, "tasks": [None] * 201}, "1-200 sources"),
                       ({"weights": [1.0]}, "one weight and one task")]:
         record = {**config["peftcore"]["merged_from"], **bad}
         forged = st_save(tensors, metadata={"adapter_config": json.dumps(
