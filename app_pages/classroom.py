@@ -364,7 +364,7 @@ def class_merge(path, device, phi_ids, tasks, weighting, options):
     model, names, errors = class_bank(path, device, phi_ids)
     if not names:
         return dict(error="none of its files could be loaded", errors=errors)
-    weights = [1 / len(names) if weighting == "mean" else 1.0] * len(names)
+    weights = ui.combining.equal_weights(weighting, len(names))
     try:
         report = analysis.merge_report(model, names, weights, tasks=tasks, own_scores=False, seed=0, **dict(options))
     except ValueError as e:  # a combination these phi cannot take (ranks, DoRA with plain): the reason

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .merging import MergeOptions
 from .methods import registry
 from .methods.config import MergeablePhiLayer, unwrapped
 from .model import PROJECTIONS as TARGETABLE
@@ -300,7 +301,8 @@ def merge_report(model, adapters, weights, tasks=None, own_scores=True, n=EVAL_S
         if own_scores:
             pairs += [(a, model.adapter_task[a]) for a in adapters if model.adapter_task.get(a) in TASKS]
         exact_sum = None
-        if kind not in ("cat", "svd") and not kind.endswith("_svd") and "cat" in combinations and len(adapters) > 1:
+        if kind != "cat" and not MergeOptions(combination_type=kind).truncates and "cat" in combinations \
+                and len(adapters) > 1:
             exact_sum = probe()
             model.add_weighted_adapter(adapters, weights, exact_sum, combination_type="cat")
             pairs += [(exact_sum, t) for t in tasks]
@@ -320,7 +322,7 @@ def merge_report(model, adapters, weights, tasks=None, own_scores=True, n=EVAL_S
     return report
 
 
-def svd_curve(model, adapters, weights, max_rank=16, n=128, **options):
+def svd_curve(model, adapters, weights, max_rank=16, n=128):
     """What each svd_rank keeps of the exact weighted sum of the updates: [{'rank', 'energy'
     (the fraction of the sum's squared norm the rank keeps, over every projection), 'exact'
     ({task: held-out exact match on the first n rows})}] for ranks 1 to the sum's own rank
@@ -333,13 +335,11 @@ def svd_curve(model, adapters, weights, max_rank=16, n=128, **options):
         total = float(sum(s.sum() for s in spectra)) or 1.0  # a zero sum: every rank keeps all of it
         # the sum's own rank: past it a rank keeps everything (the largest count of nonzero
         # singular values over the projections), and no truncation may exceed a weight's side
-        rank = max((int((s > 1e-12 * s.max()).sum()) for s in spectra if s.max() > 0), default=1)
-        top = min(max_rank, rank, min(len(s) for s in spectra))
+        own_rank = max((int((s > 1e-12 * s.max()).sum()) for s in spectra if s.max() > 0), default=1)
         names = {}
-        for rank in range(1, top + 1):
+        for rank in range(1, min(max_rank, own_rank, min(len(s) for s in spectra)) + 1):
             names[rank] = probe()
-            model.add_weighted_adapter(adapters, weights, names[rank], **{**options, "combination_type": "svd",
-                                                                          "svd_rank": rank})
+            model.add_weighted_adapter(adapters, weights, names[rank], combination_type="svd", svd_rank=rank)
         got = scores(model, [(names[r], t) for r in names for t in tasks], n)
     return [dict(rank=r, energy=float(sum(s[:r].sum() for s in spectra)) / total,
                  exact={t: got[(names[r], t)] for t in tasks}) for r in names]

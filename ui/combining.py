@@ -67,21 +67,25 @@ def controls(key, method, n, typed=True):
     weighting = b.selectbox("weights", [w for w in WEIGHTINGS if typed or w != "own"], key=f"{key}_weighting",
                             format_func=WEIGHTINGS.get,
                             help="One weight per phi, in the order chosen.")
-    options = dict(combination_type=kind)
+    options, form = dict(combination_type=kind), merging.MergeOptions(combination_type=kind)
+    weights = equal_weights(weighting, n)
     if weighting == "own":
-        typed = b.text_input("Your weights", key=f"{key}_weights", max_chars=200, placeholder="e.g. 0.7, 0.3",
-                             help="Numbers, comma-separated, one per phi in the order chosen.")
-        weights = parse_weights(typed, n) if typed.strip() else [1 / max(n, 1)] * n
-    else:
-        weights = [1 / max(n, 1) if weighting == "mean" else 1.0] * n
-    if kind.removesuffix("_svd") in merging.PRUNING:
+        text = b.text_input("Your weights", key=f"{key}_weights", max_chars=200, placeholder="e.g. 0.7, 0.3",
+                            help="Numbers, comma-separated, one per phi in the order chosen.")
+        weights = parse_weights(text, n) if text.strip() else equal_weights("mean", n)
+    if form.base_kind in merging.PRUNING:
         options["density"] = c.slider("density", 0.1, 1.0, 0.5, 0.1, key=f"{key}_density",
                                       help="The fraction of each tensor's entries kept.")
-    if kind.endswith("svd"):
+    if form.truncates:
         options["svd_rank"] = c.number_input("svd_rank", 1, 64, None, key=f"{key}_rank", placeholder="largest source r",
                                              help="The merged phi's rank. Empty: the largest rank among the "
                                                   "sources (peft's default).")
     return options, weighting, weights
+
+
+def equal_weights(weighting, n):
+    """n weights of 1/n ("mean") or 1 ("sum"); None for "own" (typed)."""
+    return None if weighting == "own" else [1 / max(n, 1) if weighting == "mean" else 1.0] * n
 
 
 def pct(x):
