@@ -1,3 +1,5 @@
+import ast
+import functools
 import logging
 import os
 import sys
@@ -20,6 +22,35 @@ os.environ["PEFT_STORE"] = os.path.join(tempfile.mkdtemp(prefix="peft-store-"), 
 # One intra-op thread: this model's matmuls are tiny, and on a shared 2-core machine two
 # OpenMP threads per op run several times slower than one (see BENCHMARKS.md).
 torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------ two lanes
+# tests/run runs the suite in two lanes at once: `-m realtime` in one process at normal
+# priority (every test that starts a server, a browser or a Ray head, or holds a wall-clock
+# bound: one server and one Ray serve them all), and the rest in two workers at the lowest CPU
+# priority, which use what the realtime lane leaves idle and never slow it down.
+REALTIME_FIXTURES = {"url", "browser", "sync_api", "ray_head", "ray_address"}
+HARNESS_MODULES = {"harness.servers", "harness.proxy", "harness.browser"}
+
+
+@functools.cache
+def _imports_harness(module_path):
+    tree = ast.parse(Path(module_path).read_text())
+    return any(isinstance(node, ast.ImportFrom) and node.module in HARNESS_MODULES or
+               isinstance(node, ast.Import) and any(a.name in HARNESS_MODULES for a in node.names)
+               for node in ast.walk(tree))
+
+
+def is_realtime(item):
+    """Whether the test's outcome can depend on the wall clock: marked so, or it uses the
+    shared server, browser or Ray head, or its module starts servers of its own."""
+    return bool(item.get_closest_marker("realtime") or REALTIME_FIXTURES & set(item.fixturenames)
+                or _imports_harness(item.module.__file__))
+
+
+def pytest_itemcollected(item):
+    if is_realtime(item) and not item.get_closest_marker("realtime"):
+        item.add_marker(pytest.mark.realtime)
 
 
 class _PanelFailures(logging.Handler):

@@ -155,7 +155,7 @@ def test_stop_ends_a_run():
     at = new_app("app_pages/train.py")
     start_training(at, "steps-LoRA", 1000)
     at.button(key="stop-train").click().run()
-    wait_for(at, results_shown, timeout=60)
+    wait_for(at, results_shown)
     assert "stopped" in at.get("progress")[0].proto.text
 
 

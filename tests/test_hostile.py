@@ -310,6 +310,7 @@ def other_process_writing(filled):
     other.close()
 
 
+@pytest.mark.realtime  # a bound on the wall clock
 def test_busy_store_says_so_within_its_wait(filled, other_process_writing):
     store, code, key, a, b, ids = filled
     for call in (lambda: store.save_phi(a, "new", variant(GOOD, 3)), lambda: store.delete_owner(b),
@@ -325,6 +326,7 @@ def test_busy_store_says_so_within_its_wait(filled, other_process_writing):
     assert_store_whole(store, ids)
 
 
+@pytest.mark.realtime  # a bound on the wall clock
 def test_a_write_never_waits_behind_another_threads_retries(filled, other_process_writing):
     """Thread A retries against the other process's lock; B, a write in the same process
     started later, gets its own bounded wait (not A's plus its own), and when the lock goes
@@ -364,6 +366,7 @@ def test_a_write_never_waits_behind_another_threads_retries(filled, other_proces
     assert_store_whole(store, ids)
 
 
+@pytest.mark.realtime  # a bound on the wall clock
 def test_an_exclusive_lock_blocks_reads_briefly_and_says_busy(filled):
     store, code, key, a, b, ids = filled
     store.close()  # the store's connection comes back after the lock is taken

@@ -370,6 +370,7 @@ def test_a_writer_killed_mid_save_leaves_no_half_phi(tmp_path, base, commits_bef
 
 
 # ------------------------------------------------------------------ 30 threads at once
+@pytest.mark.realtime  # a bound on the wall clock
 def test_thirty_threads_save_list_and_delete_at_once(tmp_path, base, lora_bytes):
     """Each thread is a student: save a new phi (into the class or its own bank), list its
     bank and the class board, sometimes delete one of its own. Afterwards the store holds
@@ -536,6 +537,7 @@ def test_client_caps(tmp_path, base, lora_bytes):
     assert b"10.0.0.7" not in raw  # kept as its sha256
 
 
+@pytest.mark.realtime  # a bound on the wall clock
 def test_wrong_join_codes_are_rate_limited(tmp_path, lora_bytes):
     store = Store(tmp_path / "s.sqlite3", limits=Limits(join_failures=3, join_window_s=0.5))
     code, _ = store.create_class("c")
