@@ -613,6 +613,7 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
     result = ClassResult(n, race, distinct, steps or default_steps(race), next(iter(TASKS)), students,
                          executor=executor, servers=servers)
     t0 = time.time()
+    before = set(_below(os.getpid()))  # what this process ran before (a test's shared server, its browser)
     with contextlib.ExitStack() as stack:
         # every simulated student is on this machine: one loopback address, which a room does not share
         env, head = {"PEFT_MAX_PER_ADDRESS": "0"}, None
@@ -622,21 +623,21 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
         every = [stack.enter_context(streamlit_server(timeout=server_timeout, flags=flags, thread_probe=True,
                                                       executor=executor, env=env)) for _ in range(servers)]
         server = every[0]
-        ours = {sv.pid for sv in every} | ({head.pid} if head else set())  # not the browsers
+        not_browsers = {sv.pid for sv in every} | ({head.pid} if head else set()) | before
         result.phases["server start"] = time.time() - t0
         async with async_playwright() as pw:
-            renice_below(os.getpid(), ours)  # Playwright's driver: the browser it starts inherits its priority
+            renice_below(os.getpid(), not_browsers)  # Playwright's driver: the browser it starts inherits its priority
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             # the students' browsers run on their own laptops in a class: here they take the
             # lowest CPU priority (chromium and Playwright's driver; a page's processes inherit it)
-            renice_below(os.getpid(), ours)
+            renice_below(os.getpid(), not_browsers)
             try:
                 gate = asyncio.Semaphore(load_at_once)
                 probe = await StorageProbe.open(browser, server.url, result.foreign) if storage else None
                 sessions = await script_sessions(server) if storage else set()  # the storage page's only
                 pages = await asyncio.gather(*(open_student(browser, every[s.index % servers].url, s, race, steps,
                                                             device, gate, result.foreign) for s in students))
-                renice_below(os.getpid(), ours)  # the pages opened since launch too
+                renice_below(os.getpid(), not_browsers)  # the pages opened since launch too
                 result.phases["seating"] = time.time() - t0 - result.phases["server start"]
                 if probe:  # the CPU of one storage rerun with nothing else running
                     _, total0, _, script0, _ = cpu_sample(server, sessions)
@@ -651,7 +652,7 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
                 go, stop = asyncio.Event(), asyncio.Event()
                 deadline = time.time() + timeout
                 watchers = [press_and_watch(p, s, go, deadline) for p, s in zip(pages, students)]
-                threads0, browser0 = server.thread_cpu(), descendants_cpu(os.getpid(), ours)
+                threads0, browser0 = server.thread_cpu(), descendants_cpu(os.getpid(), not_browsers)
                 busy0, ours0 = machine_busy(), own_cpu()
                 sampler = asyncio.ensure_future(sample_cpu(server, stop, sessions))
                 await asyncio.sleep(0)  # its first sample: before the clicks
@@ -663,7 +664,7 @@ async def run_class(n, race=False, distinct=False, steps=None, device=None, time
                 stop.set()
                 result.cpu = await sampler
                 result.by_thread = cpu_by_thread(threads0, server.thread_cpu())
-                result.browser_cpu = descendants_cpu(os.getpid(), ours) - browser0
+                result.browser_cpu = descendants_cpu(os.getpid(), not_browsers) - browser0
                 result.other_cpu = (machine_busy() - busy0) - (own_cpu() - ours0)
                 if storage_task:
                     await storage_task

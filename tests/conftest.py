@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 # tests/run runs the suite in two lanes at once: `-m realtime` in one process at normal
 # priority (every test that starts a server, a browser or a Ray head, or holds a wall-clock
 # bound: one server and one Ray serve them all), and the rest in two workers at the lowest CPU
-# priority, which use what the realtime lane leaves idle and never slow it down.
+# priority (SCHED_IDLE), which use what the realtime lane leaves idle and never slow it down.
 REALTIME_FIXTURES = {"url", "browser", "sync_api", "ray_head", "ray_address"}
 HARNESS_MODULES = {"harness.servers", "harness.proxy", "harness.browser"}
 
