@@ -48,9 +48,21 @@ def is_realtime(item):
                 or _imports_harness(item.module.__file__))
 
 
+# The other lane hands out a module at a time in collection order: its longest modules go
+# first, so that neither worker is left running one alone at the end.
+LONGEST_FIRST = ("test_visitor", "test_learning", "test_app", "test_cohort")
+
+
 def pytest_itemcollected(item):
     if is_realtime(item) and not item.get_closest_marker("realtime"):
         item.add_marker(pytest.mark.realtime)
+
+
+def pytest_collection_modifyitems(items):
+    def order(item):
+        module = item.module.__name__.rpartition(".")[2]
+        return (not is_realtime(item), LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST))
+    items.sort(key=order)  # stable: a module's own order is kept
 
 
 class _PanelFailures(logging.Handler):
