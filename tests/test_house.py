@@ -3,7 +3,7 @@ room may import. The teaching core (peftcore/, peftcore/methods/) is torch only,
 notebook: it never imports the run service, threads, SQLite, exit hooks or streamlit. The run
 service (peftcore/service/) never imports streamlit or the app. The ui package never imports a
 page; the pages reach the service through ui only. The harness (harness/) never imports a benchmark. And `import peftcore`
-loads no service module and registers no exit hook."""
+loads no service module and registers no exit hook. CI runs the README's test command."""
 import ast
 import subprocess
 import sys
@@ -80,3 +80,12 @@ def test_importing_peftcore_loads_no_service_and_registers_no_exit_hook():
             "print(atexit._ncallbacks() - before, sorted(m for m in sys.modules if m.startswith('peftcore.service')))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split(None, 1) == ["0", "[]\n"], out
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run is what a newcomer copies from the README's "Run every test", nothing else."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Run every test", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd ", "export "))]
+    assert ci == [block], (ci, block)
+    assert "tests/run" in block and (ROOT / "tests/run").exists()
