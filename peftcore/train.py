@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .tasks import answer_metrics, get_task
+from .tasks import EVAL_SIZE, answer_metrics, get_task
 
 
 SOLVED = 0.99  # held-out exact match that counts as solved, at two evaluations in a row
@@ -45,10 +45,11 @@ def resolve_device(device="auto"):
     return device
 
 
-def held_out(model, task, device=None, batch_size=512):
-    """(logits, targets) of the model in eval mode on the task's fixed held-out set."""
+def held_out(model, task, device=None, batch_size=512, size=EVAL_SIZE):
+    """(logits, targets) of the model in eval mode on the first `size` examples of the task's
+    fixed held-out set."""
     device = device or next(model.parameters()).device
-    x, y = get_task(task).eval_set(device)
+    x, y = (t[:size] for t in get_task(task).eval_set(device))
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -57,9 +58,9 @@ def held_out(model, task, device=None, batch_size=512):
     return logits, y
 
 
-def evaluate(model, task, device=None, batch_size=512):
-    """(exact match, token accuracy) on the task's fixed held-out set."""
-    return answer_metrics(*held_out(model, task, device, batch_size))
+def evaluate(model, task, device=None, batch_size=512, size=EVAL_SIZE):
+    """(exact match, token accuracy) on the first `size` examples of the task's fixed held-out set."""
+    return answer_metrics(*held_out(model, task, device, batch_size, size))
 
 
 def solved_at(events, target=SOLVED):
@@ -78,7 +79,10 @@ class Trainer:
     Arguments as train()'s."""
 
     def __init__(self, model, task, steps=300, max_seconds=None, lr=1e-2, batch_size=64, seed=0,
-                 weight_decay=0.0, eval_every=25, device="auto", clip=1.0, stop_when_solved=False, patience=None):
+                 weight_decay=0.0, eval_every=25, device="auto", clip=1.0, stop_when_solved=False, patience=None,
+                 eval_size=EVAL_SIZE):
+        if not 1 <= eval_size <= EVAL_SIZE:
+            raise ValueError(f"eval_size must be 1 to {EVAL_SIZE} (the held-out set's size), not {eval_size}")
         self.model, self.task, self.device = model, get_task(task), resolve_device(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -87,6 +91,7 @@ class Trainer:
             raise ValueError(f"model is on {self.params[0].device}, training asked for {self.device}")
         self.steps, self.max_seconds, self.batch_size = steps, max_seconds, batch_size
         self.eval_every, self.clip, self.stop_when_solved, self.patience = eval_every, clip, stop_when_solved, patience
+        self.eval_size = eval_size
         self.best, self.since_best = -1.0, 0  # the best held-out exact match so far, and evaluations since
         self.generator = torch.Generator().manual_seed(seed)  # private: concurrent runs never share an RNG
         if hasattr(model, "route"):  # dropout's masks: a stream of their own, so dropout on or off
@@ -140,7 +145,7 @@ class Trainer:
         last = self.step >= self.steps or (self.max_seconds is not None and elapsed >= self.max_seconds)
         ev_exact = ev_token = None
         if last or self.step % self.eval_every == 0:
-            ev_exact, ev_token = evaluate(self.model, self.task, self.device)
+            ev_exact, ev_token = evaluate(self.model, self.task, self.device, size=self.eval_size)
             self.model.train()
             self.streak = self.streak + 1 if ev_exact >= SOLVED else 0
             self.best, self.since_best = (ev_exact, 0) if ev_exact > self.best else (self.best, self.since_best + 1)
@@ -163,8 +168,9 @@ def train(model, task, steps=300, **kwargs):
     """Train `model`'s trainable parameters on `task`; yield a TrainEvent per step.
 
     Keywords: max_seconds=None, lr=1e-2, batch_size=64, seed=0, weight_decay=0.0,
-    eval_every=25, device="auto", clip=1.0, stop_when_solved=False, patience=None.
-    `seed` fixes the data stream and LoRA dropout's masks; phi's initial values are fixed by
+    eval_every=25, device="auto", clip=1.0, stop_when_solved=False, patience=None,
+    eval_size=512 (each evaluation scores the first eval_size examples of the task's fixed
+    held-out set; the app always scores all 512). `seed` fixes the data stream and LoRA dropout's masks; phi's initial values are fixed by
     get_peft_model's seed.
 
     Budget: `steps`, and optionally `max_seconds` of wall time, whichever ends first;

@@ -23,12 +23,17 @@ def open_page(page, query=None):
     return at
 
 
+# a rerun per second while a run trains: each reruns the whole page, and the tests that wait
+# share the cores with the runs they wait for
+POLL_S = 1.0
+
+
 def wait_for(at, done, timeout=150):
     """Rerun until `done(at)`: AppTest does not fire run_every, so poll as the browser does."""
     deadline = time.time() + timeout
     while not done(at):
         assert time.time() < deadline, "timed out waiting for the app"
-        time.sleep(0.5)
+        time.sleep(POLL_S)
         at.run()
         assert not at.exception, [e.value for e in at.exception]
     return at

@@ -17,6 +17,9 @@ from peftcore.train import NonFiniteLossError, Trainer, train
 
 TOL = 1e-5    # one step: the same gradients, the same update
 DRIFT = 2e-2  # a whole run: rounding amplified by training on another CPU's kernels
+# evaluations are compared between runs, not held to a floor: 64 held-out rows each (512 cost
+# most of a 16-step run)
+SHORT = dict(batch_size=16, eval_every=4, eval_size=64)
 LORA_RUNS = [  # config, task, seed, steps, lr: ranks, scalings, tasks and budgets all differ
     (LoraConfig(r=3), "times_3", 1, 16, 1e-2),
     (LoraConfig(r=2), "complement", 2, 9, 3e-2),
@@ -37,14 +40,14 @@ def alone(base, runs):
     out = []
     for cfg, task, seed, steps, lr in runs:
         model = peftcore.get_peft_model(base, cfg, seed=seed)
-        events = list(train(model, task, steps, lr=lr, seed=seed, batch_size=16, eval_every=4))
+        events = list(train(model, task, steps, lr=lr, seed=seed, **SHORT))
         out.append((phi(model), events))
     return out
 
 
 def together(base, runs):
     models = [peftcore.get_peft_model(base, cfg, seed=seed) for cfg, _, seed, _, _ in runs]
-    trainers = [Trainer(m, task, steps, lr=lr, seed=seed, batch_size=16, eval_every=4)
+    trainers = [Trainer(m, task, steps, lr=lr, seed=seed, **SHORT)
                 for m, (_, task, seed, steps, lr) in zip(models, runs)]
     cohort, events = Cohort(trainers), {t: [] for t in trainers}
     while cohort.trainers:
@@ -87,7 +90,7 @@ def test_a_run_that_breaks_leaves_the_others_untouched(base):
     models = [peftcore.get_peft_model(base, cfg, seed=seed) for cfg, _, seed, _, _ in LORA_RUNS[:2]]
     with torch.no_grad():
         next(p for _, p in models[1].named_adapter_parameters()).fill_(float("nan"))
-    trainers = [Trainer(m, task, 6, lr=lr, seed=seed, batch_size=16, eval_every=4)
+    trainers = [Trainer(m, task, 6, lr=lr, seed=seed, **SHORT)
                 for m, (_, task, seed, _, lr) in zip(models, LORA_RUNS[:2])]
     cohort = Cohort(trainers)
     first = dict(cohort.step())
@@ -115,7 +118,7 @@ def test_who_may_ride_together(base):
 def test_the_manager_lets_a_cohort_ride_in_one_slot(base):
     manager = RunManager(max_concurrent=1, max_cohort=3, torch_threads=None)
     start = lambda cfg, seed, steps=12, owner="a": manager.start(
-        RunSpec(cfg.to_dict(), "times_3", seed, train=dict(steps=steps, batch_size=16, eval_every=4, device="cpu")),
+        RunSpec(cfg.to_dict(), "times_3", seed, train=dict(steps=steps, **SHORT, device="cpu")),
         owner=owner)
     runs = [start(LoraConfig(r=2), seed, owner=f"s{seed}") for seed in range(4)]
     prompt = start(PromptTuningConfig(), 9)

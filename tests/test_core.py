@@ -253,6 +253,16 @@ def test_events_carry_progress(base):
         assert e.examples_per_s == pytest.approx(e.step * 64 / e.elapsed)
 
 
+def test_an_evaluation_scores_the_first_eval_size_held_out_examples(base):
+    model = get_peft_model(base, LoraConfig())
+    last = list(peftcore.train(model, "times_3", steps=6, eval_every=3, eval_size=40, device="cpu"))[-1]
+    assert (last.eval_exact, last.eval_token) == peftcore.evaluate(model, "times_3", size=40)
+    assert (last.eval_exact * 40).is_integer() and (last.eval_token * 40 * 8).is_integer()
+    for bad in (0, 513):
+        with pytest.raises(ValueError, match="eval_size must be 1 to 512"):
+            peftcore.train(model, "times_3", eval_size=bad).__next__()
+
+
 def test_seconds_budget_ends_the_run(base):
     model = get_peft_model(base, LoraConfig())
     events = list(peftcore.train(model, "times_3", steps=10_000, max_seconds=0.5, device="cpu"))

@@ -193,12 +193,12 @@ def _compare(base, steps, tol):
     alone = []
     for cfg, task, seed, lr in RUNS:
         model = get_peft_model(base, cfg, seed=seed)
-        for _ in train(model, task, steps, lr=lr, seed=seed, batch_size=16, eval_every=4):
+        for _ in train(model, task, steps, lr=lr, seed=seed, batch_size=16, eval_every=4, eval_size=64):
             pass
         alone.append(_phi(model))
     models = [get_peft_model(base, cfg, seed=seed) for cfg, _, seed, _ in RUNS]
     assert sum(isinstance(m, CohortIA3) for m in carrier(models).modules()) == 3 * base.config.n_layer
-    cohort = Cohort([Trainer(m, task, steps, lr=lr, seed=seed, batch_size=16, eval_every=4)
+    cohort = Cohort([Trainer(m, task, steps, lr=lr, seed=seed, batch_size=16, eval_every=4, eval_size=64)
                      for m, (_, task, seed, lr) in zip(models, RUNS)])
     while cohort.trainers:
         cohort.step()

@@ -27,7 +27,7 @@ from peftcore.service.runs import DONE, FAILED, QUEUED, RUNNING, STOPPED, QueueF
 from conftest import ROOT
 
 CFG = LoraConfig(r=1, lora_alpha=4, target_modules=("q", "v"))
-KW = dict(batch_size=8, eval_every=5, device="cpu", lr=1e-2)
+KW = dict(batch_size=8, eval_every=5, eval_size=64, device="cpu", lr=1e-2)  # 64 held-out rows: runs are compared with runs
 
 
 def _ray():

@@ -13,10 +13,12 @@ from peftcore.service.runs import DONE, QUEUED, RUNNING, STOPPED, QueueFull, Run
 from peftcore.train import SOLVED, TrainEvent, solved_at
 
 CFG = LoraConfig(r=1, lora_alpha=4, target_modules=("q", "v"))
+# short runs, compared with runs: 64 held-out rows per evaluation (512 cost most of such a run)
+SHORT = dict(batch_size=8, eval_every=10, eval_size=64, device="cpu")
 
 
 def spec(steps=20, seed=0):
-    return RunSpec(CFG.to_dict(), "times_3", seed, train=dict(steps=steps, batch_size=8, eval_every=10, device="cpu"))
+    return RunSpec(CFG.to_dict(), "times_3", seed, train=dict(steps=steps, **SHORT))
 
 
 def start(manager, base, owner="a", shared=False, steps=20, seed=0, **kw):
@@ -137,7 +139,7 @@ def test_identical_runs_are_computed_once_and_each_gets_the_same_phi(base):
     assert other is not first
     first.wait(60)
     alone = peftcore.get_peft_model(base, CFG, seed=0)
-    peftcore.run(alone, "times_3", steps=20, batch_size=8, eval_every=10, device="cpu")
+    peftcore.run(alone, "times_3", steps=20, **SHORT)
     for (_, p), (_, q) in zip(first.model.named_adapter_parameters(), alone.named_adapter_parameters()):
         assert torch.equal(p, q)  # the shared computation is the one each would have run
     assert start(manager, base, owner="d", shared=True) is not first  # a finished run is not joined

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from apptest import ROOT, app
+from apptest import POLL_S, ROOT, app
 from peftcore.presets import PRESETS
 
 PAGES = re.findall(r'st\.Page\("(app_pages/\w+\.py)"', (ROOT / "app.py").read_text())
@@ -42,7 +42,7 @@ def settle(at, doing):
     deadline = time.time() + 240
     while any(b.key and b.key.startswith("stop-") for b in at.button):
         assert time.time() < deadline, f"{doing}: runs did not end"
-        time.sleep(0.5)
+        time.sleep(POLL_S)
         at.run()
     assert not at.exception, (doing, [e.value for e in at.exception])
     import ui
