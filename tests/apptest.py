@@ -13,12 +13,14 @@ def app(script="app.py"):
     return AppTest.from_file(str(ROOT / script), default_timeout=120)
 
 
-def open_page(page, query=None):
-    """AppTest of app.py (sidebar, navigation) with `query` in the URL, switched to `page`."""
+def open_page(page=None, query=None):
+    """AppTest of app.py (sidebar, navigation) opened at `page` (None: the first page) with
+    `query` in the URL, as a visitor's link opens it: one run, that page's."""
     at = app()
     at.query_params.update(query or {})
+    if page:
+        at.switch_page(page)
     at.run()
-    at.switch_page(page).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))  # the app's own modules (ui, pages) as `streamlit
 
 import peftcore  # noqa: E402
 import ui  # noqa: E402
-from apptest import app, wait_for  # noqa: E402
+from apptest import open_page, wait_for  # noqa: E402
 from peftcore.library import LIBRARY_DIR  # noqa: E402
 from peftcore.presets import longer_budget, robustness  # noqa: E402
 
@@ -21,15 +21,6 @@ PAGES = {"app_pages/storage.py": "One base, many tasks", "app_pages/train.py": "
          "app_pages/serve.py": "Many tasks at once", "app_pages/inside.py": "Inside: why it works"}
 
 
-def new_app(page=None, query=None):
-    at = app()
-    if query:
-        at.query_params.update(query)
-    at.run()
-    if page:
-        at.switch_page(page).run()
-    assert_clean(at)
-    return at
 
 
 def assert_clean(at):
@@ -52,13 +43,13 @@ def chart(at, key):
 
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_page_runs(page):
-    at = new_app(page)
+    at = open_page(page)
     assert at.title[0].value == PAGES[page]
     assert at.sidebar.selectbox(key="device").value == peftcore.resolve_device("auto")  # app.py ran too
 
 
 def test_sidebar_and_reset():
-    at = new_app("app_pages/train.py")
+    at = open_page("app_pages/train.py")
     at.sidebar.number_input(key="seed").set_value(7).run()
     assert at.sidebar.number_input(key="seed").value == 7
     at.session_state["groups"] = {"train": ["gone"]}
@@ -70,7 +61,7 @@ def test_sidebar_and_reset():
 
 @pytest.mark.parametrize("p_pct", [0.01, 0.5, 1.0, 7.0, 100.0])
 def test_phi_slider_plots_the_formula(p_pct):
-    at = new_app()
+    at = open_page()
     at.select_slider(key="p").set_value(p_pct).run()
     assert_clean(at)
     fig = chart(at, "storage_chart")
@@ -90,7 +81,7 @@ def trace(fig, name):
 
 
 def test_sentence_log_axes_and_bytes():
-    at = new_app()
+    at = open_page()
     at.select_slider(key="p").set_value(0.5)
     at.select_slider(key="T").set_value(100)
     at.toggle(key="log").set_value(True).run()
@@ -117,7 +108,7 @@ def results_shown(at):
 
 
 def test_training_run_finishes_and_shows_results():
-    at = new_app("app_pages/train.py")
+    at = open_page("app_pages/train.py")
     start_training(at, "steps-LoRA", 10)
     run_ids = at.session_state["groups"]["train"]
     assert at.query_params["train"] == ",".join(run_ids)  # a refreshed page finds the run again
@@ -147,12 +138,12 @@ def test_training_run_finishes_and_shows_results():
     assert at.success and "lora-times_3" in at.success[0].value
     assert "lora-times_3" in bank_of(at).peft_config
 
-    refreshed = new_app("app_pages/train.py", query={"train": ",".join(run_ids)})  # a new session, same URL
+    refreshed = open_page("app_pages/train.py", query={"train": ",".join(run_ids)})  # a new session, same URL
     assert results_shown(refreshed)
 
 
 def test_stop_ends_a_run():
-    at = new_app("app_pages/train.py")
+    at = open_page("app_pages/train.py")
     start_training(at, "steps-LoRA", 1000)
     at.button(key="stop-train").click().run()
     wait_for(at, results_shown)
@@ -160,7 +151,7 @@ def test_stop_ends_a_run():
 
 
 def test_bad_upload_shows_an_error_and_changes_nothing():
-    at = new_app("app_pages/serve.py")
+    at = open_page("app_pages/serve.py")
     bank = bank_of(at)
     before = dict(bank.peft_config)
     at.file_uploader(key="upload").set_value(("bad.safetensors", b"\x80\x04 a pickle, not a phi", "application/octet-stream"))
@@ -178,7 +169,7 @@ def test_bad_upload_shows_an_error_and_changes_nothing():
 
 
 def test_serving_a_mixed_batch():
-    at = new_app("app_pages/serve.py")
+    at = open_page("app_pages/serve.py")
     model = peftcore.get_peft_model(peftcore.load_base(), peftcore.LoraConfig(r=2))
     model.adapter_task["default"] = "complement"
     at.file_uploader(key="upload").set_value(("c.safetensors", peftcore.adapter_to_bytes(model), "application/octet-stream"))
@@ -206,25 +197,25 @@ def test_serving_a_mixed_batch():
 
 # ------------------------------------------------------------------ storage: links, T*, the chart's marks
 def test_a_bad_value_in_a_link_is_reset_with_a_message():
-    at = new_app(query={"p": "abc", "T": "-5", "log": "maybe"})
+    at = open_page(query={"p": "abc", "T": "-5", "log": "maybe"})
     toasts = [t.value for t in at.toast]
     assert any("p=`'abc'`" in t and "reset to 1%" in t for t in toasts), toasts
     assert any("T=`'-5'`" in t and "reset to 100" in t for t in toasts), toasts  # a literal: markdown reads none of it
     assert any("log=`'maybe'`" in t and "reset to off" in t for t in toasts), toasts
     assert at.select_slider(key="p").value == 1.0 and at.select_slider(key="T").value == 100
-    assert not new_app(query={"p": "0.5%", "T": "1000", "log": "true"}).toast  # a good link: no message
+    assert not open_page(query={"p": "0.5%", "T": "1000", "log": "true"}).toast  # a good link: no message
 
 
 @pytest.mark.parametrize("p_pct, t_star", [(0.01, "1.0001"), (0.015, "1.00015"), (1.0, "1.01"), (50.0, "2")])
 def test_t_star_shows_the_digits_that_tell_it_from_one(p_pct, t_star):
-    at = new_app(query={"p": f"{p_pct:g}%"})
+    at = open_page(query={"p": f"{p_pct:g}%"})
     assert at.latex[-1].value.strip("$\n").endswith(f"= {t_star}")
     notes = [a["text"] for a in chart(at, "storage_chart")["layout"]["annotations"]]
     assert f"break-even T* = {t_star}" in notes
 
 
 def test_break_even_is_drawn_above_the_measured_phi_and_log_ticks_are_plain():
-    at = new_app(query={"p": "0.01%", "T": "10000", "log": "true"})
+    at = open_page(query={"p": "0.01%", "T": "10000", "log": "true"})
     fig = chart(at, "storage_chart")
     order = [t.get("name") or t.get("hovertemplate", "") for t in fig["data"]]
     measured = next(i for i, n in enumerate(order) if n.startswith("measured"))
@@ -235,7 +226,7 @@ def test_break_even_is_drawn_above_the_measured_phi_and_log_ticks_are_plain():
     assert any(a["text"].startswith("saves") for a in fig["layout"]["annotations"])
     assert len(fig["data"][measured]["x"]) <= 10_000
 
-    at = new_app(query={"p": "1%", "T": "10", "log": "true"})  # the measured phi stop where the chart does
+    at = open_page(query={"p": "1%", "T": "10", "log": "true"})  # the measured phi stop where the chart does
     fig = chart(at, "storage_chart")
     measured = [t for t in fig["data"] if t.get("name", "").startswith("measured")][0]
     assert max(measured["x"]) <= 10 and len(bank_of(at).peft_config) > 10
@@ -262,7 +253,7 @@ def tasks_line(at):
 
 
 def test_an_upload_updates_the_bank_and_the_serving_choices_at_once():
-    at = new_app("app_pages/serve.py")
+    at = open_page("app_pages/serve.py")
     n = len(bank_of(at).peft_config)
     assert tasks_line(at).startswith(f"**{n} phi**")
     upload = ("new one.safetensors", lora_file("complement"), "application/octet-stream")
@@ -282,7 +273,7 @@ def test_an_upload_updates_the_bank_and_the_serving_choices_at_once():
 
 
 def test_sort_rows_are_explained():
-    at = new_app("app_pages/serve.py")
+    at = open_page("app_pages/serve.py")
     assert "lora-sort" in at.multiselect(key="serve_names").value  # the default batch has every task
     button(at, "serve_go").click().run()
     assert_clean(at)
@@ -293,7 +284,7 @@ def test_sort_rows_are_explained():
 
 
 def test_merge_timing_is_a_median_with_its_spread_keyed_on_the_bank_generation():
-    at = new_app("app_pages/serve.py")
+    at = open_page("app_pages/serve.py")
     bank = bank_of(at)
     metrics = {m.label: m.value for m in at.metric}
     assert "unmerged: W x, then phi" in metrics and "merged: W' x" not in metrics  # no second median to disagree
@@ -319,7 +310,7 @@ def test_merge_timing_is_a_median_with_its_spread_keyed_on_the_bank_generation()
 @pytest.mark.parametrize("method, task, why", [("LoRA", "times_3", None), ("Prompt tuning", "times_3", "Lester"),
                                                ("LoRA", "sort", "Sorting compares")])
 def test_the_seed_note_is_the_recorded_table_and_says_why_a_row_never_solves(method, task, why):
-    at = new_app("app_pages/train.py")
+    at = open_page("app_pages/train.py")
     at.selectbox(key="method").set_value(method).run()
     at.selectbox(key="task").set_value(task).run()
     assert_clean(at)
@@ -336,7 +327,7 @@ def test_the_seed_note_is_the_recorded_table_and_says_why_a_row_never_solves(met
 
 
 def test_the_race_table_says_not_solved_instead_of_none():
-    at = new_app("app_pages/train.py")
+    at = open_page("app_pages/train.py")
     at.radio(key="mode").set_value("Race").run()
     at.pills(key="race_methods").set_value(["LoRA", "Prompt tuning"]).run()
     start_training(at, "race_steps", 10)
@@ -349,7 +340,7 @@ def test_the_race_table_says_not_solved_instead_of_none():
 def test_a_race_ends_when_its_slowest_run_has_stopped_improving():
     """Prompt tuning sits at 0% exact match on times_3 from its first evaluation: with Stop when
     solved (the default) it stops after PATIENCE_STEPS more steps, and the page says why."""
-    at = new_app("app_pages/train.py")
+    at = open_page("app_pages/train.py")
     at.radio(key="mode").set_value("Race").run()
     at.pills(key="race_methods").set_value(["LoRA", "Prompt tuning"]).run()
     start_training(at, "race_steps", 300)
@@ -361,7 +352,7 @@ def test_a_race_ends_when_its_slowest_run_has_stopped_improving():
 
 def test_a_result_that_did_not_solve_says_why():
     """Prompt tuning's result on times_3 (0%): the tab says why, not just the number."""
-    at = new_app("app_pages/train.py")
+    at = open_page("app_pages/train.py")
     at.selectbox(key="method").set_value("Prompt tuning").run()
     start_training(at, "steps-Prompt tuning", 10)
     wait_for(at, results_shown)
@@ -372,7 +363,7 @@ def test_a_result_that_did_not_solve_says_why():
 def test_lora_family_options_come_from_a_link_are_explained_and_train():
     """rsLoRA, DoRA and LoRA+ set by a teacher's link: the page says what each changes with the
     config's own numbers, and the run trains the phi they describe (DoRA's magnitude counted)."""
-    at = new_app("app_pages/train.py", query={"r": "4", "use_rslora": "true", "use_dora": "true", "optimizer": "loraplus",
+    at = open_page("app_pages/train.py", query={"r": "4", "use_rslora": "true", "use_dora": "true", "optimizer": "loraplus",
                                                "loraplus_lr_ratio": "8"})
     assert at.toggle(key="lora.use_rslora").value and at.toggle(key="lora.use_dora").value
     assert at.radio(key="lora.optimizer").value == "loraplus"

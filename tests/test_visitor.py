@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from apptest import POLL_S, ROOT, app
+from apptest import POLL_S, ROOT, app, open_page
 from peftcore.presets import PRESETS
 
 PAGES = re.findall(r'st\.Page\("(app_pages/\w+\.py)"', (ROOT / "app.py").read_text())
@@ -29,9 +29,7 @@ def test_the_crawler_finds_every_page():
 
 
 def fresh(page):
-    at = app()
-    at.run()
-    at.switch_page(page).run()
+    at = open_page(page)
     settle(at, f"opening {page}")
     return at
 
