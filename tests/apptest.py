@@ -25,9 +25,9 @@ def open_page(page=None, query=None):
     return at
 
 
-# a rerun per second while a run trains: each reruns the whole page, and the tests that wait
+# a rerun every 2 s while a run trains: each reruns the whole page, and the tests that wait
 # share the cores with the runs they wait for
-POLL_S = 1.0
+POLL_S = 2.0
 
 
 def wait_for(at, done, timeout=150):
