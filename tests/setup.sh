@@ -8,5 +8,5 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/sbin/haproxy ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium haproxy > /dev/null
 fi
-python -m pip install -q -r requirements-dev.txt
-python -m pip install -q -r requirements-ray.txt  # the Ray executor's tests run for real in CI
+# the Ray executor's tests run for real in CI: its requirements too, in one resolve
+python -m pip install -q -r requirements-dev.txt -r requirements-ray.txt
