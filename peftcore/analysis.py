@@ -242,10 +242,10 @@ def scores(model, pairs, n=EVAL_SIZE):
     """{(phi name, task): held-out exact match} for each pair, in one mixed batch: each pair's
     rows are the first `n` of its task's fixed held-out set, routed through its phi."""
     device = _device(model)
-    sets = {task: get_task(task).eval_set(device) for task in {t for _, t in pairs}}
-    x = torch.cat([sets[t][0][:n] for _, t in pairs])
-    y = torch.cat([sets[t][1][:n] for _, t in pairs])
-    names = [name for name, t in pairs for _ in range(len(sets[t][0][:n]))]
+    sets = {task: get_task(task).eval_set(device, n) for task in {t for _, t in pairs}}
+    x = torch.cat([sets[t][0] for _, t in pairs])
+    y = torch.cat([sets[t][1] for _, t in pairs])
+    names = [name for name, t in pairs for _ in range(len(sets[t][0]))]
     was_training = model.training
     model.eval()
     try:
@@ -255,7 +255,7 @@ def scores(model, pairs, n=EVAL_SIZE):
         model.train(was_training)
     out, start = {}, 0
     for name, task in pairs:
-        rows = len(sets[task][0][:n])
+        rows = len(sets[task][0])
         out[(name, task)] = answer_metrics(logits[start:start + rows], y[start:start + rows])[0]
         start += rows
     return out
@@ -426,7 +426,7 @@ def attention_spread(base, task, rows=128):
     each position reads an average of the tokens before it: which digits are present, not
     where they are. Heads and the first `rows` inputs averaged; a list of floats, first
     layer first. Reads the base without hooks or changes: other runs may share it."""
-    x = get_task(task).eval_set(_device(base))[0][:rows]
+    x = get_task(task).eval_set(_device(base), rows)[0]
     even = torch.arange(1, x.shape[1] + 1, device=x.device).double().log()  # an even spread's entropy, per query
     spread = []
     with torch.no_grad():

@@ -49,7 +49,7 @@ def held_out(model, task, device=None, batch_size=512, size=EVAL_SIZE):
     """(logits, targets) of the model in eval mode on the first `size` examples of the task's
     fixed held-out set."""
     device = device or next(model.parameters()).device
-    x, y = (t[:size] for t in get_task(task).eval_set(device))
+    x, y = get_task(task).eval_set(device, size)
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -33,12 +33,31 @@ REALTIME_FIXTURES = {"url", "browser", "sync_api", "ray_head", "ray_address"}
 HARNESS_MODULES = {"harness.servers", "harness.proxy", "harness.browser"}
 
 
+def module_name(path):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path):
+    """Every module `path` imports, anywhere in it (functions too), relative imports resolved."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from peftcore import service`
+    return found
+
+
 @functools.cache
 def _imports_harness(module_path):
-    tree = ast.parse(Path(module_path).read_text())
-    return any(isinstance(node, ast.ImportFrom) and node.module in HARNESS_MODULES or
-               isinstance(node, ast.Import) and any(a.name in HARNESS_MODULES for a in node.names)
-               for node in ast.walk(tree))
+    return bool(HARNESS_MODULES & imports(Path(module_path)))
 
 
 def is_realtime(item):

@@ -4,12 +4,14 @@ notebook: it never imports the run service, threads, SQLite, exit hooks or strea
 service (peftcore/service/) never imports streamlit or the app. The ui package never imports a
 page; the pages reach the service through ui only. The harness (harness/) never imports a benchmark. And `import peftcore`
 loads no service module and registers no exit hook. CI runs the README's test command."""
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import conftest
+from conftest import imports, module_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,28 +30,6 @@ RULES = [  # (files, what they must not import: a module or any module below it)
 ]
 
 
-def module_name(path):
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imports(path):
-    """Every module `path` imports, anywhere in it (functions too), relative imports resolved."""
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from peftcore import service`
-    return found
-
-
 def breaks(path, forbidden):
     return sorted(m for m in imports(path) for f in forbidden if m == f or m.startswith(f + "."))
 
@@ -64,7 +44,7 @@ def test_each_room_imports_only_what_its_rule_allows(files, forbidden):
 def test_the_rule_reader_sees_a_broken_rule(tmp_path, monkeypatch):
     """A check that cannot fail is no check: a core file importing the store, sqlite3 inside a
     function, or the service through a relative import is seen."""
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(conftest, "ROOT", tmp_path)  # where imports() resolves relative imports from
     core = tmp_path / "peftcore" / "methods"
     core.mkdir(parents=True)
     for text in ("from ..service.store import Store\n", "def f():\n    import sqlite3\n",
