@@ -1,6 +1,8 @@
 """Debian's chromium driven by Playwright (never `playwright install`): how it is launched for
 a class of headless pages, and when a page of the app is ready."""
-CHROMIUM = "/usr/bin/chromium"
+# Debian's headless build of chromium (package chromium-headless-shell): the same Blink and V8
+# without the desktop browser's compositor, about half the CPU per page load (BENCHMARKS.md).
+CHROMIUM = "/usr/bin/chromium-headless-shell"
 # The last three keep timers and rendering of every page at full speed: Streamlit's live panel
 # polls from the browser (st.fragment's run_every is a timer in the page), and a class of
 # headless pages must not have theirs slowed as background tabs.

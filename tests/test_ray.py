@@ -43,17 +43,18 @@ def _ray():
     return ray
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head():
-    """A single-node Ray for the session (harness.servers.ray_head: its own process group,
-    127.0.0.1 only, token auth, its token in RAY_AUTH_TOKEN meanwhile), stopped with it only."""
+    """A single-node Ray for this module's tests (harness.servers.ray_head: its own process
+    group, 127.0.0.1 only, token auth, its token in RAY_AUTH_TOKEN meanwhile), stopped after
+    them: an idle head costs about a tenth of a core, which the rest of the session needs."""
     _ray()
     from harness.servers import ray_head as start_head
     with start_head(num_cpus=4) as head:
         yield head
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_address(ray_head):
     """This process joined to the session's head, as a web server joins it."""
     ray = _ray()
