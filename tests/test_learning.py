@@ -7,6 +7,13 @@ every one of 5 seeds in `python -m bench.presets --seeds 5` (peftcore/preset_tab
 and on torch's AVX2 kernels too (BENCHMARKS.md), asserted with a margin; a row that
 depends on the seed (prefix tuning's compositions, prompt tuning) is not asserted run by run:
 the recorded table says how often it solves, and a test checks that the table is current.
+
+Every floor (a method solves a task) is trained here, live. A ceiling (a run stays low) and a
+random base's gap are asserted for every method from the recorded table, over 5 seeds and
+more strictly than one run could be; live, one run of each kind checks that today's code
+still stays low (full fine-tuning on sort, prompt tuning on a new digit map) and that the
+random base is random (LoRA's): those runs train their whole budget, and one per kind keeps
+the suite short.
 The runs go two at a time in worker processes (one torch thread each), started as soon
 as the module's first test asks.
 """
@@ -38,6 +45,7 @@ SOLVES = {
 # far below SOLVES_AT and above every recorded seed by 0.2 (or by half the ceiling, if less).
 STAYS_LOW = {("LORA", "sort"): 0.7, ("BOTTLENECK_ADAPTER", "sort"): 0.5, ("FULL", "sort"): 0.7,
              ("PROMPT_TUNING", "times_3"): 0.1}
+STAYS_LOW_LIVE = [("FULL", "sort"), ("PROMPT_TUNING", "times_3")]  # the rest: the recorded table only
 # Checked in the recorded table only (no run here): every method's best seed on sort, far
 # from solved (the best, full fine-tuning, reaches 0.33 on one seed).
 RECORDED_LOW = {**{(m, "sort"): 0.6 for m in PRESETS}, ("PROMPT_TUNING", "complement"): 0.05}
@@ -46,6 +54,7 @@ RECORDED_LOW = {**{(m, "sort"): 0.6 for m in PRESETS}, ("PROMPT_TUNING", "comple
 RANDOM_BASE = {"LORA": ("times_3", "exact", 0.8), "BOTTLENECK_ADAPTER": ("times_3", "exact", 0.8),
                "IA3": ("complement", "exact", 0.8), "PREFIX_TUNING": ("reverse_add_1", "exact", 0.8),
                "PROMPT_TUNING": ("reverse_add_1", "token", 0.25)}
+RANDOM_BASE_LIVE = ["LORA"]  # the rest: the recorded table only
 RANDOM_BASE_CEILING = 0.1  # a random frozen base: below this exact match on every task, every seed
 
 # As the live demo does: a run stops at its first held-out exact match >= SOLVES_AT. Every
@@ -107,13 +116,13 @@ def test_preset_solves(method, task):
     assert r["exact"] >= SOLVES[method, task], r
 
 
-@pytest.mark.parametrize("method, task", list(STAYS_LOW), ids=[f"{m} {t}" for m, t in STAYS_LOW])
+@pytest.mark.parametrize("method, task", STAYS_LOW_LIVE, ids=[f"{m} {t}" for m, t in STAYS_LOW_LIVE])
 def test_preset_stays_low(method, task):
     r = result(method, task)
     assert r["exact"] <= STAYS_LOW[method, task], r
 
 
-@pytest.mark.parametrize("method", list(RANDOM_BASE))
+@pytest.mark.parametrize("method", RANDOM_BASE_LIVE)
 def test_pretraining_matters(method):
     """The same phi on a randomly initialised frozen base learns clearly less."""
     task, metric, gap = RANDOM_BASE[method]
