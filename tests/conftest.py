@@ -24,13 +24,11 @@ os.environ["PEFT_STORE"] = os.path.join(tempfile.mkdtemp(prefix="peft-store-"), 
 torch.set_num_threads(1)
 
 
-# ------------------------------------------------------------------ three lanes
-# tests/run runs the suite in three lanes at once. Two at normal priority hold every test that
-# starts a server, a browser or a Ray head, or holds a wall-clock bound (`-m realtime`): one
-# process for those on the session's one app server (`shared_server`: the `url` fixture), one
-# for those that start their own servers, Ray heads or class (test_ray's one Ray head serves
-# all of its tests). The rest run in two workers at the lowest CPU priority (SCHED_IDLE): they
-# use what the realtime lanes leave idle and never slow them down.
+# ------------------------------------------------------------------ two lanes
+# tests/run runs the suite in two lanes at once: `-m realtime` in one process at normal
+# priority (every test that starts a server, a browser or a Ray head, or holds a wall-clock
+# bound: one server and one Ray serve them all), and the rest in two workers at the lowest CPU
+# priority (SCHED_IDLE), which use what the realtime lane leaves idle and never slow it down.
 REALTIME_FIXTURES = {"url", "browser", "sync_api", "ray_head", "ray_address"}
 HARNESS_MODULES = {"harness.servers", "harness.proxy", "harness.browser"}
 
@@ -80,8 +78,6 @@ LONGEST_FIRST = ("test_learning", "test_visitor", "test_app", "test_runs", "test
 def pytest_itemcollected(item):
     if is_realtime(item) and not item.get_closest_marker("realtime"):
         item.add_marker(pytest.mark.realtime)
-    if "url" in item.fixturenames:
-        item.add_marker(pytest.mark.shared_server)
 
 
 def pytest_collection_modifyitems(items):
