@@ -82,7 +82,7 @@ def read_bank_link():
         return
     if not _token_ok(token, "bank"):  # a fault of the store included: the link is not taken blind
         st.toast("The bank link you opened is not one this server made: it was ignored. "
-                 "Your own bank is unchanged.", icon="⚠️")
+                 "Your own bank is unchanged.", icon="⚠️", duration="infinite")  # until read and closed
         return
     ss["offered_bank"] = token
 
@@ -138,7 +138,7 @@ def follow_visitor():
             clear_cookie(name)
     if refused:
         st.toast("This browser held a cookie for this app that this server did not make (another site "
-                 "on this machine may have set it): it was ignored and replaced.", icon="⚠️")
+                 "on this machine may have set it): it was ignored and replaced.", icon="⚠️", duration="infinite")
     code = st.query_params.get("class")
     if code:
         ss["class_code"] = code  # checked by the Class page
