@@ -56,7 +56,7 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def ray_address(ray_head):
-    """This process joined to the session's head, as a web server joins it."""
+    """This process joined to this module's head, as a web server joins it."""
     ray = _ray()
     deadline = time.time() + 60
     while True:
