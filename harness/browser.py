@@ -19,11 +19,18 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
+# The page frame's styles are in effect (ui/frame.py sets this property with them): st.html
+# mounts after the script has ended, and until then a phone shows the desktop's column order.
+FRAME_STYLED = "getComputedStyle(document.documentElement).getPropertyValue('--peft-frame').trim() === '1'"
+
+
 def wait_ready(page, timeout=60_000):
-    """Wait until the app has finished running its script (and any fragment)."""
+    """Wait until the app has finished running its script (and any fragment) and the page
+    frame's styles apply."""
     page.wait_for_selector(READY, timeout=timeout)
     page.wait_for_timeout(300)  # let the last deltas paint
     page.wait_for_selector(READY, timeout=timeout)
+    page.wait_for_function(FRAME_STYLED, timeout=timeout)
 
 
 # What the app is held to: WCAG 2.2 AA (axe-core's tags for A and AA of 2.0, 2.1 and 2.2).

@@ -71,6 +71,7 @@ def panel(what):
 #   data-announce elements whenever it changes (a run's progress, ui.runs.announce): a region
 #   drawn by the page itself would be replaced on every refresh, and a new region is not read.
 PAGE_FRAME = """<style>
+:root {--peft-frame: 1}
 [data-testid=stMainBlockContainer] {padding-top: 2.5rem}
 [data-testid=stCaptionContainer] {color: #55585f; opacity: 1}
 [data-testid=stMain] h2 {font-size: 1.5rem}
